@@ -1,0 +1,651 @@
+//! Per-document sync logic shared by the relay and the device: one [`DocSync`] per
+//! (document, remote peer), wrapping automerge's sync state, plus [`classify`] for the root
+//! fields the relay authorizes on.
+//!
+//! The document is passed in by the caller on every call instead of being owned here, because
+//! the caller owns its life cycle (load from storage, evict, persist) and may sync one document
+//! with many peers. Documents are `automerge::Automerge`: automerge 0.12 implements
+//! `sync::SyncDoc` for it directly, and the relay never edits so needs no `AutoCommit`. A device
+//! that edits through `AutoCommit` passes `autocommit.document()` to [`DocSync::generate`] and
+//! [`DocSync::in_sync`], and uses [`DocSync::receive_autocommit`] (`AutoCommit` lends out only
+//! `&Automerge`, and its own sync wrapper keeps its patch log up to date).
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{AutoCommit, Automerge, Change, ChangeHash, ObjType, ROOT, ReadDoc, Value};
+
+use super::message::ProtocolError;
+
+/// Sync state of one document with one remote peer; wraps `automerge::sync::State`.
+#[derive(Debug, Clone, Default)]
+pub struct DocSync {
+    state: sync::State,
+}
+
+/// What one received sync message did to the document.
+#[derive(Debug, Clone)]
+pub struct ReceiveOutcome {
+    pub heads_before: Vec<ChangeHash>,
+    pub heads_after: Vec<ChangeHash>,
+    /// Changes this message added to the document (empty if it only carried heads, needs or
+    /// changes we already had). Persist them before replying: the reply tells the peer we have
+    /// them, and that must not be said of anything that is not durable.
+    pub new_changes: Vec<Change>,
+}
+
+impl ReceiveOutcome {
+    /// Whether the document changed.
+    pub fn changed(&self) -> bool {
+        self.heads_before != self.heads_after
+    }
+}
+
+impl DocSync {
+    pub fn new() -> Self {
+        DocSync::default()
+    }
+
+    /// The part of the state worth keeping across connections (the heads both sides are known
+    /// to share), as `sync::State::encode` writes it. JS repos persist exactly this per storage
+    /// id, which is what makes a reconnect cheap.
+    pub fn encode(&self) -> Vec<u8> {
+        self.state.encode()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let mut state = sync::State::decode(bytes)
+            .map_err(|e| ProtocolError::InvalidSyncState(e.to_string()))?;
+        // Stored bytes are as untrusted as the network: see `decode_sync_message`.
+        canonicalize(&mut state.shared_heads);
+        Ok(DocSync { state })
+    }
+
+    /// Applies one automerge sync message (the `data` of a `sync`/`request`).
+    ///
+    /// A payload that does not parse as a sync message is an `Err` and leaves both `doc` and
+    /// this state untouched. If automerge rejects the changes inside a well-formed message, the
+    /// sync state is left untouched; automerge validates changes before applying them, but does
+    /// not promise atomicity, so on that error the caller should drop its in-memory copy of the
+    /// document rather than persist it.
+    pub fn receive(
+        &mut self,
+        doc: &mut Automerge,
+        data: &[u8],
+    ) -> Result<ReceiveOutcome, ProtocolError> {
+        let message = decode_sync_message(data)?;
+        let heads_before = doc.get_heads();
+        // Work on a copy so a rejected message cannot leave the state half-updated.
+        let mut state = self.state.clone();
+        doc.receive_sync_message(&mut state, message)
+            .map_err(|e| ProtocolError::SyncRejected(e.to_string()))?;
+        self.state = state;
+        let heads_after = doc.get_heads();
+        // Applied changes always move the heads; changes queued for missing dependencies do
+        // not, and are reported later, by the message that completes them.
+        let new_changes = if heads_after == heads_before {
+            Vec::new()
+        } else {
+            doc.get_changes(&heads_before)
+        };
+        Ok(ReceiveOutcome {
+            heads_before,
+            heads_after,
+            new_changes,
+        })
+    }
+
+    /// [`DocSync::receive`] for a document edited through `AutoCommit`.
+    pub fn receive_autocommit(
+        &mut self,
+        doc: &mut AutoCommit,
+        data: &[u8],
+    ) -> Result<ReceiveOutcome, ProtocolError> {
+        let message = decode_sync_message(data)?;
+        let heads_before = doc.get_heads();
+        let mut state = self.state.clone();
+        doc.sync()
+            .receive_sync_message(&mut state, message)
+            .map_err(|e| ProtocolError::SyncRejected(e.to_string()))?;
+        self.state = state;
+        let heads_after = doc.get_heads();
+        let new_changes = if heads_after == heads_before {
+            Vec::new()
+        } else {
+            doc.get_changes(&heads_before)
+        };
+        Ok(ReceiveOutcome {
+            heads_before,
+            heads_after,
+            new_changes,
+        })
+    }
+
+    /// The next sync message to send, or `None` when there is nothing to say (in sync, or
+    /// waiting for the peer to answer the message in flight).
+    pub fn generate(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
+        doc.generate_sync_message(&mut self.state)
+            .map(sync::Message::encode)
+    }
+
+    /// The heads the peer last told us it has, if it has spoken in this session.
+    pub fn their_heads(&self) -> Option<Vec<ChangeHash>> {
+        self.state.their_heads.clone()
+    }
+
+    /// The heads we know the peer has: what a device records as the relay's receipt.
+    pub fn shared_heads(&self) -> Vec<ChangeHash> {
+        sorted(self.state.shared_heads.clone())
+    }
+
+    /// Whether we know the peer has exactly our document: it told us its heads equal ours, and
+    /// those heads are shared. False until the peer has spoken in this session.
+    pub fn in_sync(&self, doc: &Automerge) -> bool {
+        let ours = doc.get_heads();
+        self.state
+            .their_heads
+            .as_ref()
+            .is_some_and(|theirs| sorted(theirs.clone()) == ours)
+            && sorted(self.state.shared_heads.clone()) == ours
+    }
+}
+
+/// Parses a peer's sync message and puts its hash lists in canonical (sorted, deduplicated)
+/// order. They are sets, and automerge assumes they arrive sorted: it copies the peer's heads
+/// into the sync state and later re-encodes them behind a `debug_assert!` that they are sorted,
+/// so an unsorted list from a peer would panic debug builds of the relay.
+fn decode_sync_message(data: &[u8]) -> Result<sync::Message, ProtocolError> {
+    let mut message = sync::Message::decode(data)
+        .map_err(|e| ProtocolError::InvalidSyncMessage(e.to_string()))?;
+    canonicalize(&mut message.heads);
+    canonicalize(&mut message.need);
+    for have in &mut message.have {
+        canonicalize(&mut have.last_sync);
+    }
+    Ok(message)
+}
+
+fn canonicalize(heads: &mut Vec<ChangeHash>) {
+    heads.sort_unstable();
+    heads.dedup();
+}
+
+fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
+    canonicalize(&mut heads);
+    heads
+}
+
+/// Root fields the relay uses for access control.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootFields {
+    pub kind: Option<String>,
+    pub patient_id: Option<String>,
+    pub agency_id: Option<String>,
+}
+
+/// Reads `kind`, `patientId` and `agencyId` from the document root.
+///
+/// Our own code writes them as scalar strings, but JS automerge 3 writes a plain JS string as a
+/// Text object, so both are accepted. A field that is missing, empty, or of another type is
+/// `None`: a JS client often creates a document before it fills the fields in, and the relay
+/// must treat such a document as not yet classified rather than as belonging to "". Under
+/// concurrent writes the value automerge shows (the deterministic winner) is returned.
+pub fn classify(doc: &impl ReadDoc) -> RootFields {
+    RootFields {
+        kind: root_string(doc, "kind"),
+        patient_id: root_string(doc, "patientId"),
+        agency_id: root_string(doc, "agencyId"),
+    }
+}
+
+fn root_string(doc: &impl ReadDoc, key: &str) -> Option<String> {
+    let value = match doc.get(ROOT, key).ok()?? {
+        (Value::Scalar(scalar), _) => scalar.as_str().map(str::to_owned),
+        (Value::Object(ObjType::Text), id) => doc.text(&id).ok(),
+        (Value::Object(_), _) => None,
+    }?;
+    (!value.is_empty()).then_some(value)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::protocol::{DocumentId, Message, PeerId};
+    use automerge::transaction::Transactable;
+    use proptest::prelude::*;
+
+    fn doc_with(fields: &[(&str, &str)]) -> Automerge {
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            for (k, v) in fields {
+                tx.put(ROOT, *k, *v)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        doc
+    }
+
+    fn edit(doc: &mut Automerge, key: &str, value: &str) {
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, key, value)?;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    /// One side of a connection: its copy of the document and its sync state for the other.
+    struct Peer {
+        id: PeerId,
+        doc: Automerge,
+        sync: DocSync,
+    }
+
+    impl Peer {
+        fn new(name: &str, doc: Automerge) -> Self {
+            Peer {
+                id: PeerId::new(name.into()),
+                doc,
+                sync: DocSync::new(),
+            }
+        }
+
+        /// The next frame to the other peer, if any, as it would go over the WebSocket.
+        fn frame_to(&mut self, to: &Peer, document_id: DocumentId) -> Option<Vec<u8>> {
+            let data = self.sync.generate(&self.doc)?;
+            Some(
+                Message::Sync {
+                    sender_id: self.id.clone(),
+                    target_id: to.id.clone(),
+                    document_id,
+                    data,
+                }
+                .encode(),
+            )
+        }
+
+        fn receive_frame(&mut self, frame: &[u8], document_id: DocumentId) -> ReceiveOutcome {
+            let Message::Sync {
+                data,
+                document_id: got,
+                target_id,
+                ..
+            } = Message::decode(frame).unwrap()
+            else {
+                panic!("expected a sync frame")
+            };
+            assert_eq!(got, document_id);
+            assert_eq!(target_id, self.id);
+            self.sync.receive(&mut self.doc, &data).unwrap()
+        }
+    }
+
+    /// Exchanges frames until neither side has anything to say; returns the number of frames.
+    fn run_until_quiet(a: &mut Peer, b: &mut Peer, document_id: DocumentId) -> usize {
+        let mut frames = 0;
+        for _ in 0..100 {
+            let a_to_b = a.frame_to(b, document_id);
+            if let Some(f) = &a_to_b {
+                b.receive_frame(f, document_id);
+                frames += 1;
+            }
+            let b_to_a = b.frame_to(a, document_id);
+            if let Some(f) = &b_to_a {
+                a.receive_frame(f, document_id);
+                frames += 1;
+            }
+            if a_to_b.is_none() && b_to_a.is_none() {
+                return frames;
+            }
+        }
+        panic!("sync did not go quiet in 100 rounds");
+    }
+
+    #[test]
+    fn two_peers_converge_over_encoded_frames() {
+        let id = DocumentId::random();
+        let mut nurse = Peer::new(
+            "nurse",
+            doc_with(&[("kind", "visit-note"), ("narrative", "BP ok")]),
+        );
+        let mut office = Peer::new("office", Automerge::new());
+        assert!(!nurse.sync.in_sync(&nurse.doc));
+
+        run_until_quiet(&mut nurse, &mut office, id);
+        assert_eq!(office.doc.get_heads(), nurse.doc.get_heads());
+        assert_eq!(classify(&office.doc).kind.as_deref(), Some("visit-note"));
+        assert!(nurse.sync.in_sync(&nurse.doc));
+        assert!(office.sync.in_sync(&office.doc));
+        assert_eq!(nurse.sync.shared_heads(), nurse.doc.get_heads());
+
+        // Both edit concurrently, then reconnect with fresh session state restored from the
+        // persisted part, as after an app restart.
+        edit(&mut nurse.doc, "narrative", "BP 120/80");
+        edit(&mut office.doc, "plan", "weekly visits");
+        nurse.sync = DocSync::decode(&nurse.sync.encode()).unwrap();
+        office.sync = DocSync::decode(&office.sync.encode()).unwrap();
+        assert!(!nurse.sync.in_sync(&nurse.doc));
+
+        run_until_quiet(&mut nurse, &mut office, id);
+        assert_eq!(office.doc.get_heads(), nurse.doc.get_heads());
+        assert_eq!(
+            nurse.doc.get_heads().len(),
+            2,
+            "concurrent edits leave two heads"
+        );
+        for doc in [&nurse.doc, &office.doc] {
+            assert_eq!(
+                doc.get(ROOT, "plan").unwrap().unwrap().0.as_str(),
+                Some("weekly visits")
+            );
+            assert_eq!(
+                doc.get(ROOT, "narrative").unwrap().unwrap().0.as_str(),
+                Some("BP 120/80")
+            );
+        }
+        assert!(nurse.sync.in_sync(&nurse.doc) && office.sync.in_sync(&office.doc));
+    }
+
+    #[test]
+    fn receive_reports_exactly_the_new_changes() {
+        let id = DocumentId::random();
+        let mut device = Peer::new("device", doc_with(&[("kind", "patient")]));
+        let mut relay = Peer::new("relay", Automerge::new());
+
+        let frame = device.frame_to(&relay, id).unwrap();
+        let first = relay.receive_frame(&frame, id);
+        // The first message only carries heads and a bloom filter.
+        assert!(first.new_changes.is_empty() && !first.changed());
+        let frame = relay.frame_to(&device, id).unwrap();
+        device.receive_frame(&frame, id);
+        let frame = device.frame_to(&relay, id).unwrap();
+        let second = relay.receive_frame(&frame, id);
+        assert!(second.changed());
+        assert!(second.heads_before.is_empty());
+        assert_eq!(second.heads_after, device.doc.get_heads());
+        let hashes: Vec<ChangeHash> = second.new_changes.iter().map(Change::hash).collect();
+        assert_eq!(hashes, device.doc.get_heads());
+
+        // The new changes alone rebuild the document: they are what must be persisted.
+        let mut stored = Automerge::new();
+        stored.apply_changes(second.new_changes.clone()).unwrap();
+        assert_eq!(stored.get_heads(), device.doc.get_heads());
+
+        run_until_quiet(&mut device, &mut relay, id);
+        edit(&mut device.doc, "patientId", "p-1");
+        let frame = device.frame_to(&relay, id).unwrap();
+        let third = relay.receive_frame(&frame, id);
+        assert_eq!(third.heads_before, second.heads_after);
+        assert_eq!(third.new_changes.len(), 1);
+        assert_eq!(classify(&relay.doc).patient_id.as_deref(), Some("p-1"));
+    }
+
+    #[test]
+    fn autocommit_documents_sync_too() {
+        let mut device = AutoCommit::new();
+        device.put(ROOT, "kind", "visit-note").unwrap();
+        let mut device_sync = DocSync::new();
+        let mut relay = Automerge::new();
+        let mut relay_sync = DocSync::new();
+        for _ in 0..10 {
+            let up = device_sync.generate(device.document());
+            if let Some(data) = &up {
+                relay_sync.receive(&mut relay, data).unwrap();
+            }
+            let down = relay_sync.generate(&relay);
+            if let Some(data) = &down {
+                device_sync.receive_autocommit(&mut device, data).unwrap();
+            }
+            if up.is_none() && down.is_none() {
+                break;
+            }
+        }
+        assert_eq!(relay.get_heads(), device.get_heads());
+        assert!(device_sync.in_sync(device.document()));
+    }
+
+    #[test]
+    fn garbage_sync_data_is_refused_without_touching_the_doc() {
+        let id = DocumentId::random();
+        let mut device = Peer::new("device", doc_with(&[("kind", "patient")]));
+        let mut relay = Peer::new("relay", doc_with(&[("kind", "visit-note")]));
+        run_until_quiet(&mut device, &mut relay, id);
+        edit(&mut device.doc, "x", "y");
+        let valid = device.sync.generate(&device.doc).unwrap();
+
+        let mut garbage: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0x00],
+            vec![0x42],
+            vec![
+                0x43, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+            b"not a sync message".to_vec(),
+        ];
+        // Every truncation of a real message, and the message with its change bytes flipped.
+        garbage.extend((1..valid.len()).map(|n| valid[..n].to_vec()));
+        garbage.extend((0..valid.len()).map(|i| {
+            let mut v = valid.clone();
+            v[i] ^= 0x55;
+            v
+        }));
+        let mut refused = 0;
+        for data in garbage {
+            let frame = Message::Sync {
+                sender_id: device.id.clone(),
+                target_id: relay.id.clone(),
+                document_id: id,
+                data,
+            }
+            .encode();
+            let Message::Sync { data, .. } = Message::decode(&frame).unwrap() else {
+                panic!("expected a sync frame")
+            };
+            let mut doc = relay.doc.clone();
+            let mut sync = relay.sync.clone();
+            // Some cuts are themselves valid messages (e.g. without the trailing flags); the
+            // rest must be refused with the document and the sync state as they were.
+            if sync.receive(&mut doc, &data).is_err() {
+                refused += 1;
+                assert_eq!(doc.get_heads(), relay.doc.get_heads());
+                assert_eq!(doc.save(), relay.doc.save());
+                assert_eq!(sync.state, relay.sync.state);
+            }
+        }
+        assert!(refused > valid.len(), "only {refused} refused");
+        assert!(matches!(
+            relay.sync.receive(&mut relay.doc, b"garbage"),
+            Err(ProtocolError::InvalidSyncMessage(_))
+        ));
+    }
+
+    /// A v1 sync message written by hand, so that hash lists can be unsorted or duplicated as
+    /// a buggy or hostile peer might send them (automerge's encoder refuses to).
+    fn raw_sync_message(
+        heads: &[ChangeHash],
+        need: &[ChangeHash],
+        haves: &[Vec<ChangeHash>],
+    ) -> Vec<u8> {
+        fn hashes(out: &mut Vec<u8>, list: &[ChangeHash]) {
+            out.push(u8::try_from(list.len()).unwrap());
+            for h in list {
+                out.extend_from_slice(h.as_ref());
+            }
+        }
+        let mut out = vec![0x42];
+        hashes(&mut out, heads);
+        hashes(&mut out, need);
+        out.push(u8::try_from(haves.len()).unwrap());
+        for last_sync in haves {
+            hashes(&mut out, last_sync);
+            out.push(0); // empty bloom filter
+        }
+        out.push(0); // no changes
+        out
+    }
+
+    #[test]
+    fn unsorted_hashes_from_a_peer_do_not_panic() {
+        let mut doc = doc_with(&[("kind", "patient")]);
+        edit(&mut doc, "patientId", "p-1");
+        let first = doc.get_changes(&[])[0].hash();
+        let mut heads = vec![first, doc.get_heads()[0], first];
+        heads.sort_unstable();
+        heads.reverse();
+        let mut sync = DocSync::new();
+        sync.receive(
+            &mut doc,
+            &raw_sync_message(&heads, &heads, &[heads.clone(), heads.clone()]),
+        )
+        .unwrap();
+        let _ = sync.generate(&doc);
+        let restored = DocSync::decode(&sync.encode()).unwrap();
+        assert!(restored.shared_heads().windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn sync_state_encode_decode() {
+        let id = DocumentId::random();
+        let mut a = Peer::new("a", doc_with(&[("kind", "patient")]));
+        let mut b = Peer::new("b", Automerge::new());
+        run_until_quiet(&mut a, &mut b, id);
+        let restored = DocSync::decode(&a.sync.encode()).unwrap();
+        assert_eq!(restored.shared_heads(), a.doc.get_heads());
+        assert_eq!(restored.encode(), a.sync.encode());
+        // Session-only knowledge is not persisted.
+        assert_eq!(restored.their_heads(), None);
+        assert_eq!(
+            DocSync::decode(&DocSync::new().encode())
+                .unwrap()
+                .shared_heads(),
+            vec![]
+        );
+
+        assert!(matches!(
+            DocSync::decode(&[]),
+            Err(ProtocolError::InvalidSyncState(_))
+        ));
+        assert!(DocSync::decode(&[0x99, 0x00]).is_err());
+        assert!(DocSync::decode(&[0x43, 0x05, 0x01]).is_err());
+    }
+
+    #[test]
+    fn classify_reads_scalars_and_text() {
+        let scalar = doc_with(&[
+            ("kind", "visit-note"),
+            ("patientId", "p-7"),
+            ("agencyId", "a-1"),
+        ]);
+        assert_eq!(
+            classify(&scalar),
+            RootFields {
+                kind: Some("visit-note".into()),
+                patient_id: Some("p-7".into()),
+                agency_id: Some("a-1".into()),
+            }
+        );
+
+        // What JS automerge 3 writes for `doc.patientId = "p-7"`: a Text object.
+        let mut text = AutoCommit::new();
+        text.put(ROOT, "kind", "patient").unwrap();
+        let patient = text.put_object(ROOT, "patientId", ObjType::Text).unwrap();
+        text.splice_text(&patient, 0, 0, "p-7").unwrap();
+        let agency = text.put_object(ROOT, "agencyId", ObjType::Text).unwrap();
+        text.splice_text(&agency, 0, 0, "a-1").unwrap();
+        assert_eq!(
+            classify(&text),
+            RootFields {
+                kind: Some("patient".into()),
+                patient_id: Some("p-7".into()),
+                agency_id: Some("a-1".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn classify_treats_missing_empty_and_other_types_as_none() {
+        assert_eq!(classify(&Automerge::new()), RootFields::default());
+
+        let mut doc = AutoCommit::new();
+        doc.put(ROOT, "kind", "").unwrap();
+        doc.put(ROOT, "patientId", 42_i64).unwrap();
+        doc.put_object(ROOT, "agencyId", ObjType::Map).unwrap();
+        assert_eq!(classify(&doc), RootFields::default());
+
+        let mut doc = AutoCommit::new();
+        doc.put_object(ROOT, "agencyId", ObjType::Text).unwrap();
+        doc.put(ROOT, "patientId", "p-1").unwrap();
+        assert_eq!(
+            classify(&doc),
+            RootFields {
+                kind: None,
+                patient_id: Some("p-1".into()),
+                agency_id: None,
+            }
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random bytes as sync data never panic and never change the document.
+        #[test]
+        fn random_sync_data_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut doc = doc_with(&[("kind", "patient")]);
+            let heads = doc.get_heads();
+            let mut sync = DocSync::new();
+            if sync.receive(&mut doc, &data).is_err() {
+                prop_assert_eq!(doc.get_heads(), heads);
+            }
+            let _ = sync.generate(&doc);
+        }
+
+        /// Well-formed sync messages naming hashes we do not have (a confused or hostile peer)
+        /// must not panic in receive or generate.
+        #[test]
+        fn hostile_sync_messages_never_panic(
+            heads in proptest::collection::vec(any::<[u8; 32]>(), 0..3),
+            need in proptest::collection::vec(any::<[u8; 32]>(), 0..3),
+            last_sync in proptest::collection::vec(any::<[u8; 32]>(), 0..3),
+            haves in 0usize..3,
+        ) {
+            let mut doc = doc_with(&[("kind", "patient")]);
+            let known = doc.get_heads();
+            let mut sync = DocSync::new();
+            let last_sync: Vec<ChangeHash> = last_sync.into_iter().map(ChangeHash).collect();
+            let mut have = vec![Vec::new(); haves];
+            if let Some(h) = have.get_mut(1) {
+                h.clone_from(&last_sync);
+            }
+            let heads: Vec<ChangeHash> = heads.into_iter().map(ChangeHash).chain(known).collect();
+            let need: Vec<ChangeHash> = need.into_iter().map(ChangeHash).collect();
+            let _ = sync.receive(&mut doc, &raw_sync_message(&heads, &need, &have));
+            let _ = sync.generate(&doc);
+            let _ = sync.in_sync(&doc);
+            let _ = DocSync::decode(&sync.encode()).unwrap();
+        }
+
+        /// Convergence: any two sets of concurrent edits end in the same document.
+        #[test]
+        fn peers_converge(
+            left in proptest::collection::vec(("[a-d]", "[a-z]{0,4}"), 0..5),
+            right in proptest::collection::vec(("[a-d]", "[a-z]{0,4}"), 0..5),
+        ) {
+            let id = DocumentId::random();
+            let mut a = Peer::new("a", Automerge::new());
+            let mut b = Peer::new("b", Automerge::new());
+            for (k, v) in &left {
+                edit(&mut a.doc, k, v);
+            }
+            for (k, v) in &right {
+                edit(&mut b.doc, k, v);
+            }
+            run_until_quiet(&mut a, &mut b, id);
+            prop_assert_eq!(a.doc.get_heads(), b.doc.get_heads());
+            for key in ["a", "b", "c", "d"] {
+                let va = a.doc.get(ROOT, key).unwrap().map(|(v, _)| v.as_str().map(str::to_owned));
+                let vb = b.doc.get(ROOT, key).unwrap().map(|(v, _)| v.as_str().map(str::to_owned));
+                prop_assert_eq!(va, vb);
+            }
+        }
+    }
+}

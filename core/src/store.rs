@@ -1,0 +1,1219 @@
+//! The device store: encrypted SQLite holding automerge documents, index tables, sync state and
+//! the local audit log.
+//!
+//! Every mutating call runs one SQLite transaction holding the automerge change, the index
+//! rows and the audit row; when the call returns, the transaction has committed. With WAL and
+//! `synchronous = NORMAL` a committed transaction survives the process being killed at any
+//! instant (it is in the WAL, in the OS page cache); records that must also survive power
+//! loss — signatures, finished visits, vitals, imports — commit with `synchronous = FULL`,
+//! which also flushes every keystroke committed before them. See the README's "Decisions".
+//!
+//! The store keeps exactly one connection (the only writer) behind a mutex, and a bounded cache
+//! of loaded documents.
+
+mod db;
+mod documents;
+mod index;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ReadDoc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+pub use db::{SCHEMA_VERSION, StoreKey};
+pub use documents::COMPACT_AFTER_CHUNKS;
+
+use crate::model::{
+    self, Actor, Allergy, CareTeamMember, Conflict, ConflictValue, Demographic, DocKind,
+    HistoryEntry, ListEntry, Medication, NoteList, NoteStatus, NoteText, PatientChart, ReviewItem,
+    Role, Signature, SignatureCheck, VisitNote, VisitStart, VitalReading,
+};
+use crate::protocol::DocumentId;
+use crate::text::check_utf16_range;
+use crate::{Error, Result};
+use documents::LoadedDoc;
+
+/// Documents kept loaded in memory; the least recently used beyond this are dropped (they are
+/// on disk). A nurse's day touches a few dozen documents.
+pub const MAX_CACHED_DOCS: usize = 64;
+
+/// How hard a transaction must be flushed before the call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Survives the process being killed (WAL, `synchronous = NORMAL`).
+    ProcessCrash,
+    /// Also survives power loss (`synchronous = FULL`: the WAL is fsynced before returning).
+    PowerLoss,
+}
+
+/// Audit actions recorded locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditAction {
+    /// A patient chart was opened.
+    ChartOpened,
+    /// A visit note was viewed.
+    NoteViewed,
+    /// A note was signed.
+    Signed,
+    /// A note was exported (rendered for printing or sending).
+    Exported,
+    /// A document was created.
+    Created,
+    /// A conflict was resolved.
+    ConflictResolved,
+}
+
+impl AuditAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::ChartOpened => "chart-opened",
+            AuditAction::NoteViewed => "note-viewed",
+            AuditAction::Signed => "signed",
+            AuditAction::Exported => "exported",
+            AuditAction::Created => "created",
+            AuditAction::ConflictResolved => "conflict-resolved",
+        }
+    }
+}
+
+/// A local audit row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// Who.
+    pub user_id: String,
+    /// On which device.
+    pub device_id: String,
+    /// What.
+    pub action: String,
+    /// Which document.
+    pub document_id: Option<DocumentId>,
+    /// Which patient.
+    pub patient_id: Option<String>,
+}
+
+/// A row of the patient list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatientSummary {
+    /// Patient id.
+    pub patient_id: String,
+    /// The chart document.
+    pub document_id: DocumentId,
+    /// Agency.
+    pub agency_id: String,
+    /// Name from the chart.
+    pub name: Option<String>,
+}
+
+/// A row of a note list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoteSummary {
+    /// The note document.
+    pub document_id: DocumentId,
+    /// Patient.
+    pub patient_id: String,
+    /// Visit date, `YYYY-MM-DD`.
+    pub visit_date: Option<String>,
+    /// Draft or signed.
+    pub status: NoteStatus,
+    /// Clinician who started it.
+    pub clinician_id: Option<String>,
+    /// EVV start, ms since the epoch.
+    pub started_at_ms: Option<i64>,
+    /// When signed.
+    pub signed_at_ms: Option<i64>,
+}
+
+/// An open conflict, from the index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenConflict {
+    /// Document holding the field.
+    pub document_id: DocumentId,
+    /// The conflict.
+    pub conflict: Conflict,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportOutcome {
+    /// Whether the document was new to this store.
+    pub created: bool,
+    /// Whether any change was new.
+    pub changed: bool,
+}
+
+/// Options to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Database file path (created if missing).
+    pub path: PathBuf,
+    /// Encryption key, from the platform keystore.
+    pub key: StoreKey,
+    /// The signed-in user on this device.
+    pub actor: Actor,
+    /// The user's role.
+    pub role: Role,
+}
+
+struct Inner {
+    conn: Connection,
+    /// This device's automerge author, set on every loaded document.
+    author: automerge::Author<'static>,
+    docs: HashMap<DocumentId, LoadedDoc>,
+    clock: u64,
+}
+
+/// The encrypted local store of one device. Cheap to share behind an `Arc`; calls are
+/// serialized on its single connection.
+pub struct Store {
+    inner: Mutex<Option<Inner>>,
+    actor: Actor,
+    role: Role,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("actor", &self.actor)
+            .finish()
+    }
+}
+
+type Tx<'a> = rusqlite::Transaction<'a>;
+
+impl Inner {
+    /// Run `f` in a write transaction flushed to `durability`.
+    fn write<T>(
+        &mut self,
+        durability: Durability,
+        f: impl FnOnce(&Tx<'_>, &mut HashMap<DocumentId, LoadedDoc>) -> Result<T>,
+    ) -> Result<T> {
+        if durability == Durability::PowerLoss {
+            self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+        }
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = f(&tx, &mut self.docs)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        if durability == Durability::PowerLoss {
+            self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        }
+        result
+    }
+
+    fn ensure_loaded(&mut self, id: DocumentId, author: &automerge::Author<'static>) -> Result<()> {
+        self.clock += 1;
+        if let Some(d) = self.docs.get_mut(&id) {
+            d.last_used = self.clock;
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        let mut loaded = documents::load(&tx, id, author)?;
+        tx.commit()?;
+        loaded.last_used = self.clock;
+        if self.docs.len() >= MAX_CACHED_DOCS
+            && let Some(oldest) = self
+                .docs
+                .iter()
+                .min_by_key(|(_, d)| d.last_used)
+                .map(|(k, _)| *k)
+        {
+            self.docs.remove(&oldest);
+        }
+        self.docs.insert(id, loaded);
+        Ok(())
+    }
+}
+
+/// Append an audit row.
+fn audit(
+    tx: &Tx<'_>,
+    actor: &Actor,
+    action: AuditAction,
+    doc: Option<DocumentId>,
+    patient: Option<&str>,
+    now_ms: i64,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO audit_log (at, user_id, device_id, action, doc_id, patient_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        now_ms,
+        actor.user_id,
+        actor.device_id,
+        action.as_str(),
+        doc.map(|d| d.as_bytes().to_vec()),
+        patient
+    ])?;
+    Ok(())
+}
+
+fn doc_id_from_sql(bytes: Vec<u8>) -> rusqlite::Result<DocumentId> {
+    let arr: [u8; 16] = bytes.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            "document id is not 16 bytes".into(),
+        )
+    })?;
+    Ok(DocumentId::from_bytes(arr))
+}
+
+/// What kind of index maintenance an edit needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reindex {
+    /// A text splice: no index row can change (Text cannot conflict; status is untouched).
+    No,
+    /// Anything else.
+    Yes,
+}
+
+impl Store {
+    /// Open (or create) the store. Migrates an older schema; refuses a newer one
+    /// ([`Error::SchemaTooNew`]); a wrong key or a foreign/corrupt file is
+    /// [`Error::CannotDecrypt`] and the file is left untouched.
+    pub fn open(config: StoreConfig) -> Result<Store> {
+        let conn = db::open(&config.path, &config.key)?;
+        Ok(Store {
+            inner: Mutex::new(Some(Inner {
+                conn,
+                author: config.actor.author(),
+                docs: HashMap::new(),
+                clock: 0,
+            })),
+            actor: config.actor,
+            role: config.role,
+            path: config.path,
+        })
+    }
+
+    /// Close the store, releasing the file (e.g. when the app is suspended). Later calls return
+    /// [`Error::Closed`].
+    pub fn close(&self) -> Result<()> {
+        let inner = self.lock().take();
+        if let Some(inner) = inner {
+            inner.conn.close().map_err(|(_, e)| Error::Sqlite(e))?;
+        }
+        Ok(())
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The signed-in actor.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
+    }
+
+    /// Change the encryption key.
+    pub fn rekey(&self, key: &StoreKey) -> Result<()> {
+        self.with(|inner| db::rekey(&inner.conn, key))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Inner>> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back on drop), so the data is still consistent: keep going.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
+        let mut guard = self.lock();
+        let inner = guard.as_mut().ok_or(Error::Closed)?;
+        f(inner)
+    }
+
+    fn require_role(&self, allowed: &[Role], action: &'static str) -> Result<()> {
+        if allowed.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden {
+                role: self.role.as_str(),
+                action,
+            })
+        }
+    }
+
+    /// Store a brand-new document.
+    fn insert_document(&self, id: DocumentId, mut doc: AutoCommit, patient: &str) -> Result<()> {
+        let now = model::now_ms();
+        let actor = self.actor.clone();
+        self.with(|inner| {
+            inner.write(Durability::PowerLoss, |tx, docs| {
+                documents::insert_new(tx, id, &mut doc, now, true)?;
+                index::refresh(tx, id, &mut doc, now)?;
+                audit(
+                    tx,
+                    &actor,
+                    AuditAction::Created,
+                    Some(id),
+                    Some(patient),
+                    now,
+                )?;
+                let saved_heads = doc.get_heads();
+                docs.insert(
+                    id,
+                    LoadedDoc {
+                        doc,
+                        saved_heads,
+                        chunks: 0,
+                        unsynced: true,
+                        last_used: 0,
+                    },
+                );
+                Ok(())
+            })
+        })
+    }
+
+    /// Apply one edit to a document: run `f`, commit one automerge change, persist it with the
+    /// index rows in one transaction. If anything fails, the in-memory document is dropped so it
+    /// is reloaded from disk: memory never holds what the disk does not.
+    fn edit<T>(
+        &self,
+        id: DocumentId,
+        kind: DocKind,
+        message: &str,
+        reindex: Reindex,
+        durability: Durability,
+        f: impl FnOnce(&mut AutoCommit, &Actor, i64) -> Result<T>,
+    ) -> Result<T> {
+        let now = model::now_ms();
+        let actor = &self.actor;
+        self.with(|inner| {
+            let author = inner.author.clone();
+            inner.ensure_loaded(id, &author)?;
+            let result = inner.write(durability, |tx, docs| {
+                let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
+                model::expect_kind(&loaded.doc, id, kind)?;
+                let out = match f(&mut loaded.doc, actor, now) {
+                    Ok(out) => out,
+                    Err(e) => {
+                        loaded.doc.rollback();
+                        return Err(e);
+                    }
+                };
+                if model::commit(&mut loaded.doc, message, now).is_none() {
+                    return Ok(out);
+                }
+                documents::append_chunk(tx, id, loaded)?;
+                documents::mark_unsynced(tx, id, loaded)?;
+                if reindex == Reindex::Yes {
+                    index::refresh(tx, id, &mut loaded.doc, now)?;
+                }
+                if loaded.chunks >= COMPACT_AFTER_CHUNKS {
+                    documents::compact(tx, id, loaded)?;
+                }
+                Ok(out)
+            });
+            if result.is_err() {
+                // Rolled-back validation errors leave the document as it was; anything else may
+                // have left memory ahead of disk.
+                if !matches!(
+                    result,
+                    Err(Error::NoteSigned(_)
+                        | Error::InvalidInput(_)
+                        | Error::ItemNotFound { .. }
+                        | Error::InvalidTextRange { .. }
+                        | Error::WrongKind { .. })
+                ) {
+                    inner.docs.remove(&id);
+                }
+            }
+            result
+        })
+    }
+
+    /// Read a document (loading it if needed), optionally recording an audit row.
+    fn read<T>(
+        &self,
+        id: DocumentId,
+        audit_action: Option<AuditAction>,
+        f: impl FnOnce(&mut AutoCommit) -> Result<T>,
+    ) -> Result<T> {
+        let now = model::now_ms();
+        let actor = &self.actor;
+        self.with(|inner| {
+            let author = inner.author.clone();
+            inner.ensure_loaded(id, &author)?;
+            let loaded = inner.docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
+            let out = f(&mut loaded.doc)?;
+            if let Some(action) = audit_action {
+                let patient = model::root_info(&loaded.doc).patient_id;
+                inner.write(Durability::ProcessCrash, |tx, _| {
+                    audit(tx, actor, action, Some(id), patient.as_deref(), now)
+                })?;
+            }
+            Ok(out)
+        })
+    }
+
+    // ----- patient charts -----
+
+    /// Create a patient chart (office and admin roles).
+    pub fn create_patient(
+        &self,
+        agency_id: &str,
+        patient_id: &str,
+        name: &str,
+    ) -> Result<DocumentId> {
+        self.require_role(&[Role::Office, Role::Admin], "create patient charts")?;
+        let (id, doc) =
+            model::new_patient_chart(agency_id, patient_id, name, &self.actor, model::now_ms())?;
+        self.insert_document(id, doc, patient_id)?;
+        Ok(id)
+    }
+
+    /// Open a patient chart (audited as `chart-opened`).
+    pub fn patient_chart(&self, id: DocumentId) -> Result<PatientChart> {
+        self.read(id, Some(AuditAction::ChartOpened), |doc| {
+            model::expect_kind(doc, id, DocKind::Patient)?;
+            Ok(PatientChart::read(id, doc))
+        })
+    }
+
+    /// Set a demographic field.
+    pub fn set_demographic(&self, id: DocumentId, field: Demographic, value: &str) -> Result<()> {
+        self.edit(
+            id,
+            DocKind::Patient,
+            "set demographic",
+            Reindex::Yes,
+            Durability::ProcessCrash,
+            |doc, _, _| model::patient::set_demographic(doc, field, value),
+        )
+    }
+
+    /// Add (empty id) or update an allergy; returns its id. Only changed fields are written.
+    pub fn upsert_allergy(&self, id: DocumentId, allergy: &Allergy) -> Result<String> {
+        self.edit(
+            id,
+            DocKind::Patient,
+            "upsert allergy",
+            Reindex::Yes,
+            Durability::PowerLoss,
+            |doc, actor, now| model::patient::upsert_allergy(doc, allergy, actor, now),
+        )
+    }
+
+    /// Add (empty id) or update a medication; returns its id. Only changed fields are written.
+    pub fn upsert_medication(&self, id: DocumentId, medication: &Medication) -> Result<String> {
+        self.edit(
+            id,
+            DocKind::Patient,
+            "upsert medication",
+            Reindex::Yes,
+            Durability::PowerLoss,
+            |doc, actor, now| model::patient::upsert_medication(doc, medication, actor, now),
+        )
+    }
+
+    /// Add or update a care-team member (office and admin roles).
+    pub fn set_care_team_member(&self, id: DocumentId, member: &CareTeamMember) -> Result<()> {
+        self.require_role(&[Role::Office, Role::Admin], "change care teams")?;
+        self.edit(
+            id,
+            DocKind::Patient,
+            "set care team member",
+            Reindex::Yes,
+            Durability::ProcessCrash,
+            |doc, _, _| model::patient::set_care_team_member(doc, member),
+        )
+    }
+
+    /// Remove a care-team member (office and admin roles).
+    pub fn remove_care_team_member(&self, id: DocumentId, user_id: &str) -> Result<()> {
+        self.require_role(&[Role::Office, Role::Admin], "change care teams")?;
+        self.edit(
+            id,
+            DocKind::Patient,
+            "remove care team member",
+            Reindex::Yes,
+            Durability::ProcessCrash,
+            |doc, _, _| model::patient::remove_care_team_member(doc, user_id),
+        )
+    }
+
+    /// Add a care-plan problem (`parent` empty), goal (`[problem]`) or intervention
+    /// (`[problem, goal]`); returns its id.
+    pub fn add_care_plan_item(
+        &self,
+        id: DocumentId,
+        parent: &[String],
+        description: &str,
+        status: &str,
+    ) -> Result<String> {
+        self.edit(
+            id,
+            DocKind::Patient,
+            "add care plan item",
+            Reindex::Yes,
+            Durability::ProcessCrash,
+            |doc, _, _| model::patient::add_care_plan_item(doc, parent, description, status),
+        )
+    }
+
+    /// Set the status of a care-plan entry (path of ids from the problem down).
+    pub fn set_care_plan_status(
+        &self,
+        id: DocumentId,
+        path: &[String],
+        status: &str,
+    ) -> Result<()> {
+        self.edit(
+            id,
+            DocKind::Patient,
+            "set care plan status",
+            Reindex::Yes,
+            Durability::ProcessCrash,
+            |doc, _, _| model::patient::set_care_plan_status(doc, path, status),
+        )
+    }
+
+    /// Replace a care-plan entry's description (diffed into a minimal Text edit).
+    pub fn update_care_plan_description(
+        &self,
+        id: DocumentId,
+        path: &[String],
+        text: &str,
+    ) -> Result<()> {
+        self.edit(
+            id,
+            DocKind::Patient,
+            "edit care plan",
+            Reindex::No,
+            Durability::ProcessCrash,
+            |doc, _, _| model::patient::update_care_plan_description(doc, path, text),
+        )
+    }
+
+    // ----- visit notes -----
+
+    /// Start a visit: creates a draft note with the EVV start facts; the clinician is the
+    /// signed-in user.
+    pub fn start_visit(&self, start: &VisitStart) -> Result<DocumentId> {
+        self.require_role(&[Role::Clinician], "start visits")?;
+        let (id, doc) = model::visit_note::new_visit_note(start, &self.actor, model::now_ms())?;
+        self.insert_document(id, doc, &start.patient_id)?;
+        Ok(id)
+    }
+
+    /// Record the EVV end of the visit.
+    pub fn finish_visit(
+        &self,
+        id: DocumentId,
+        ended_at_ms: i64,
+        end_monotonic_ms: i64,
+    ) -> Result<()> {
+        self.note_edit(
+            id,
+            "finish visit",
+            Reindex::Yes,
+            Durability::PowerLoss,
+            |doc, _, _| model::visit_note::finish_visit(doc, ended_at_ms, end_monotonic_ms),
+        )
+    }
+
+    /// Open a visit note (audited as `note-viewed`).
+    pub fn visit_note(&self, id: DocumentId) -> Result<VisitNote> {
+        self.read(id, Some(AuditAction::NoteViewed), |doc| {
+            model::expect_kind(doc, id, DocKind::VisitNote)?;
+            Ok(VisitNote::read(id, doc))
+        })
+    }
+
+    fn note_edit<T>(
+        &self,
+        id: DocumentId,
+        message: &str,
+        reindex: Reindex,
+        durability: Durability,
+        f: impl FnOnce(&mut AutoCommit, &Actor, i64) -> Result<T>,
+    ) -> Result<T> {
+        self.edit(
+            id,
+            DocKind::VisitNote,
+            message,
+            reindex,
+            durability,
+            |doc, actor, now| {
+                model::visit_note::ensure_editable(doc, id)?;
+                f(doc, actor, now)
+            },
+        )
+    }
+
+    /// Append a vital-sign reading (a correction sets `supersedes`); returns its id.
+    pub fn record_vital(&self, id: DocumentId, reading: &VitalReading) -> Result<String> {
+        self.note_edit(
+            id,
+            "record vital",
+            Reindex::Yes,
+            Durability::PowerLoss,
+            |doc, actor, _| model::visit_note::record_vital(doc, reading, actor),
+        )
+    }
+
+    /// Splice a narrative: at UTF-16 offset `pos`, delete `delete` UTF-16 code units and insert
+    /// `insert`.
+    pub fn splice_text(
+        &self,
+        id: DocumentId,
+        field: NoteText,
+        pos: usize,
+        delete: usize,
+        insert: &str,
+    ) -> Result<()> {
+        self.note_edit(
+            id,
+            "edit text",
+            Reindex::No,
+            Durability::ProcessCrash,
+            |doc, _, _| {
+                let obj = model::visit_note::text_obj(doc, field)?;
+                let len = doc.length(&obj);
+                let end = pos.checked_add(delete);
+                if end.is_none_or(|end| end > len) {
+                    return Err(Error::InvalidTextRange {
+                        pos,
+                        len: delete,
+                        text_len: len,
+                    });
+                }
+                if !doc.text(&obj)?.is_ascii() {
+                    // Only non-ASCII text can hold surrogate pairs; check the range does not split one.
+                    check_utf16_range(&doc.text(&obj)?, pos, delete)?;
+                }
+                let delete = isize::try_from(delete)
+                    .map_err(|_| Error::InvalidInput("delete too long".into()))?;
+                doc.splice_text(&obj, pos, delete, insert)?;
+                Ok(())
+            },
+        )
+    }
+
+    /// Replace a narrative with `text` (native text fields hand over whole strings); stored as
+    /// the minimal character edit, so concurrent typing elsewhere is kept.
+    pub fn update_text(&self, id: DocumentId, field: NoteText, text: &str) -> Result<()> {
+        self.note_edit(
+            id,
+            "edit text",
+            Reindex::No,
+            Durability::ProcessCrash,
+            |doc, _, _| {
+                let obj = model::visit_note::text_obj(doc, field)?;
+                doc.update_text(&obj, text)?;
+                Ok(())
+            },
+        )
+    }
+
+    /// Append an intervention, medication reviewed or teaching entry; returns its id.
+    pub fn add_note_entry(
+        &self,
+        id: DocumentId,
+        list: NoteList,
+        entry: &ListEntry,
+    ) -> Result<String> {
+        self.note_edit(
+            id,
+            "add note entry",
+            Reindex::Yes,
+            Durability::ProcessCrash,
+            |doc, _, _| model::visit_note::add_list_entry(doc, list, entry),
+        )
+    }
+
+    /// Record progress toward a care-plan goal.
+    pub fn set_goal_progress(
+        &self,
+        id: DocumentId,
+        goal_id: &str,
+        status: &str,
+        note: &str,
+    ) -> Result<()> {
+        self.note_edit(
+            id,
+            "set goal progress",
+            Reindex::Yes,
+            Durability::ProcessCrash,
+            |doc, _, _| model::visit_note::set_goal_progress(doc, goal_id, status, note),
+        )
+    }
+
+    /// Set the plan for the next visit.
+    pub fn set_next_visit(&self, id: DocumentId, next: &str) -> Result<()> {
+        self.note_edit(
+            id,
+            "set next visit",
+            Reindex::Yes,
+            Durability::ProcessCrash,
+            |doc, _, _| model::visit_note::set_next_visit(doc, next),
+        )
+    }
+
+    /// Sign the note (clinicians). Afterwards the body refuses edits; only addenda are added.
+    pub fn sign(&self, id: DocumentId) -> Result<Signature> {
+        self.require_role(&[Role::Clinician], "sign notes")?;
+        let sig = self.note_edit(
+            id,
+            "sign",
+            Reindex::Yes,
+            Durability::PowerLoss,
+            |doc, actor, now| model::visit_note::sign(doc, actor, now),
+        )?;
+        self.audit_now(AuditAction::Signed, id)?;
+        Ok(sig)
+    }
+
+    /// Add an addendum (a correction or late entry, with author and time) to a signed note.
+    pub fn add_addendum(&self, id: DocumentId, text: &str) -> Result<String> {
+        self.edit(
+            id,
+            DocKind::VisitNote,
+            "add addendum",
+            Reindex::Yes,
+            Durability::PowerLoss,
+            |doc, actor, now| {
+                if !model::visit_note::is_signed(doc) {
+                    return Err(Error::InvalidInput(
+                        "addenda are for signed notes; edit the draft instead".into(),
+                    ));
+                }
+                model::visit_note::add_addendum(doc, actor, now, text)
+            },
+        )
+    }
+
+    /// Render the note as signed and verify it against the signature's hash.
+    pub fn verify_signature(&self, id: DocumentId) -> Result<SignatureCheck> {
+        self.read(id, None, |doc| {
+            model::expect_kind(doc, id, DocKind::VisitNote)?;
+            Ok(model::visit_note::check_signature(doc))
+        })
+    }
+
+    /// The signed rendering, for printing or sending (audited as `exported`).
+    pub fn export_signed(&self, id: DocumentId) -> Result<String> {
+        match self.read(id, Some(AuditAction::Exported), |doc| {
+            Ok(model::visit_note::check_signature(doc))
+        })? {
+            SignatureCheck::Valid { rendering } => Ok(rendering),
+            other => Err(Error::InvalidInput(format!(
+                "note cannot be exported as signed: {other:?}"
+            ))),
+        }
+    }
+
+    /// Changes of a signed note that are not part of the signed version, for review.
+    pub fn post_signature_changes(&self, id: DocumentId) -> Result<Vec<ReviewItem>> {
+        self.with(|inner| {
+            let mut stmt = inner.conn.prepare_cached(
+                "SELECT item_json FROM review_items WHERE doc_id = ?1 ORDER BY change",
+            )?;
+            let rows = stmt.query_map([id.as_bytes()], |r| r.get::<_, String>(0))?;
+            rows.map(|r| Ok(serde_json::from_str(&r?)?)).collect()
+        })
+    }
+
+    // ----- conflicts and history -----
+
+    /// Open conflicts of one document.
+    pub fn conflicts(&self, id: DocumentId) -> Result<Vec<Conflict>> {
+        Ok(self
+            .open_conflicts()?
+            .into_iter()
+            .filter(|c| c.document_id == id)
+            .map(|c| c.conflict)
+            .collect())
+    }
+
+    /// Every open conflict in the store, from the index.
+    pub fn open_conflicts(&self) -> Result<Vec<OpenConflict>> {
+        self.with(|inner| {
+            let mut stmt = inner.conn.prepare_cached(
+                "SELECT doc_id, path, values_json FROM conflicts ORDER BY doc_id, path",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            rows.map(|r| {
+                let (doc, path, values) = r?;
+                let values: Vec<ConflictValue> = serde_json::from_str(&values)?;
+                Ok(OpenConflict {
+                    document_id: doc_id_from_sql(doc)?,
+                    conflict: Conflict { path, values },
+                })
+            })
+            .collect()
+        })
+    }
+
+    /// Resolve a conflict on a scalar field by choosing one of its values (by index in
+    /// [`Conflict::values`]). The choice, who made it and the values it replaced are recorded in
+    /// the document's `resolutions` list, so every replica sees it.
+    pub fn resolve_conflict(&self, id: DocumentId, path: &str, choice: usize) -> Result<()> {
+        let kind = self.read(id, None, |doc| {
+            model::root_info(doc)
+                .kind
+                .ok_or_else(|| Error::InvalidInput("document has no kind".into()))
+        })?;
+        self.edit(
+            id,
+            kind,
+            "resolve conflict",
+            Reindex::Yes,
+            Durability::PowerLoss,
+            |doc, actor, now| {
+                if kind == DocKind::VisitNote
+                    && model::visit_note::is_signed(doc)
+                    && !path.starts_with("addenda/")
+                {
+                    return Err(Error::NoteSigned(id));
+                }
+                let conflict = model::find_conflicts(doc)
+                    .into_iter()
+                    .find(|c| c.path == path)
+                    .ok_or_else(|| Error::ItemNotFound {
+                        what: "conflict",
+                        id: path.to_owned(),
+                    })?;
+                let chosen = conflict
+                    .values
+                    .get(choice)
+                    .ok_or_else(|| Error::InvalidInput(format!("choice {choice} out of range")))?
+                    .value
+                    .clone();
+                let (parent, prop) = model::resolve_path(doc, path)?;
+                let scalar = model::json_to_scalar(&chosen).ok_or_else(|| {
+                    Error::InvalidInput(
+                        "only scalar fields can be resolved by choice; edit the object instead"
+                            .into(),
+                    )
+                })?;
+                doc.put(&parent, prop, scalar)?;
+                let list = model::ensure_obj(
+                    doc,
+                    &automerge::ROOT,
+                    "resolutions",
+                    automerge::ObjType::List,
+                )?;
+                let at = doc.length(&list);
+                let entry = doc.insert_object(&list, at, automerge::ObjType::Map)?;
+                doc.put(&entry, "path", path)?;
+                doc.put(&entry, "value", chosen.to_string())?;
+                doc.put(&entry, "replaced", serde_json::to_string(&conflict.values)?)?;
+                doc.put(&entry, "resolvedBy", actor.user_id.as_str())?;
+                doc.put(&entry, "resolvedAt", now)?;
+                Ok(())
+            },
+        )?;
+        self.audit_now(AuditAction::ConflictResolved, id)
+    }
+
+    /// Every change of a document with its author and time.
+    pub fn history(&self, id: DocumentId) -> Result<Vec<HistoryEntry>> {
+        self.read(id, None, |doc| Ok(model::history(doc)))
+    }
+
+    /// Field paths one change touched (`change` in hex, from [`HistoryEntry::change`]).
+    pub fn change_fields(&self, id: DocumentId, change: &str) -> Result<Vec<String>> {
+        let hash: automerge::ChangeHash = change
+            .parse()
+            .map_err(|_| Error::InvalidInput("change hash is not 64 hex digits".into()))?;
+        self.read(id, None, |doc| {
+            let c = doc
+                .get_change_by_hash(&hash)
+                .ok_or_else(|| Error::ItemNotFound {
+                    what: "change",
+                    id: change.to_owned(),
+                })?;
+            Ok(model::changed_fields(doc, &c))
+        })
+    }
+
+    // ----- lists (index tables only) -----
+
+    /// Every patient chart in the store.
+    pub fn patients(&self) -> Result<Vec<PatientSummary>> {
+        self.with(|inner| {
+            let mut stmt = inner.conn.prepare_cached("SELECT patient_id, doc_id, agency_id, name FROM patients ORDER BY name, patient_id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(PatientSummary {
+                    patient_id: r.get(0)?,
+                    document_id: doc_id_from_sql(r.get(1)?)?,
+                    agency_id: r.get(2)?,
+                    name: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn notes_where(&self, clause: &str, arg: Option<&str>) -> Result<Vec<NoteSummary>> {
+        let sql = format!(
+            "SELECT doc_id, patient_id, visit_date, status, clinician_id, started_at, signed_at FROM notes {clause}
+             ORDER BY visit_date, started_at, doc_id"
+        );
+        self.with(|inner| {
+            let mut stmt = inner.conn.prepare_cached(&sql)?;
+            let map = |r: &rusqlite::Row<'_>| {
+                let status: String = r.get(3)?;
+                Ok(NoteSummary {
+                    document_id: doc_id_from_sql(r.get(0)?)?,
+                    patient_id: r.get(1)?,
+                    visit_date: r.get(2)?,
+                    status: if status == "signed" {
+                        NoteStatus::Signed
+                    } else {
+                        NoteStatus::Draft
+                    },
+                    clinician_id: r.get(4)?,
+                    started_at_ms: r.get(5)?,
+                    signed_at_ms: r.get(6)?,
+                })
+            };
+            let rows = match arg {
+                Some(a) => stmt
+                    .query_map([a], map)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+                None => stmt
+                    .query_map([], map)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            };
+            Ok(rows)
+        })
+    }
+
+    /// Notes of one patient, oldest first.
+    pub fn notes_for_patient(&self, patient_id: &str) -> Result<Vec<NoteSummary>> {
+        self.notes_where("WHERE patient_id = ?1", Some(patient_id))
+    }
+
+    /// Notes of one visit date (`YYYY-MM-DD`).
+    pub fn notes_on(&self, date: &str) -> Result<Vec<NoteSummary>> {
+        self.notes_where("WHERE visit_date = ?1", Some(date))
+    }
+
+    /// Notes with a status.
+    pub fn notes_with_status(&self, status: NoteStatus) -> Result<Vec<NoteSummary>> {
+        self.notes_where("WHERE status = ?1", Some(status.as_str()))
+    }
+
+    /// Drafts not yet signed.
+    pub fn drafts(&self) -> Result<Vec<NoteSummary>> {
+        self.notes_with_status(NoteStatus::Draft)
+    }
+
+    /// Notes with local changes the relay has not confirmed yet.
+    pub fn unsynced_notes(&self) -> Result<Vec<NoteSummary>> {
+        self.notes_where(
+            "WHERE doc_id IN (SELECT doc_id FROM documents WHERE unsynced = 1)",
+            None,
+        )
+    }
+
+    /// Every document with local changes the relay has not confirmed yet.
+    pub fn unsynced_documents(&self) -> Result<Vec<DocumentId>> {
+        self.with(|inner| {
+            let mut stmt = inner.conn.prepare_cached(
+                "SELECT doc_id FROM documents WHERE unsynced = 1 ORDER BY doc_id",
+            )?;
+            let rows = stmt.query_map([], |r| doc_id_from_sql(r.get(0)?))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    /// Every document id in the store.
+    pub fn document_ids(&self) -> Result<Vec<DocumentId>> {
+        self.with(|inner| {
+            let mut stmt = inner
+                .conn
+                .prepare_cached("SELECT doc_id FROM documents ORDER BY doc_id")?;
+            let rows = stmt.query_map([], |r| doc_id_from_sql(r.get(0)?))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    /// The local audit trail, oldest first.
+    pub fn audit_log(&self) -> Result<Vec<AuditEntry>> {
+        self.with(|inner| {
+            let mut stmt = inner
+                .conn
+                .prepare_cached("SELECT at, user_id, device_id, action, doc_id, patient_id FROM audit_log ORDER BY id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(AuditEntry {
+                    at_ms: r.get(0)?,
+                    user_id: r.get(1)?,
+                    device_id: r.get(2)?,
+                    action: r.get(3)?,
+                    document_id: r.get::<_, Option<Vec<u8>>>(4)?.map(doc_id_from_sql).transpose()?,
+                    patient_id: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn audit_now(&self, action: AuditAction, id: DocumentId) -> Result<()> {
+        let now = model::now_ms();
+        let actor = &self.actor;
+        self.with(|inner| {
+            let patient: Option<String> = inner
+                .conn
+                .prepare_cached("SELECT patient_id FROM documents WHERE doc_id = ?1")?
+                .query_row([id.as_bytes()], |r| r.get(0))
+                .optional()?
+                .flatten();
+            inner.write(Durability::ProcessCrash, |tx, _| {
+                audit(tx, actor, action, Some(id), patient.as_deref(), now)
+            })
+        })
+    }
+
+    // ----- merging documents from elsewhere -----
+
+    /// Import automerge changes or a saved document (any concatenation of automerge chunks)
+    /// for document `id`, updating index and conflict tables in the same transaction. An
+    /// unknown id creates the document. Garbage bytes are an error and change nothing.
+    pub fn import(&self, id: DocumentId, bytes: &[u8]) -> Result<ImportOutcome> {
+        let now = model::now_ms();
+        self.with(|inner| {
+            let known = {
+                let tx = inner.conn.transaction()?;
+                let known = documents::exists(&tx, id)?;
+                tx.commit()?;
+                known
+            };
+            if !known {
+                let mut doc = model::load_document(bytes)?;
+                doc.set_author(Some(inner.author.clone()));
+                let result = inner.write(Durability::PowerLoss, |tx, _| {
+                    documents::insert_new(tx, id, &mut doc, now, false)?;
+                    index::refresh(tx, id, &mut doc, now)?;
+                    Ok(())
+                });
+                result?;
+                let saved_heads = doc.get_heads();
+                inner.docs.insert(
+                    id,
+                    LoadedDoc {
+                        doc,
+                        saved_heads,
+                        chunks: 0,
+                        unsynced: false,
+                        last_used: inner.clock,
+                    },
+                );
+                return Ok(ImportOutcome {
+                    created: true,
+                    changed: true,
+                });
+            }
+            let author = inner.author.clone();
+            inner.ensure_loaded(id, &author)?;
+            let result = inner.write(Durability::PowerLoss, |tx, docs| {
+                let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
+                let before = loaded.doc.get_heads();
+                loaded.doc.load_incremental(bytes)?;
+                if loaded.doc.get_heads() == before {
+                    return Ok(false);
+                }
+                documents::append_chunk(tx, id, loaded)?;
+                index::refresh(tx, id, &mut loaded.doc, now)?;
+                if loaded.chunks >= COMPACT_AFTER_CHUNKS {
+                    documents::compact(tx, id, loaded)?;
+                }
+                Ok(true)
+            });
+            match result {
+                Ok(changed) => Ok(ImportOutcome {
+                    created: false,
+                    changed,
+                }),
+                Err(e) => {
+                    inner.docs.remove(&id);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    /// Every change of a document, as bytes another replica can [`Store::import`].
+    pub fn export_changes(&self, id: DocumentId) -> Result<Vec<u8>> {
+        self.read(id, None, |doc| Ok(doc.save()))
+    }
+
+    /// Current heads of a document.
+    pub fn heads(&self, id: DocumentId) -> Result<Vec<automerge::ChangeHash>> {
+        self.read(id, None, |doc| Ok(doc.get_heads()))
+    }
+
+    /// Fold a document's chunks into a new snapshot (e.g. when the app goes to background).
+    pub fn compact(&self, id: DocumentId) -> Result<()> {
+        self.with(|inner| {
+            let author = inner.author.clone();
+            inner.ensure_loaded(id, &author)?;
+            inner.write(Durability::ProcessCrash, |tx, docs| {
+                let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
+                documents::compact(tx, id, loaded)
+            })
+        })
+    }
+
+    /// Run `f` with the loaded automerge document (read-only use; for tests and tools).
+    pub fn with_document<T>(
+        &self,
+        id: DocumentId,
+        f: impl FnOnce(&mut AutoCommit) -> T,
+    ) -> Result<T> {
+        self.read(id, None, |doc| Ok(f(doc)))
+    }
+
+    /// Drop every cached document (they are reloaded from disk on next use).
+    pub fn clear_cache(&self) -> Result<()> {
+        self.with(|inner| {
+            inner.docs.clear();
+            Ok(())
+        })
+    }
+
+    /// Rows of the index tables, for replicas to compare (tests) — everything but local times.
+    pub fn index_snapshot(&self) -> Result<Vec<String>> {
+        self.with(|inner| {
+            let mut out = Vec::new();
+            for sql in [
+                "SELECT hex(doc_id) || '|' || patient_id || '|' || agency_id || '|' || coalesce(name,'') FROM patients ORDER BY doc_id",
+                "SELECT hex(doc_id) || '|' || patient_id || '|' || coalesce(visit_date,'') || '|' || status || '|' || coalesce(signed_at,'') FROM notes ORDER BY doc_id",
+                "SELECT hex(doc_id) || '|' || path || '|' || values_json FROM conflicts ORDER BY doc_id, path",
+                "SELECT hex(doc_id) || '|' || change || '|' || item_json FROM review_items ORDER BY doc_id, change",
+            ] {
+                let mut stmt = inner.conn.prepare(sql)?;
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                for r in rows {
+                    out.push(r?);
+                }
+            }
+            Ok(out)
+        })
+    }
+}

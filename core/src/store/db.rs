@@ -1,0 +1,224 @@
+//! Opening the encrypted SQLite file: key, pragmas, and the schema migration ladder.
+//!
+//! One module opens SQLite so every connection gets the same settings. The store keeps exactly
+//! one connection, which is also its only writer.
+
+use std::path::Path;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use crate::{Error, Result};
+
+/// Schema migrations, in order; index + 1 is the `user_version` after applying it.
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/001_initial.sql"),
+    include_str!("../../migrations/002_sync.sql"),
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// A 256-bit database key. The native shell generates it once and keeps it in the Keychain /
+/// Keystore; the core never stores it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreKey([u8; 32]);
+
+impl StoreKey {
+    /// Wrap raw key bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> StoreKey {
+        StoreKey(bytes)
+    }
+
+    /// A new random key (for tests and first launch).
+    pub fn random() -> StoreKey {
+        StoreKey(rand::random())
+    }
+
+    /// SQLCipher's raw-key literal: `x'…'` skips its key derivation, which is right for a
+    /// random 256-bit key (derivation only helps low-entropy passphrases).
+    fn pragma_literal(&self) -> String {
+        format!("\"x'{}'\"", hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreKey(<redacted>)")
+    }
+}
+
+/// Map SQLite's open-time errors to ours: SQLCipher reports a wrong key as "file is not a
+/// database", exactly like a file that is not SQLite at all; both leave the file untouched.
+pub(crate) fn map_open_error(e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => Error::CannotDecrypt,
+        Some(ErrorCode::DatabaseCorrupt) => Error::Corrupt(e.to_string()),
+        _ => Error::Sqlite(e),
+    }
+}
+
+/// Open (creating if missing) and migrate the database at `path`.
+pub(crate) fn open(path: &Path, key: &StoreKey) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    // Silence SQLCipher's own stderr logging of decrypt failures; we report them as errors.
+    conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
+    conn.execute_batch(&format!("PRAGMA key = {};", key.pragma_literal()))?;
+    // The first read decrypts page 1: a wrong key or a foreign file fails here.
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(map_open_error)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA secure_delete = ON;",
+    )
+    .map_err(map_open_error)?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Bring the schema to [`SCHEMA_VERSION`], one numbered step at a time, each in its own
+/// transaction. A database newer than this build is refused, untouched.
+pub(crate) fn migrate(conn: &Connection) -> Result<()> {
+    let found: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(map_open_error)?;
+    if found > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = i + 1;
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {version};"))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Change the key of an open database.
+pub(crate) fn rekey(conn: &Connection, key: &StoreKey) -> Result<()> {
+    conn.execute_batch(&format!("PRAGMA rekey = {};", key.pragma_literal()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn schema(conn: &Connection) -> Vec<(String, String, Option<String>)> {
+        let mut stmt = conn
+            .prepare("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    fn open_at_version(path: &Path, key: &StoreKey, version: usize) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(&format!("PRAGMA key = {};", key.pragma_literal()))
+            .unwrap();
+        for (i, sql) in MIGRATIONS.iter().enumerate().take(version) {
+            conn.execute_batch(sql).unwrap();
+            conn.execute_batch(&format!("PRAGMA user_version = {};", i + 1))
+                .unwrap();
+        }
+        conn
+    }
+
+    #[test]
+    fn every_upgrade_path_ends_equal_to_a_fresh_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = StoreKey::random();
+        let fresh = open(&dir.path().join("fresh.db"), &key).unwrap();
+        let expected = schema(&fresh);
+        assert!(!expected.is_empty());
+        for start in 0..MIGRATIONS.len() {
+            let path = dir.path().join(format!("from-{start}.db"));
+            let old = open_at_version(&path, &key, start);
+            if start >= 1 {
+                // Data written under the old schema survives the upgrade.
+                old.execute(
+                    "INSERT INTO audit_log (at, user_id, device_id, action) VALUES (1, 'u', 'd', 'chart-opened')",
+                    [],
+                )
+                .unwrap();
+            }
+            drop(old);
+            let upgraded = open(&path, &key).unwrap();
+            assert_eq!(schema(&upgraded), expected, "upgrade from version {start}");
+            let v: u32 = upgraded
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, SCHEMA_VERSION);
+            if start >= 1 {
+                let n: i64 = upgraded
+                    .query_row("SELECT count(*) FROM audit_log", [], |r| r.get(0))
+                    .unwrap();
+                assert_eq!(n, 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        let key = StoreKey::random();
+        drop(open(&path, &key).unwrap());
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!("PRAGMA key = {};", key.pragma_literal()))
+                .unwrap();
+            conn.execute_batch(&format!("PRAGMA user_version = {};", SCHEMA_VERSION + 1))
+                .unwrap();
+        }
+        let err = open(&path, &key).unwrap_err();
+        assert!(
+            matches!(err, Error::SchemaTooNew { found, .. } if found == SCHEMA_VERSION + 1),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_key_and_garbage_are_clear_errors_and_files_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        drop(open(&path, &StoreKey::random()).unwrap());
+        let before = std::fs::read(&path).unwrap();
+        assert!(matches!(
+            open(&path, &StoreKey::random()),
+            Err(Error::CannotDecrypt)
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+
+        let garbage = dir.path().join("garbage.db");
+        let bytes: Vec<u8> = (0..8192u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(&garbage, &bytes).unwrap();
+        assert!(matches!(
+            open(&garbage, &StoreKey::random()),
+            Err(Error::CannotDecrypt)
+        ));
+        assert_eq!(
+            std::fs::read(&garbage).unwrap(),
+            bytes,
+            "a corrupt file is never deleted or rewritten"
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! Persisting automerge documents as a snapshot plus incremental chunks.
+//!
+//! Every committed edit appends one chunk (the bytes of the new change) — a small insert, so
+//! an edit is durable when its call returns without rewriting the whole document. Compaction
+//! folds the chunks into a new snapshot and deletes them in the same transaction, so a crash at
+//! any point leaves either the old snapshot + chunks or the new snapshot.
+
+use automerge::AutoCommit;
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::model::load_document;
+use crate::protocol::DocumentId;
+use crate::{Error, Result};
+
+/// Compact when a document has more chunks than this. Loading replays every chunk, so this
+/// bounds load time; each chunk is one change, typically one keystroke.
+pub const COMPACT_AFTER_CHUNKS: u64 = 8_192;
+
+/// A document held in memory with its on-disk bookkeeping.
+#[derive(Debug)]
+pub(crate) struct LoadedDoc {
+    pub doc: AutoCommit,
+    /// Heads of what is on disk: the next chunk holds the changes after these.
+    pub saved_heads: Vec<automerge::ChangeHash>,
+    /// Chunks written since the snapshot.
+    pub chunks: u64,
+    /// Whether `documents.unsynced` is already 1 on disk.
+    pub unsynced: bool,
+    /// Last use, for least-recently-used eviction.
+    pub last_used: u64,
+}
+
+/// Load a document from its snapshot and chunks.
+pub(crate) fn load(tx: &Transaction<'_>, id: DocumentId, author: &automerge::Author<'static>) -> Result<LoadedDoc> {
+    let row: Option<(Option<Vec<u8>>, bool)> = tx
+        .prepare_cached("SELECT snapshot, unsynced FROM documents WHERE doc_id = ?1")?
+        .query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((snapshot, unsynced)) = row else {
+        return Err(Error::DocumentNotFound(id));
+    };
+    let mut doc = match snapshot {
+        Some(bytes) => {
+            load_document(&bytes).map_err(|e| Error::Corrupt(format!("snapshot of {id}: {e}")))?
+        }
+        None => load_document(&[])?,
+    };
+    let mut chunks = 0;
+    let mut stmt = tx.prepare_cached("SELECT bytes FROM chunks WHERE doc_id = ?1 ORDER BY id")?;
+    let mut rows = stmt.query([id.as_bytes()])?;
+    while let Some(row) = rows.next()? {
+        let bytes: Vec<u8> = row.get(0)?;
+        doc.load_incremental(&bytes)
+            .map_err(|e| Error::Corrupt(format!("chunk of {id}: {e}")))?;
+        chunks += 1;
+    }
+    // Everything loaded is on disk already: the next chunk starts from here.
+    let saved_heads = doc.get_heads();
+    doc.set_author(Some(author.clone()));
+    Ok(LoadedDoc {
+        doc,
+        saved_heads,
+        chunks,
+        unsynced,
+        last_used: 0,
+    })
+}
+
+/// Insert a brand-new document row with a full snapshot.
+pub(crate) fn insert_new(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    doc: &mut AutoCommit,
+    now_ms: i64,
+    unsynced: bool,
+) -> Result<()> {
+    let snapshot = doc.save();
+    tx.prepare_cached(
+        "INSERT INTO documents (doc_id, snapshot, updated_at, unsynced) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![id.as_bytes(), snapshot, now_ms, unsynced])?;
+    Ok(())
+}
+
+/// Whether a document exists in the store.
+pub(crate) fn exists(tx: &Transaction<'_>, id: DocumentId) -> Result<bool> {
+    Ok(tx
+        .prepare_cached("SELECT 1 FROM documents WHERE doc_id = ?1")?
+        .query_row([id.as_bytes()], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Append the changes made since the last save as one chunk. Returns whether anything was
+/// written.
+pub(crate) fn append_chunk(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+) -> Result<bool> {
+    let bytes = loaded.doc.save_after(&loaded.saved_heads);
+    if bytes.is_empty() {
+        return Ok(false);
+    }
+    loaded.saved_heads = loaded.doc.get_heads();
+    tx.prepare_cached("INSERT INTO chunks (doc_id, bytes) VALUES (?1, ?2)")?
+        .execute(params![id.as_bytes(), bytes])?;
+    loaded.chunks += 1;
+    Ok(true)
+}
+
+/// Replace snapshot + chunks with a fresh snapshot, in the caller's transaction.
+pub(crate) fn compact(tx: &Transaction<'_>, id: DocumentId, loaded: &mut LoadedDoc) -> Result<()> {
+    let snapshot = loaded.doc.save();
+    loaded.saved_heads = loaded.doc.get_heads();
+    tx.prepare_cached("UPDATE documents SET snapshot = ?2 WHERE doc_id = ?1")?
+        .execute(params![id.as_bytes(), snapshot])?;
+    tx.prepare_cached("DELETE FROM chunks WHERE doc_id = ?1")?
+        .execute([id.as_bytes()])?;
+    loaded.chunks = 0;
+    Ok(())
+}
+
+/// Mark a document as having local changes the relay has not confirmed.
+pub(crate) fn mark_unsynced(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+) -> Result<()> {
+    if !loaded.unsynced {
+        tx.prepare_cached("UPDATE documents SET unsynced = 1 WHERE doc_id = ?1")?
+            .execute([id.as_bytes()])?;
+        loaded.unsynced = true;
+    }
+    Ok(())
+}
