@@ -446,3 +446,10 @@ pub(crate) fn json_to_scalar(v: &serde_json::Value) -> Option<ScalarValue> {
         J::Array(_) | J::Object(_) => None,
     }
 }
+
+/// Who made a change. Automerge records the author once per actor (in the actor's first
+/// change), so look it up through the actor rather than on the change itself.
+pub(crate) fn change_author(doc: &AutoCommit, change: &automerge::Change) -> Option<Actor> {
+    doc.get_author_for_actor(change.actor_id())
+        .and_then(|a| Actor::from_author(&a))
+}

@@ -33,7 +33,7 @@ use crate::model::{
     Role, Signature, SignatureCheck, VisitNote, VisitStart, VitalReading,
 };
 use crate::protocol::DocumentId;
-use crate::text::check_utf16_range;
+use crate::text;
 use crate::{Error, Result};
 use documents::LoadedDoc;
 
@@ -260,6 +260,19 @@ fn audit(
     Ok(())
 }
 
+/// Parse untrusted automerge bytes strictly before merging them: automerge's incremental load
+/// is lenient by design (it skips a truncated tail), which would turn garbage into a silent
+/// no-op instead of an error the caller can report.
+fn validate_automerge_bytes(bytes: &[u8]) -> Result<()> {
+    if bytes.is_empty() {
+        return Err(Error::InvalidInput("empty automerge data".into()));
+    }
+    let options = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
+    automerge::Automerge::load_with_options(bytes, options)
+        .map(|_| ())
+        .map_err(|e| Error::InvalidInput(format!("not valid automerge data: {e}")))
+}
+
 fn doc_id_from_sql(bytes: Vec<u8>) -> rusqlite::Result<DocumentId> {
     let arr: [u8; 16] = bytes.try_into().map_err(|_| {
         rusqlite::Error::FromSqlConversionFailure(
@@ -365,17 +378,7 @@ impl Store {
                     Some(patient),
                     now,
                 )?;
-                let saved_heads = doc.get_heads();
-                docs.insert(
-                    id,
-                    LoadedDoc {
-                        doc,
-                        saved_heads,
-                        chunks: 0,
-                        unsynced: true,
-                        last_used: 0,
-                    },
-                );
+                docs.insert(id, LoadedDoc::new(doc, true));
                 Ok(())
             })
         })
@@ -393,6 +396,26 @@ impl Store {
         durability: Durability,
         f: impl FnOnce(&mut AutoCommit, &Actor, i64) -> Result<T>,
     ) -> Result<T> {
+        self.edit_loaded(
+            id,
+            kind,
+            message,
+            reindex,
+            durability,
+            |loaded, actor, now| f(&mut loaded.doc, actor, now),
+        )
+    }
+
+    /// [`Store::edit`] with access to the cached per-document state.
+    fn edit_loaded<T>(
+        &self,
+        id: DocumentId,
+        kind: DocKind,
+        message: &str,
+        reindex: Reindex,
+        durability: Durability,
+        f: impl FnOnce(&mut LoadedDoc, &Actor, i64) -> Result<T>,
+    ) -> Result<T> {
         let now = model::now_ms();
         let actor = &self.actor;
         self.with(|inner| {
@@ -401,7 +424,7 @@ impl Store {
             let result = inner.write(durability, |tx, docs| {
                 let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
                 model::expect_kind(&loaded.doc, id, kind)?;
-                let out = match f(&mut loaded.doc, actor, now) {
+                let out = match f(loaded, actor, now) {
                     Ok(out) => out,
                     Err(e) => {
                         loaded.doc.rollback();
@@ -679,30 +702,23 @@ impl Store {
         delete: usize,
         insert: &str,
     ) -> Result<()> {
-        self.note_edit(
+        self.edit_loaded(
             id,
+            DocKind::VisitNote,
             "edit text",
             Reindex::No,
             Durability::ProcessCrash,
-            |doc, _, _| {
-                let obj = model::visit_note::text_obj(doc, field)?;
-                let len = doc.length(&obj);
-                let end = pos.checked_add(delete);
-                if end.is_none_or(|end| end > len) {
-                    return Err(Error::InvalidTextRange {
-                        pos,
-                        len: delete,
-                        text_len: len,
-                    });
-                }
-                if !doc.text(&obj)?.is_ascii() {
-                    // Only non-ASCII text can hold surrogate pairs; check the range does not split one.
-                    check_utf16_range(&doc.text(&obj)?, pos, delete)?;
-                }
-                let delete = isize::try_from(delete)
-                    .map_err(|_| Error::InvalidInput("delete too long".into()))?;
-                doc.splice_text(&obj, pos, delete, insert)?;
-                Ok(())
+            |loaded, _, _| {
+                model::visit_note::ensure_editable(&loaded.doc, id)?;
+                let obj = model::visit_note::text_obj(&mut loaded.doc, field)?;
+                text::splice(
+                    &mut loaded.doc,
+                    &obj,
+                    pos,
+                    delete,
+                    insert,
+                    &mut loaded.bmp_only,
+                )
             },
         )
     }
@@ -1097,6 +1113,7 @@ impl Store {
     /// unknown id creates the document. Garbage bytes are an error and change nothing.
     pub fn import(&self, id: DocumentId, bytes: &[u8]) -> Result<ImportOutcome> {
         let now = model::now_ms();
+        validate_automerge_bytes(bytes)?;
         self.with(|inner| {
             let known = {
                 let tx = inner.conn.transaction()?;
@@ -1113,17 +1130,7 @@ impl Store {
                     Ok(())
                 });
                 result?;
-                let saved_heads = doc.get_heads();
-                inner.docs.insert(
-                    id,
-                    LoadedDoc {
-                        doc,
-                        saved_heads,
-                        chunks: 0,
-                        unsynced: false,
-                        last_used: inner.clock,
-                    },
-                );
+                inner.docs.insert(id, LoadedDoc::new(doc, false));
                 return Ok(ImportOutcome {
                     created: true,
                     changed: true,
@@ -1135,6 +1142,7 @@ impl Store {
                 let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
                 let before = loaded.doc.get_heads();
                 loaded.doc.load_incremental(bytes)?;
+                loaded.bmp_only.clear();
                 if loaded.doc.get_heads() == before {
                     return Ok(false);
                 }

@@ -8,7 +8,7 @@
 use automerge::{AutoCommit, ObjId, ObjType, ROOT, ReadDoc, Value};
 use serde::{Deserialize, Serialize};
 
-use super::{Actor, value_to_json};
+use super::{Actor, change_author, value_to_json};
 
 /// Keys whose concurrent values are bookkeeping, not clinical content.
 const IGNORED_KEYS: &[&str] = &["updatedBy", "updatedAt"];
@@ -98,10 +98,7 @@ fn visit(
                     .and_then(|h| doc.get_change_by_hash(&h));
                 ConflictValue {
                     value: value_to_json(doc, v, id, None),
-                    author: change
-                        .as_ref()
-                        .and_then(|c| c.author())
-                        .and_then(|a| Actor::from_author(&a)),
+                    author: change.as_ref().and_then(|c| change_author(doc, c)),
                     time_ms: change
                         .as_ref()
                         .map(|c| c.timestamp().saturating_mul(1000))

@@ -2,11 +2,11 @@
 
 use std::collections::HashSet;
 
-use automerge::{AutoCommit, ChangeHash, Prop, ReadDoc as _};
+use automerge::{AutoCommit, ChangeHash, Prop};
 use serde::{Deserialize, Serialize};
 
-use super::Actor;
 use super::visit_note::{read_signature, signature_heads};
+use super::{Actor, change_author};
 
 /// Root keys that may change after signing without altering the signed body.
 const AFTER_SIGNING_KEYS: &[&str] = &["addenda", "resolutions", "signature", "status"];
@@ -52,11 +52,12 @@ pub struct ReviewItem {
 
 /// Every change of a document, oldest first (causal order).
 pub fn history(doc: &mut AutoCommit) -> Vec<HistoryEntry> {
-    doc.get_changes(&[])
+    let changes = doc.get_changes(&[]);
+    changes
         .iter()
         .map(|c| HistoryEntry {
             change: c.hash().to_string(),
-            author: c.author().and_then(|a| Actor::from_author(&a)),
+            author: change_author(doc, c),
             time_ms: c.timestamp().saturating_mul(1000),
             message: c.message().map(str::to_owned),
         })
@@ -138,7 +139,7 @@ pub fn post_signature_changes(doc: &mut AutoCommit) -> Vec<ReviewItem> {
         };
         items.push(ReviewItem {
             change: change.hash().to_string(),
-            author: change.author().and_then(|a| Actor::from_author(&a)),
+            author: change_author(doc, change),
             time_ms: change.timestamp().saturating_mul(1000),
             fields,
             reason,

@@ -19,12 +19,12 @@ pub const PROTOCOL_VERSION: &str = "1";
 /// Largest frame accepted, in bytes (16 MiB).
 ///
 /// A frame is held whole in memory while it is decoded, so this bounds the memory one
-/// connection can pin. Our documents are small (a saved visit note is ~400 bytes; a patient
-/// chart with years of history stays in the tens of KiB), and the largest frame a peer sends is
-/// a first sync of a document, which automerge sends as one compressed snapshot. 16 MiB is three
-/// orders of magnitude above that and still small next to the JS `ws` server default (100 MiB),
-/// so a legitimate client never meets the limit while a hostile one cannot make the relay
-/// buffer more than 16 MiB per socket.
+/// connection can pin. Our documents are small (a saved visit note is ~400 bytes, DESIGN §2),
+/// and the largest frame a peer sends is the first sync of a document, which automerge sends as
+/// one compressed snapshot: 16 MiB leaves room for a document tens of thousands of times that
+/// size while staying well under the JS `ws` server's default `maxPayload` (100 MiB). A
+/// legitimate client does not meet the limit; a hostile one cannot make the relay buffer more
+/// than 16 MiB per socket.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 
 /// Longest peer id, storage id or ephemeral session id accepted, in bytes. JS ids are ~10 to 40
@@ -472,8 +472,8 @@ fn parse_bytes(
     }
 }
 
-/// The JS wire form is the bs58check string; 16 raw bytes are accepted too (samod documents
-/// peers that send the binary id).
+/// The JS wire form is the bs58check string; 16 raw bytes (the binary id) are accepted too, as
+/// samod's decoder accepts them.
 fn parse_document_id(
     name: &'static str,
     item: Item,

@@ -65,6 +65,13 @@ pub(crate) fn open(path: &Path, key: &StoreKey) -> Result<Connection> {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    // SQLCipher's first keying initialises its crypto provider, and concurrent first keyings
+    // in one process were seen to fail ("An error occurred with PRAGMA key") in parallel tests.
+    // Opening is rare; serialising the keying step costs nothing noticeable.
+    static KEYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _keying = KEYING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // Silence SQLCipher's own stderr logging of decrypt failures; we report them as errors.
     conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
     conn.execute_batch(&format!("PRAGMA key = {};", key.pragma_literal()))?;
@@ -172,6 +179,30 @@ mod tests {
                 assert_eq!(n, 1);
             }
         }
+    }
+
+    #[test]
+    fn concurrent_opens_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..16 {
+                let path = dir.path().join(format!("{t}.db"));
+                scope.spawn(move || {
+                    for _ in 0..10 {
+                        drop(
+                            open(&path, &StoreKey::random())
+                                .map(|_| ())
+                                .or_else(|e| match e {
+                                    // A different random key on an existing file is expected to fail.
+                                    Error::CannotDecrypt => Ok(()),
+                                    other => Err(other),
+                                })
+                                .unwrap(),
+                        );
+                    }
+                });
+            }
+        });
     }
 
     #[test]

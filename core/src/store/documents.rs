@@ -28,10 +28,33 @@ pub(crate) struct LoadedDoc {
     pub unsynced: bool,
     /// Last use, for least-recently-used eviction.
     pub last_used: u64,
+    /// Text objects known to hold only Basic Multilingual Plane characters, where every UTF-16
+    /// offset is a character boundary (a cache: checking costs a lookup per offset otherwise).
+    pub bmp_only: std::collections::HashMap<automerge::ObjId, bool>,
+}
+
+impl LoadedDoc {
+    /// A document that is entirely on disk as of now.
+    pub fn new(doc: AutoCommit, unsynced: bool) -> LoadedDoc {
+        let mut doc = doc;
+        let saved_heads = doc.get_heads();
+        LoadedDoc {
+            doc,
+            saved_heads,
+            chunks: 0,
+            unsynced,
+            last_used: 0,
+            bmp_only: Default::default(),
+        }
+    }
 }
 
 /// Load a document from its snapshot and chunks.
-pub(crate) fn load(tx: &Transaction<'_>, id: DocumentId, author: &automerge::Author<'static>) -> Result<LoadedDoc> {
+pub(crate) fn load(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    author: &automerge::Author<'static>,
+) -> Result<LoadedDoc> {
     let row: Option<(Option<Vec<u8>>, bool)> = tx
         .prepare_cached("SELECT snapshot, unsynced FROM documents WHERE doc_id = ?1")?
         .query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -63,6 +86,7 @@ pub(crate) fn load(tx: &Transaction<'_>, id: DocumentId, author: &automerge::Aut
         chunks,
         unsynced,
         last_used: 0,
+        bmp_only: Default::default(),
     })
 }
 

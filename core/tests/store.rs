@@ -1,0 +1,241 @@
+//! Store behaviour against a real SQLCipher file: encryption at rest, keys, close, lists,
+//! history, compaction and bad input.
+
+#![allow(clippy::unwrap_used)]
+
+use fieldchart_core::Error;
+use fieldchart_core::model::{Actor, Demographic, NoteStatus, NoteText, Role, VisitStart};
+use fieldchart_core::store::{Store, StoreConfig, StoreKey};
+
+fn config(dir: &std::path::Path, key: &StoreKey, user: &str, role: Role) -> StoreConfig {
+    StoreConfig {
+        path: dir.join("device.db"),
+        key: key.clone(),
+        actor: Actor {
+            user_id: user.into(),
+            device_id: "ipad-7".into(),
+        },
+        role,
+    }
+}
+
+fn visit(patient: &str, date: &str) -> VisitStart {
+    VisitStart {
+        agency_id: "ag".into(),
+        patient_id: patient.into(),
+        service_type: "skilled-nursing".into(),
+        date: date.into(),
+        location: "home".into(),
+        started_at_ms: 1_764_230_400_000,
+        start_monotonic_ms: 7,
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn nothing_is_stored_in_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let store = Store::open(config(dir.path(), &key, "office", Role::Office)).unwrap();
+    let name = "Zebediah Quarrington-Phlox";
+    let id = store.create_patient("ag", "p-zq", name).unwrap();
+    store
+        .set_demographic(id, Demographic::Address, "742 Evergreen Terrace")
+        .unwrap();
+    // Read back through the store: the data is there...
+    assert_eq!(store.patient_chart(id).unwrap().name(), Some(name));
+    // ...but neither the database file nor its WAL hold it in plaintext (checked while the WAL
+    // still has the frames, before any checkpoint, and again after close).
+    for phase in ["open", "closed"] {
+        for file in ["device.db", "device.db-wal"] {
+            let path = dir.path().join(file);
+            if let Ok(bytes) = std::fs::read(&path) {
+                assert!(!bytes.is_empty() || phase == "closed");
+                assert!(
+                    !contains(&bytes, name.as_bytes()),
+                    "{file} ({phase}) leaks the name"
+                );
+                assert!(
+                    !contains(&bytes, b"Evergreen"),
+                    "{file} ({phase}) leaks the address"
+                );
+                assert!(
+                    !contains(&bytes, b"SQLite format 3"),
+                    "{file} ({phase}) has a plaintext header"
+                );
+            }
+        }
+        if phase == "open" {
+            assert!(
+                dir.path().join("device.db-wal").exists(),
+                "the check must see the WAL"
+            );
+            store.close().unwrap();
+        }
+    }
+}
+
+#[test]
+fn wrong_key_is_a_clear_error_and_rekey_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let store = Store::open(config(dir.path(), &key, "office", Role::Office)).unwrap();
+    let id = store.create_patient("ag", "p1", "Ada").unwrap();
+    let new_key = StoreKey::random();
+    store.rekey(&new_key).unwrap();
+    store.close().unwrap();
+
+    let err = Store::open(config(dir.path(), &key, "office", Role::Office)).unwrap_err();
+    assert!(matches!(err, Error::CannotDecrypt), "{err}");
+    assert!(err.to_string().contains("wrong key"));
+    let store = Store::open(config(dir.path(), &new_key, "office", Role::Office)).unwrap();
+    assert_eq!(store.patient_chart(id).unwrap().name(), Some("Ada"));
+}
+
+#[test]
+fn calls_after_close_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(
+        dir.path(),
+        &StoreKey::random(),
+        "n",
+        Role::Clinician,
+    ))
+    .unwrap();
+    let note = store.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    store.close().unwrap();
+    assert!(matches!(store.visit_note(note), Err(Error::Closed)));
+    assert!(matches!(store.drafts(), Err(Error::Closed)));
+    assert!(matches!(
+        store.update_text(note, NoteText::Plan, "x"),
+        Err(Error::Closed)
+    ));
+    store.close().unwrap();
+}
+
+#[test]
+fn lists_come_from_the_index_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let nurse = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    assert!(matches!(
+        nurse.create_patient("ag", "p", "x"),
+        Err(Error::Forbidden { .. })
+    ));
+    let a = nurse.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    let b = nurse.start_visit(&visit("p1", "2026-11-28")).unwrap();
+    let c = nurse.start_visit(&visit("p2", "2026-11-27")).unwrap();
+    nurse
+        .update_text(b, NoteText::Assessment, "Stable.")
+        .unwrap();
+    nurse.sign(b).unwrap();
+    assert!(matches!(
+        nurse.splice_text(b, NoteText::Assessment, 0, 0, "x"),
+        Err(Error::NoteSigned(_))
+    ));
+    nurse.close().unwrap();
+
+    let nurse = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let ids = |v: Vec<fieldchart_core::store::NoteSummary>| {
+        v.into_iter().map(|n| n.document_id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(nurse.notes_for_patient("p1").unwrap()), vec![a, b]);
+    let mut on_27 = ids(nurse.notes_on("2026-11-27").unwrap());
+    on_27.sort();
+    let mut expected = vec![a, c];
+    expected.sort();
+    assert_eq!(on_27, expected);
+    let mut drafts = ids(nurse.drafts().unwrap());
+    drafts.sort();
+    assert_eq!(drafts, expected);
+    assert_eq!(
+        ids(nurse.notes_with_status(NoteStatus::Signed).unwrap()),
+        vec![b]
+    );
+    assert_eq!(
+        nurse.unsynced_notes().unwrap().len(),
+        3,
+        "nothing has reached the relay yet"
+    );
+    let log = nurse.audit_log().unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.action == "signed" && e.document_id == Some(b) && e.device_id == "ipad-7")
+    );
+    nurse.visit_note(a).unwrap();
+    assert!(
+        nurse
+            .audit_log()
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "note-viewed" && e.document_id == Some(a))
+    );
+    let history = nurse.history(b).unwrap();
+    assert!(
+        history.iter().all(|h| h
+            .author
+            .as_ref()
+            .is_some_and(|a| a.user_id == "nurse" && a.device_id == "ipad-7")),
+        "{history:?}"
+    );
+    assert_eq!(history.last().unwrap().message.as_deref(), Some("sign"));
+    let fields = nurse.change_fields(b, &history[1].change).unwrap();
+    assert_eq!(fields, vec!["assessment".to_string()]);
+}
+
+#[test]
+fn compaction_keeps_everything_and_reload_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let note = store.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    for i in 0..50 {
+        store
+            .splice_text(
+                note,
+                NoteText::Plan,
+                i,
+                0,
+                "ab".get(i % 2..i % 2 + 1).unwrap(),
+            )
+            .unwrap();
+    }
+    let before = store.visit_note(note).unwrap();
+    store.compact(note).unwrap();
+    store.splice_text(note, NoteText::Plan, 0, 0, "😀").unwrap();
+    store.close().unwrap();
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let after = store.visit_note(note).unwrap();
+    assert_eq!(after.plan, format!("😀{}", before.plan));
+    assert_eq!(store.history(note).unwrap().len(), 52);
+}
+
+#[test]
+fn garbage_imports_are_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(
+        dir.path(),
+        &StoreKey::random(),
+        "nurse",
+        Role::Clinician,
+    ))
+    .unwrap();
+    let note = store.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    let heads = store.heads(note).unwrap();
+    let good = store.export_changes(note).unwrap();
+    for bad in [
+        vec![0u8; 0],
+        vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3],
+        b"not automerge at all".to_vec(),
+        good[..good.len() / 2].to_vec(),
+    ] {
+        let fresh = fieldchart_core::protocol::DocumentId::random();
+        let _ = store.import(fresh, &bad);
+        assert!(store.import(note, &bad).is_err(), "{bad:?}");
+        assert_eq!(store.heads(note).unwrap(), heads);
+    }
+    assert_eq!(store.visit_note(note).unwrap().status, NoteStatus::Draft);
+}
