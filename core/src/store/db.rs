@@ -59,19 +59,29 @@ pub(crate) fn map_open_error(e: rusqlite::Error) -> Error {
 
 /// Open (creating if missing) and migrate the database at `path`.
 pub(crate) fn open(path: &Path, key: &StoreKey) -> Result<Connection> {
+    // SQLCipher activates its crypto provider on the first keyed connection and tears it down
+    // when the last one closes; keying while another thread closes was seen to fail ("An error
+    // occurred with PRAGMA key") in parallel tests. So opening is serialised, and one keyed
+    // in-memory connection stays open for the life of the process so the provider is never torn
+    // down and re-created under a concurrent open. Opening is rare; this costs nothing noticeable.
+    static KEYING: std::sync::Mutex<Option<Connection>> = std::sync::Mutex::new(None);
+    let mut anchor = KEYING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if anchor.is_none() {
+        let keep = Connection::open_in_memory()?;
+        keep.execute_batch("PRAGMA cipher_log_level = NONE; PRAGMA key = 'process-anchor';")?;
+        keep.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        *anchor = Some(keep);
+    }
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    // SQLCipher's first keying initialises its crypto provider, and concurrent first keyings
-    // in one process were seen to fail ("An error occurred with PRAGMA key") in parallel tests.
-    // Opening is rare; serialising the keying step costs nothing noticeable.
-    static KEYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _keying = KEYING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // Silence SQLCipher's own stderr logging of decrypt failures; we report them as errors.
     conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
     conn.execute_batch(&format!("PRAGMA key = {};", key.pragma_literal()))?;
@@ -80,6 +90,7 @@ pub(crate) fn open(path: &Path, key: &StoreKey) -> Result<Connection> {
         r.get::<_, i64>(0)
     })
     .map_err(map_open_error)?;
+    drop(anchor);
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
