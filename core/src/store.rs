@@ -434,7 +434,7 @@ impl Store {
                 if model::commit(&mut loaded.doc, message, now).is_none() {
                     return Ok(out);
                 }
-                documents::append_chunk(tx, id, loaded)?;
+                documents::append_local_change(tx, id, loaded)?;
                 documents::mark_unsynced(tx, id, loaded)?;
                 if reindex == Reindex::Yes {
                     index::refresh(tx, id, &mut loaded.doc, now)?;

@@ -62,21 +62,19 @@ pub(crate) fn load(
     let Some((snapshot, unsynced)) = row else {
         return Err(Error::DocumentNotFound(id));
     };
-    let mut doc = match snapshot {
-        Some(bytes) => {
-            load_document(&bytes).map_err(|e| Error::Corrupt(format!("snapshot of {id}: {e}")))?
-        }
-        None => load_document(&[])?,
-    };
+    // Concatenate snapshot and chunks and load once: automerge accepts a sequence of chunks,
+    // and one load is linear where a `load_incremental` per chunk re-indexes the document each
+    // time (a day of keystrokes would take seconds to open).
+    let mut all = snapshot.unwrap_or_default();
     let mut chunks = 0;
     let mut stmt = tx.prepare_cached("SELECT bytes FROM chunks WHERE doc_id = ?1 ORDER BY id")?;
     let mut rows = stmt.query([id.as_bytes()])?;
     while let Some(row) = rows.next()? {
-        let bytes: Vec<u8> = row.get(0)?;
-        doc.load_incremental(&bytes)
-            .map_err(|e| Error::Corrupt(format!("chunk of {id}: {e}")))?;
+        let bytes = row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+        all.extend_from_slice(bytes);
         chunks += 1;
     }
+    let mut doc = load_document(&all).map_err(|e| Error::Corrupt(format!("document {id}: {e}")))?;
     // Everything loaded is on disk already: the next chunk starts from here.
     let saved_heads = doc.get_heads();
     doc.set_author(Some(author.clone()));
@@ -123,12 +121,39 @@ pub(crate) fn append_chunk(
     loaded: &mut LoadedDoc,
 ) -> Result<bool> {
     let bytes = loaded.doc.save_after(&loaded.saved_heads);
+    append_bytes(tx, id, loaded, &bytes)
+}
+
+/// Append the one change a local edit just committed. Cheaper than [`append_chunk`], whose
+/// `save_after` walks the history: this is the per-keystroke path.
+pub(crate) fn append_local_change(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+) -> Result<bool> {
+    let Some(mut change) = loaded.doc.get_last_local_change() else {
+        return Ok(false);
+    };
+    if loaded.saved_heads != change.deps() {
+        // Something else changed the document since the last save: save everything new.
+        return append_chunk(tx, id, loaded);
+    }
+    let bytes = change.bytes().into_owned();
+    append_bytes(tx, id, loaded, &bytes)
+}
+
+fn append_bytes(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+    bytes: &[u8],
+) -> Result<bool> {
     if bytes.is_empty() {
         return Ok(false);
     }
-    loaded.saved_heads = loaded.doc.get_heads();
     tx.prepare_cached("INSERT INTO chunks (doc_id, bytes) VALUES (?1, ?2)")?
         .execute(params![id.as_bytes(), bytes])?;
+    loaded.saved_heads = loaded.doc.get_heads();
     loaded.chunks += 1;
     Ok(true)
 }

@@ -1,0 +1,151 @@
+//! Crash safety: a child process edits in a loop and is killed with SIGKILL at random points;
+//! reopening always succeeds and every edit whose call returned is present.
+//!
+//! The child is this same test binary, re-run with an environment variable that turns the
+//! `crash_child` test into the writer loop.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use fieldchart_core::model::{Actor, NoteText, Role, VisitStart, VitalReading, VitalType};
+use fieldchart_core::protocol::DocumentId;
+use fieldchart_core::store::{Store, StoreConfig, StoreKey};
+
+const CHILD_ENV: &str = "FIELDCHART_CRASH_CHILD";
+const ROUNDS: usize = 50;
+
+fn open(path: &std::path::Path, key: [u8; 32]) -> Store {
+    Store::open(StoreConfig {
+        path: path.to_owned(),
+        key: StoreKey::from_bytes(key),
+        actor: Actor {
+            user_id: "nurse".into(),
+            device_id: "phone".into(),
+        },
+        role: Role::Clinician,
+    })
+    .unwrap()
+}
+
+/// The writer: appends `<round>.<i>;` to the assessment (alternating with vital readings) and
+/// reports each edit on stdout only after the call returned.
+#[test]
+fn crash_child() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let mut parts = spec.split('|');
+    let path = std::path::PathBuf::from(parts.next().unwrap());
+    let key: [u8; 32] = hex_decode(parts.next().unwrap());
+    let note: DocumentId = parts.next().unwrap().parse().unwrap();
+    let round = parts.next().unwrap();
+    let store = open(&path, key);
+    let mut out = std::io::stdout().lock();
+    for i in 0..100_000 {
+        let token = format!("{round}.{i};");
+        if i % 5 == 4 {
+            store
+                .record_vital(
+                    note,
+                    &VitalReading {
+                        id: String::new(),
+                        vital: VitalType::Pulse,
+                        value: token.clone(),
+                        unit: "bpm".into(),
+                        taken_at_ms: 0,
+                        recorded_by: String::new(),
+                        supersedes: None,
+                    },
+                )
+                .unwrap();
+        } else {
+            let len = store.visit_note(note).map(|n| n.assessment.len()).unwrap();
+            store
+                .splice_text(note, NoteText::Assessment, len, 0, &token)
+                .unwrap();
+        }
+        writeln!(out, "ok {token}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+fn hex_decode(s: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+    }
+    out
+}
+
+#[test]
+fn killed_writers_lose_no_acknowledged_edit() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("device.db");
+    let key: [u8; 32] = rand::random();
+    let note = open(&path, key)
+        .start_visit(&VisitStart {
+            agency_id: "ag".into(),
+            patient_id: "p1".into(),
+            service_type: "sn".into(),
+            date: "2026-11-27".into(),
+            location: "home".into(),
+            started_at_ms: 0,
+            start_monotonic_ms: 0,
+        })
+        .unwrap();
+    let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut acknowledged: Vec<String> = Vec::new();
+    for round in 0..ROUNDS {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .env(
+                CHILD_ENV,
+                format!("{}|{key_hex}|{note}|{round}", path.display()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill after a random number of acknowledged edits: the child is then somewhere inside
+        // its next edit (SQLite write, automerge commit, WAL append...).
+        let stop_after = rand::random_range(1..40);
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = 0;
+        while seen < stop_after {
+            let Some(line) = lines.next() else { break };
+            let line = line.unwrap();
+            if let Some(token) = line.strip_prefix("ok ") {
+                acknowledged.push(token.to_owned());
+                seen += 1;
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        // Lines already printed when the kill landed were acknowledged too.
+        for line in lines.map_while(Result::ok) {
+            if let Some(token) = line.strip_prefix("ok ") {
+                acknowledged.push(token.to_owned());
+            }
+        }
+        child.wait().unwrap();
+        assert!(
+            seen > 0,
+            "round {round}: the child never acknowledged an edit"
+        );
+
+        let store = open(&path, key);
+        let n = store.visit_note(note).unwrap();
+        let vitals: Vec<&str> = n.vitals.iter().map(|v| v.value.as_str()).collect();
+        for token in &acknowledged {
+            assert!(
+                n.assessment.contains(token.as_str()) || vitals.contains(&token.as_str()),
+                "round {round}: acknowledged edit {token} is missing after SIGKILL"
+            );
+        }
+        store.close().unwrap();
+    }
+}
