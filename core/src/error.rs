@@ -67,6 +67,9 @@ pub enum Error {
     /// SQLite error.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A file operation failed (the keystroke journal).
+    #[error("io: {0}")]
+    Io(String),
     /// JSON (de)serialisation of a stored value failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),

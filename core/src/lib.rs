@@ -17,6 +17,7 @@
 //!     key: StoreKey::random(), // in the app: from the Keychain / Keystore
 //!     actor: nurse,
 //!     role: Role::Clinician,
+//!     keystroke_journal: true,
 //! })?;
 //! let note = store.start_visit(&VisitStart {
 //!     agency_id: "agency-1".into(),

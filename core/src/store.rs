@@ -14,6 +14,7 @@
 mod db;
 mod documents;
 mod index;
+mod journal;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use db::{SCHEMA_VERSION, StoreKey};
 pub use documents::COMPACT_AFTER_CHUNKS;
+pub use journal::FOLD_AFTER_RECORDS;
 
 use crate::model::{
     self, Actor, Allergy, CareTeamMember, Conflict, ConflictValue, Demographic, DocKind,
@@ -36,6 +38,7 @@ use crate::protocol::DocumentId;
 use crate::text;
 use crate::{Error, Result};
 use documents::LoadedDoc;
+use journal::{Journal, JournalRecord};
 
 /// Documents kept loaded in memory; the least recently used beyond this are dropped (they are
 /// on disk). A nurse's day touches a few dozen documents.
@@ -159,6 +162,11 @@ pub struct StoreConfig {
     pub actor: Actor,
     /// The user's role.
     pub role: Role,
+    /// Make text splices durable through the keystroke journal (one encrypted `write` per
+    /// splice, committed to SQLite in batches) rather than one SQLite transaction per splice.
+    /// Either way a splice survives the process being killed once the call returns; see
+    /// `store::journal` and the README's Decisions.
+    pub keystroke_journal: bool,
 }
 
 struct Inner {
@@ -167,6 +175,9 @@ struct Inner {
     author: automerge::Author<'static>,
     docs: HashMap<DocumentId, LoadedDoc>,
     clock: u64,
+    /// Where splices are made durable before SQLite has them (`None`: a SQLite transaction
+    /// per splice).
+    journal: Option<Journal>,
 }
 
 /// The encrypted local store of one device. Cheap to share behind an `Arc`; calls are
@@ -176,6 +187,17 @@ pub struct Store {
     actor: Actor,
     role: Role,
     path: PathBuf,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(inner) = self.lock().as_mut()
+            && let Err(e) = inner.fold()
+        {
+            // Still in the journal: merged again at the next open.
+            tracing::warn!(error = %e, "could not commit journaled splices on drop");
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -199,18 +221,102 @@ impl Inner {
         if durability == Durability::PowerLoss {
             self.conn.execute_batch("PRAGMA synchronous = FULL")?;
         }
-        let result = (|| {
-            let tx = self
-                .conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let out = f(&tx, &mut self.docs)?;
-            tx.commit()?;
-            Ok(out)
-        })();
+        let mut folded = Vec::new();
+        let result = run_transaction(&mut self.conn, &mut self.docs, &mut folded, f);
         if durability == Durability::PowerLoss {
             self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         }
-        result
+        match result {
+            Ok(out) => {
+                if let Some(journal) = self.journal.as_mut()
+                    && journal.records > 0
+                    && self.docs.values().all(|d| !d.journaled)
+                {
+                    journal.clear()?;
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                // Rolled back: what was folded is again only in the journal.
+                for undo in folded {
+                    if let Some(d) = self.docs.get_mut(&undo.id) {
+                        undo.restore(d);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Forget a document's in-memory state after a failed write may have left memory ahead of
+    /// disk. Splices that are durable in the keystroke journal are kept: the document is
+    /// reloaded from SQLite and its journal records replayed (if that fails too, they stay in the
+    /// journal file and are replayed at the next open).
+    fn discard(&mut self, id: DocumentId) {
+        let Some(old) = self.docs.remove(&id) else { return };
+        if !old.journaled {
+            return;
+        }
+        let records: Vec<_> = self
+            .journal
+            .as_ref()
+            .map(|j| j.records_on_disk())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.doc == id)
+            .collect();
+        if let Err(e) = self.replay_records(records) {
+            tracing::error!(doc = %id, error = %e, "could not recover journaled splices in-session");
+            self.docs.remove(&id);
+        }
+    }
+
+    /// Commit journaled splices to SQLite now.
+    fn fold(&mut self) -> Result<()> {
+        if self.docs.values().any(|d| d.journaled) {
+            self.write(Durability::ProcessCrash, |_, _| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// Replay splices a killed process left in the journal, then commit them to SQLite.
+    fn replay(&mut self, records: Vec<JournalRecord>) -> Result<()> {
+        let replayed = self.replay_records(records)?;
+        tracing::info!(replayed, "keystroke journal replayed");
+        self.fold()?;
+        if let Some(journal) = self.journal.as_mut() {
+            journal.clear()?;
+        }
+        Ok(())
+    }
+
+    /// Re-make journaled splices in memory (marking their documents journaled); returns how
+    /// many were not already present.
+    fn replay_records(&mut self, records: Vec<JournalRecord>) -> Result<usize> {
+        let author = self.author.clone();
+        let mut replayed = 0;
+        for record in records {
+            let id = record.doc;
+            match self.ensure_loaded(id, &author) {
+                Ok(()) => {}
+                Err(Error::DocumentNotFound(_)) => {
+                    tracing::error!(doc = %id, "journal record for a document not in the store; skipped");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let loaded = self.docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
+            if replay_one(&mut loaded.doc, &author, &record)? {
+                loaded.journaled = true;
+                loaded.refresh_cache();
+                replayed += 1;
+            }
+        }
+        // Later edits in this session get a fresh actor, as after any load.
+        for loaded in self.docs.values_mut() {
+            loaded.doc.set_actor(automerge::ActorId::random());
+        }
+        Ok(replayed)
     }
 
     fn ensure_loaded(&mut self, id: DocumentId, author: &automerge::Author<'static>) -> Result<()> {
@@ -223,6 +329,10 @@ impl Inner {
         let mut loaded = documents::load(&tx, id, author)?;
         tx.commit()?;
         loaded.last_used = self.clock;
+        if self.docs.len() >= MAX_CACHED_DOCS {
+            // A document leaves memory only when all of it is in SQLite.
+            self.fold()?;
+        }
         if self.docs.len() >= MAX_CACHED_DOCS
             && let Some(oldest) = self
                 .docs
@@ -234,6 +344,100 @@ impl Inner {
         }
         self.docs.insert(id, loaded);
         Ok(())
+    }
+}
+
+/// One SQLite write transaction. Journaled splices are committed first, in the same
+/// transaction, so SQLite always holds edits in the order they were made.
+fn run_transaction<T>(
+    conn: &mut Connection,
+    docs: &mut HashMap<DocumentId, LoadedDoc>,
+    folded: &mut Vec<documents::FoldUndo>,
+    f: impl FnOnce(&Tx<'_>, &mut HashMap<DocumentId, LoadedDoc>) -> Result<T>,
+) -> Result<T> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    documents::fold_journaled(&tx, docs, folded)?;
+    let out = f(&tx, docs)?;
+    tx.commit()?;
+    Ok(out)
+}
+
+/// Apply one text splice to a loaded note (not yet committed), using the cached kind,
+/// signature flag and Text object. Returns the Text object.
+fn splice_in_memory(
+    loaded: &mut LoadedDoc,
+    id: DocumentId,
+    field: NoteText,
+    pos: usize,
+    delete: usize,
+    insert: &str,
+) -> Result<automerge::ObjId> {
+    expect_kind(loaded, id, DocKind::VisitNote)?;
+    if loaded.cache.signed {
+        return Err(Error::NoteSigned(id));
+    }
+    let obj = match loaded.cache.texts.get(field.key()) {
+        Some(obj) => obj.clone(),
+        None => {
+            let obj = model::visit_note::text_obj(&mut loaded.doc, field)?;
+            loaded.cache.texts.insert(field.key(), obj.clone());
+            obj
+        }
+    };
+    text::splice(
+        &mut loaded.doc,
+        &obj,
+        pos,
+        delete,
+        insert,
+        &mut loaded.cache.bmp_only,
+    )?;
+    Ok(obj)
+}
+
+/// Re-make one journaled splice. Returns `false` if its change is already in the document.
+fn replay_one(doc: &mut AutoCommit, author: &automerge::Author<'static>, r: &JournalRecord) -> Result<bool> {
+    let hash = automerge::ChangeHash(r.hash);
+    if doc.get_change_by_hash(&hash).is_some() {
+        return Ok(false);
+    }
+    let deps: Vec<automerge::ChangeHash> = r.deps.iter().map(|d| automerge::ChangeHash(*d)).collect();
+    let corrupt = |what: &str| Error::Corrupt(format!("keystroke journal record: {what}"));
+    if deps.iter().any(|d| doc.get_change_by_hash(d).is_none()) {
+        return Err(corrupt("its dependencies are not in the document"));
+    }
+    let delete = isize::try_from(r.delete).map_err(|_| corrupt("delete length"))?;
+    let pos = usize::try_from(r.pos).map_err(|_| corrupt("position"))?;
+    let mut heads = doc.get_heads();
+    heads.sort();
+    let mut sorted_deps = deps.clone();
+    sorted_deps.sort();
+    // The same splice by the same actor on the same state at the same time is the same change.
+    let mut target = if heads == sorted_deps { None } else { Some(doc.fork_at(&deps)?) };
+    let editing = target.as_mut().unwrap_or(doc);
+    editing.set_author(Some(author.clone()));
+    editing.set_actor(automerge::ActorId::from(r.actor.as_slice()));
+    let (obj, _) = editing.import(&r.obj)?;
+    editing.splice_text(&obj, pos, delete, &r.insert)?;
+    let made = model::commit(editing, "edit text", r.time_ms);
+    if made != Some(hash) {
+        // Kept either way: a different hash is only a different change id, and journaled changes
+        // were never synced (every sync writes through SQLite, which folds the journal first).
+        tracing::error!("replayed keystroke produced a different change hash");
+    }
+    if let Some(mut fork) = target {
+        let changes = fork.get_changes(&deps);
+        doc.apply_changes(changes)?;
+    }
+    Ok(true)
+}
+
+/// Check a cached document's kind.
+fn expect_kind(loaded: &LoadedDoc, id: DocumentId, kind: DocKind) -> Result<()> {
+    if loaded.cache.kind == Some(kind) {
+        Ok(())
+    } else {
+        model::expect_kind(&loaded.doc, id, kind)
     }
 }
 
@@ -268,9 +472,13 @@ fn validate_automerge_bytes(bytes: &[u8]) -> Result<()> {
         return Err(Error::InvalidInput("empty automerge data".into()));
     }
     let options = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
-    automerge::Automerge::load_with_options(bytes, options)
-        .map(|_| ())
-        .map_err(|e| Error::InvalidInput(format!("not valid automerge data: {e}")))
+    match automerge::Automerge::load_with_options(bytes, options) {
+        // Every chunk parsed; some changes depend on history only the target document has.
+        Ok(_) | Err(automerge::AutomergeError::MissingDeps) => Ok(()),
+        Err(e) => Err(Error::InvalidInput(format!(
+            "not valid automerge data: {e}"
+        ))),
+    }
 }
 
 fn doc_id_from_sql(bytes: Vec<u8>) -> rusqlite::Result<DocumentId> {
@@ -299,13 +507,32 @@ impl Store {
     /// [`Error::CannotDecrypt`] and the file is left untouched.
     pub fn open(config: StoreConfig) -> Result<Store> {
         let conn = db::open(&config.path, &config.key)?;
+        // Leftover records are merged whether or not this session journals splices: a store
+        // opened without the journal must not leave a killed session's keystrokes behind.
+        let leftover_file = journal::path_for(&config.path)
+            .metadata()
+            .is_ok_and(|m| m.len() > 0);
+        let (journal, leftover) = if config.keystroke_journal || leftover_file {
+            let (journal, records) = Journal::open(&config.path, &config.key)?;
+            (Some(journal), records)
+        } else {
+            (None, Vec::new())
+        };
+        let mut inner = Inner {
+            conn,
+            author: config.actor.author(),
+            docs: HashMap::new(),
+            clock: 0,
+            journal,
+        };
+        if !leftover.is_empty() {
+            inner.replay(leftover)?;
+        }
+        if !config.keystroke_journal {
+            inner.journal = None;
+        }
         Ok(Store {
-            inner: Mutex::new(Some(Inner {
-                conn,
-                author: config.actor.author(),
-                docs: HashMap::new(),
-                clock: 0,
-            })),
+            inner: Mutex::new(Some(inner)),
             actor: config.actor,
             role: config.role,
             path: config.path,
@@ -315,8 +542,11 @@ impl Store {
     /// Close the store, releasing the file (e.g. when the app is suspended). Later calls return
     /// [`Error::Closed`].
     pub fn close(&self) -> Result<()> {
-        let inner = self.lock().take();
-        if let Some(inner) = inner {
+        let mut guard = self.lock();
+        if let Some(inner) = guard.as_mut() {
+            inner.fold()?;
+        }
+        if let Some(inner) = guard.take() {
             inner.conn.close().map_err(|(_, e)| Error::Sqlite(e))?;
         }
         Ok(())
@@ -423,7 +653,7 @@ impl Store {
             inner.ensure_loaded(id, &author)?;
             let result = inner.write(durability, |tx, docs| {
                 let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
-                model::expect_kind(&loaded.doc, id, kind)?;
+                expect_kind(loaded, id, kind)?;
                 let out = match f(loaded, actor, now) {
                     Ok(out) => out,
                     Err(e) => {
@@ -437,6 +667,7 @@ impl Store {
                 documents::append_local_change(tx, id, loaded)?;
                 documents::mark_unsynced(tx, id, loaded)?;
                 if reindex == Reindex::Yes {
+                    loaded.refresh_cache();
                     index::refresh(tx, id, &mut loaded.doc, now)?;
                 }
                 if loaded.chunks >= COMPACT_AFTER_CHUNKS {
@@ -455,7 +686,7 @@ impl Store {
                         | Error::InvalidTextRange { .. }
                         | Error::WrongKind { .. })
                 ) {
-                    inner.docs.remove(&id);
+                    inner.discard(id);
                 }
             }
             result
@@ -702,24 +933,64 @@ impl Store {
         delete: usize,
         insert: &str,
     ) -> Result<()> {
+        let now = model::now_ms();
+        let journaled = self.with(|inner| {
+            let author = inner.author.clone();
+            inner.ensure_loaded(id, &author)?;
+            let Inner { docs, journal, .. } = &mut *inner;
+            let (Some(journal), Some(loaded)) = (journal.as_mut(), docs.get_mut(&id)) else {
+                return Ok(false);
+            };
+            if !loaded.unsynced {
+                // The first edit after a sync also flags the document in SQLite.
+                return Ok(false);
+            }
+            let deps = loaded.doc.get_heads();
+            let obj = splice_in_memory(loaded, id, field, pos, delete, insert)?;
+            let Some(hash) = model::commit(&mut loaded.doc, "edit text", now) else {
+                return Ok(true);
+            };
+            let record = JournalRecord {
+                doc: id,
+                obj: obj.to_string(),
+                pos: pos as u64,
+                delete: delete as u64,
+                insert: insert.to_owned(),
+                actor: loaded.doc.get_actor().to_bytes().to_vec(),
+                time_ms: now,
+                deps: deps.iter().map(|h| h.0).collect(),
+                hash: hash.0,
+            };
+            loaded.journaled = true;
+            match journal.append(&record) {
+                Ok(()) => {
+                    if journal.records >= FOLD_AFTER_RECORDS {
+                        inner.fold()?;
+                    }
+                }
+                Err(e) => {
+                    // No journal: commit through SQLite instead (the fold writes every change
+                    // after the stored heads, this one included). If that fails too, this
+                    // change is nowhere durable and memory must forget it.
+                    tracing::warn!(error = %e, "keystroke journal append failed; committing to SQLite");
+                    if let Err(e) = inner.fold() {
+                        inner.discard(id);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(true)
+        })?;
+        if journaled {
+            return Ok(());
+        }
         self.edit_loaded(
             id,
             DocKind::VisitNote,
             "edit text",
             Reindex::No,
             Durability::ProcessCrash,
-            |loaded, _, _| {
-                model::visit_note::ensure_editable(&loaded.doc, id)?;
-                let obj = model::visit_note::text_obj(&mut loaded.doc, field)?;
-                text::splice(
-                    &mut loaded.doc,
-                    &obj,
-                    pos,
-                    delete,
-                    insert,
-                    &mut loaded.bmp_only,
-                )
-            },
+            |loaded, _, _| splice_in_memory(loaded, id, field, pos, delete, insert).map(|_| ()),
         )
     }
 
@@ -791,7 +1062,7 @@ impl Store {
             "sign",
             Reindex::Yes,
             Durability::PowerLoss,
-            |doc, actor, now| model::visit_note::sign(doc, actor, now),
+            model::visit_note::sign,
         )?;
         self.audit_now(AuditAction::Signed, id)?;
         Ok(sig)
@@ -1142,7 +1413,7 @@ impl Store {
                 let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
                 let before = loaded.doc.get_heads();
                 loaded.doc.load_incremental(bytes)?;
-                loaded.bmp_only.clear();
+                loaded.refresh_cache();
                 if loaded.doc.get_heads() == before {
                     return Ok(false);
                 }
@@ -1159,7 +1430,7 @@ impl Store {
                     changed,
                 }),
                 Err(e) => {
-                    inner.docs.remove(&id);
+                    inner.discard(id);
                     Err(e)
                 }
             }
@@ -1169,6 +1440,16 @@ impl Store {
     /// Every change of a document, as bytes another replica can [`Store::import`].
     pub fn export_changes(&self, id: DocumentId) -> Result<Vec<u8>> {
         self.read(id, None, |doc| Ok(doc.save()))
+    }
+
+    /// The changes of a document that are not ancestors of `heads`, as bytes another replica
+    /// can [`Store::import`].
+    pub fn changes_since(
+        &self,
+        id: DocumentId,
+        heads: &[automerge::ChangeHash],
+    ) -> Result<Vec<u8>> {
+        self.read(id, None, |doc| Ok(doc.save_after(heads)))
     }
 
     /// Current heads of a document.
@@ -1200,6 +1481,7 @@ impl Store {
     /// Drop every cached document (they are reloaded from disk on next use).
     pub fn clear_cache(&self) -> Result<()> {
         self.with(|inner| {
+            inner.fold()?;
             inner.docs.clear();
             Ok(())
         })

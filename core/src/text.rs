@@ -55,7 +55,7 @@ pub(crate) fn splice(
             known
         }
     };
-    if !only_bmp && !(is_boundary(doc, obj, pos, len)? && is_boundary(doc, obj, end, len)?) {
+    if !(only_bmp || is_boundary(doc, obj, pos, len)? && is_boundary(doc, obj, end, len)?) {
         return Err(bad());
     }
     let delete = isize::try_from(delete).map_err(|_| bad())?;

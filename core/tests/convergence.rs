@@ -58,6 +58,7 @@ fn world() -> World {
                 device_id: "dev".into(),
             },
             role,
+            keystroke_journal: true,
         })
         .unwrap();
         dirs.push(dir);

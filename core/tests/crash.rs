@@ -16,7 +16,7 @@ use fieldchart_core::store::{Store, StoreConfig, StoreKey};
 const CHILD_ENV: &str = "FIELDCHART_CRASH_CHILD";
 const ROUNDS: usize = 50;
 
-fn open(path: &std::path::Path, key: [u8; 32]) -> Store {
+fn open(path: &std::path::Path, key: [u8; 32], journal: bool) -> Store {
     Store::open(StoreConfig {
         path: path.to_owned(),
         key: StoreKey::from_bytes(key),
@@ -25,6 +25,7 @@ fn open(path: &std::path::Path, key: [u8; 32]) -> Store {
             device_id: "phone".into(),
         },
         role: Role::Clinician,
+        keystroke_journal: journal,
     })
     .unwrap()
 }
@@ -41,7 +42,8 @@ fn crash_child() {
     let key: [u8; 32] = hex_decode(parts.next().unwrap());
     let note: DocumentId = parts.next().unwrap().parse().unwrap();
     let round = parts.next().unwrap();
-    let store = open(&path, key);
+    let journal = parts.next().unwrap() == "journal";
+    let store = open(&path, key, journal);
     let mut out = std::io::stdout().lock();
     for i in 0..100_000 {
         let token = format!("{round}.{i};");
@@ -79,6 +81,16 @@ fn hex_decode(s: &str) -> [u8; 32] {
     out
 }
 
+/// Most rounds type through the keystroke journal; every third commits each splice to SQLite
+/// (and the reopen alternates too, so journal leftovers are also merged by a later open).
+fn mode(round: usize) -> &'static str {
+    if round % 3 == 1 {
+        "transactions"
+    } else {
+        "journal"
+    }
+}
+
 #[test]
 fn killed_writers_lose_no_acknowledged_edit() {
     if std::env::var(CHILD_ENV).is_ok() {
@@ -87,7 +99,7 @@ fn killed_writers_lose_no_acknowledged_edit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("device.db");
     let key: [u8; 32] = rand::random();
-    let note = open(&path, key)
+    let note = open(&path, key, true)
         .start_visit(&VisitStart {
             agency_id: "ag".into(),
             patient_id: "p1".into(),
@@ -105,7 +117,11 @@ fn killed_writers_lose_no_acknowledged_edit() {
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env(
                 CHILD_ENV,
-                format!("{}|{key_hex}|{note}|{round}", path.display()),
+                format!(
+                    "{}|{key_hex}|{note}|{round}|{}",
+                    path.display(),
+                    mode(round)
+                ),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -137,7 +153,7 @@ fn killed_writers_lose_no_acknowledged_edit() {
             "round {round}: the child never acknowledged an edit"
         );
 
-        let store = open(&path, key);
+        let store = open(&path, key, round % 3 != 2);
         let n = store.visit_note(note).unwrap();
         let vitals: Vec<&str> = n.vitals.iter().map(|v| v.value.as_str()).collect();
         for token in &acknowledged {

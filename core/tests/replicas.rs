@@ -22,6 +22,7 @@ fn replica(user: &str, role: Role) -> Replica {
             device_id: format!("{user}-phone"),
         },
         role,
+        keystroke_journal: true,
     })
     .unwrap();
     Replica { store, _dir: dir }

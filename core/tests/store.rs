@@ -16,6 +16,7 @@ fn config(dir: &std::path::Path, key: &StoreKey, user: &str, role: Role) -> Stor
             device_id: "ipad-7".into(),
         },
         role,
+        keystroke_journal: true,
     }
 }
 
@@ -47,13 +48,38 @@ fn nothing_is_stored_in_plaintext() {
         .unwrap();
     // Read back through the store: the data is there...
     assert_eq!(store.patient_chart(id).unwrap().name(), Some(name));
+    // A nurse types a note keystroke by keystroke (the keystroke journal path) and the app is
+    // killed before anything is committed to SQLite.
+    let nurse = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let note = nurse.start_visit(&visit("p-zq", "2026-11-27")).unwrap();
+    for (i, c) in "Zebediah reports Evergreen pain".chars().enumerate() {
+        nurse
+            .splice_text(note, NoteText::Assessment, i, 0, &c.to_string())
+            .unwrap();
+    }
+    // A paste is one splice: the whole name in one journal record.
+    nurse
+        .splice_text(
+            note,
+            NoteText::Plan,
+            0,
+            0,
+            "Call Zebediah Quarrington-Phlox at Evergreen",
+        )
+        .unwrap();
+    assert!(
+        std::fs::metadata(dir.path().join("device.db-keystrokes"))
+            .unwrap()
+            .len()
+            > 0
+    );
+    std::mem::forget(nurse);
     // ...but neither the database file nor its WAL hold it in plaintext (checked while the WAL
     // still has the frames, before any checkpoint, and again after close).
     for phase in ["open", "closed"] {
-        for file in ["device.db", "device.db-wal"] {
+        for file in ["device.db", "device.db-wal", "device.db-keystrokes"] {
             let path = dir.path().join(file);
             if let Ok(bytes) = std::fs::read(&path) {
-                assert!(!bytes.is_empty() || phase == "closed");
                 assert!(
                     !contains(&bytes, name.as_bytes()),
                     "{file} ({phase}) leaks the name"
@@ -238,4 +264,79 @@ fn garbage_imports_are_errors_and_change_nothing() {
         assert_eq!(store.heads(note).unwrap(), heads);
     }
     assert_eq!(store.visit_note(note).unwrap().status, NoteStatus::Draft);
+}
+
+#[test]
+fn splices_left_in_the_journal_by_a_crash_are_merged_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let note = store.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    store
+        .update_text(note, NoteText::Assessment, "Pain 3/10.")
+        .unwrap();
+    // Reopen, so this session's actor makes its very first change through the journal.
+    store.close().unwrap();
+    drop(store);
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let mut pos = 10;
+    for c in "  Ambulating 😀 with cane".chars() {
+        store
+            .splice_text(note, NoteText::Assessment, pos, 0, &c.to_string())
+            .unwrap();
+        pos += c.len_utf16();
+    }
+    store
+        .splice_text(note, NoteText::Assessment, 0, 4, "Ache")
+        .unwrap();
+    let heads = store.heads(note).unwrap();
+    let journal = dir.path().join("device.db-keystrokes");
+    assert!(
+        std::fs::metadata(&journal).unwrap().len() > 0,
+        "the splices are in the journal"
+    );
+    // Simulate a kill: the store is never closed or dropped.
+    std::mem::forget(store);
+
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    assert_eq!(
+        store.visit_note(note).unwrap().assessment,
+        "Ache 3/10.  Ambulating 😀 with cane"
+    );
+    assert_eq!(
+        store.heads(note).unwrap(),
+        heads,
+        "the very same changes, not re-made ones"
+    );
+    assert_eq!(
+        std::fs::metadata(&journal).unwrap().len(),
+        0,
+        "merged records are committed and cleared"
+    );
+    store.close().unwrap();
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    assert_eq!(store.heads(note).unwrap(), heads);
+}
+
+#[test]
+fn without_the_journal_every_splice_is_its_own_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let open = || {
+        Store::open(StoreConfig {
+            keystroke_journal: false,
+            ..config(dir.path(), &key, "nurse", Role::Clinician)
+        })
+        .unwrap()
+    };
+    let store = open();
+    let note = store.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    for (i, c) in "abc😀".chars().enumerate() {
+        store
+            .splice_text(note, NoteText::Plan, i, 0, &c.to_string())
+            .unwrap();
+    }
+    std::mem::forget(store);
+    assert!(!dir.path().join("device.db-keystrokes").exists());
+    assert_eq!(open().visit_note(note).unwrap().plan, "abc😀");
 }

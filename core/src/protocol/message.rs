@@ -8,9 +8,13 @@
 //! rejects what a real client sends is a relay nobody can use; it is strict about anything the
 //! caller will act on (ids, sync data).
 
+use std::convert::Infallible;
 use std::fmt;
 
-use super::cbor::{Item, Reader, Writer};
+use minicbor::Encoder;
+use minicbor::data::Type;
+
+use super::cbor::{Reader, is_nil};
 use super::ids::{DocumentId, PeerId, StorageId, snippet};
 
 /// The only protocol version of the JS websocket adapter (`ProtocolV1`).
@@ -304,12 +308,11 @@ impl<'a> RawFields<'a> {
     fn read(frame: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut fields = RawFields([None; Field::ALL.len()]);
         let mut reader = Reader::new(frame);
-        let len = match reader.item_untagged()? {
-            Item::Map(len) => len,
+        let len = match reader.untagged()? {
+            Type::Map | Type::MapIndef => reader.map()?,
             other => {
                 return Err(ProtocolError::Cbor(format!(
-                    "a frame must be a map, found {}",
-                    other.describe()
+                    "a frame must be a map, found {other}"
                 )));
             }
         };
@@ -420,9 +423,9 @@ impl<'a> RawFields<'a> {
     }
 }
 
-/// Parses one field value: its name (for errors), its first header (tags looked through) and a
-/// reader positioned at its content.
-type Parse<'a, T> = fn(&'static str, Item, &mut Reader<'a>) -> Result<T, ProtocolError>;
+/// Parses one field value: its name (for errors), its type (tags looked through) and a reader
+/// positioned at the value.
+type Parse<'a, T> = fn(&'static str, Type, &mut Reader<'a>) -> Result<T, ProtocolError>;
 
 /// `None` if the value is null or undefined: JS treats both like an absent key.
 fn optional<'a, T>(
@@ -431,98 +434,104 @@ fn optional<'a, T>(
     parse: Parse<'a, T>,
 ) -> Result<Option<T>, ProtocolError> {
     let mut reader = Reader::new(raw);
-    let item = reader.item_untagged()?;
-    if item.is_nil() {
+    let ty = reader.untagged()?;
+    if is_nil(ty) {
         return Ok(None);
     }
-    parse(name, item, &mut reader).map(Some)
+    parse(name, ty, &mut reader).map(Some)
 }
 
 fn invalid(field: &'static str, expected: &'static str) -> ProtocolError {
     ProtocolError::InvalidField { field, expected }
 }
 
-fn parse_text(name: &'static str, item: Item, r: &mut Reader<'_>) -> Result<String, ProtocolError> {
-    match item {
-        Item::Text(len) => Ok(r.text_content(len)?.into_owned()),
-        _ => Err(invalid(name, "text string")),
+fn is_text(ty: Type) -> bool {
+    matches!(ty, Type::String | Type::StringIndef)
+}
+
+fn is_bytes(ty: Type) -> bool {
+    matches!(ty, Type::Bytes | Type::BytesIndef)
+}
+
+fn parse_text(name: &'static str, ty: Type, r: &mut Reader<'_>) -> Result<String, ProtocolError> {
+    if !is_text(ty) {
+        return Err(invalid(name, "text string"));
     }
+    Ok(r.text()?.into_owned())
 }
 
 /// A text id of at most [`MAX_ID_BYTES`].
-fn parse_id(name: &'static str, item: Item, r: &mut Reader<'_>) -> Result<String, ProtocolError> {
-    let Item::Text(len) = item else {
+fn parse_id(name: &'static str, ty: Type, r: &mut Reader<'_>) -> Result<String, ProtocolError> {
+    if !is_text(ty) {
         return Err(invalid(name, "text string"));
-    };
-    let text = r.text_content(len)?;
+    }
+    let text = r.text()?;
     if text.len() > MAX_ID_BYTES {
         return Err(invalid(name, "text string of at most 1024 bytes"));
     }
     Ok(text.into_owned())
 }
 
-fn parse_bytes(
-    name: &'static str,
-    item: Item,
-    r: &mut Reader<'_>,
-) -> Result<Vec<u8>, ProtocolError> {
-    match item {
-        Item::Bytes(len) => Ok(r.bytes_content(len)?.into_owned()),
-        _ => Err(invalid(name, "byte string")),
+fn parse_bytes(name: &'static str, ty: Type, r: &mut Reader<'_>) -> Result<Vec<u8>, ProtocolError> {
+    if !is_bytes(ty) {
+        return Err(invalid(name, "byte string"));
     }
+    Ok(r.bytes()?.into_owned())
 }
 
 /// The JS wire form is the bs58check string; 16 raw bytes (the binary id) are accepted too, as
 /// samod's decoder accepts them.
 fn parse_document_id(
     name: &'static str,
-    item: Item,
+    ty: Type,
     r: &mut Reader<'_>,
 ) -> Result<DocumentId, ProtocolError> {
-    match item {
-        Item::Text(len) => r.text_content(len)?.parse(),
-        Item::Bytes(len) => {
-            let bytes = r.bytes_content(len)?;
-            let bytes: [u8; 16] = bytes.as_ref().try_into().map_err(|_| {
-                ProtocolError::InvalidDocumentId(format!("{} raw bytes, expected 16", bytes.len()))
-            })?;
-            Ok(DocumentId::from_bytes(bytes))
-        }
-        _ => Err(invalid(name, "bs58check text string")),
+    if is_text(ty) {
+        return r.text()?.parse();
     }
+    if !is_bytes(ty) {
+        return Err(invalid(name, "bs58check text string"));
+    }
+    let bytes = r.bytes()?;
+    let bytes: [u8; 16] = bytes.as_ref().try_into().map_err(|_| {
+        ProtocolError::InvalidDocumentId(format!("{} raw bytes, expected 16", bytes.len()))
+    })?;
+    Ok(DocumentId::from_bytes(bytes))
 }
 
 /// A JS number: cbor-x writes integers above 2^32 as float64, so an integral float is accepted.
-fn parse_count(name: &'static str, item: Item, _r: &mut Reader<'_>) -> Result<u64, ProtocolError> {
+fn parse_count(name: &'static str, ty: Type, r: &mut Reader<'_>) -> Result<u64, ProtocolError> {
     const TWO_POW_64: f64 = 18_446_744_073_709_551_616.0;
-    match item {
-        Item::Uint(n) => Ok(n),
-        Item::Float(x) if (0.0..TWO_POW_64).contains(&x) && x.fract() == 0.0 => {
+    match ty {
+        Type::U8 | Type::U16 | Type::U32 | Type::U64 => r.u64(),
+        Type::F16 | Type::F32 | Type::F64 => match r.f64()? {
             // Exact: x is an integer in [0, 2^64).
-            Ok(x as u64)
-        }
+            x if (0.0..TWO_POW_64).contains(&x) && x.fract() == 0.0 => Ok(x as u64),
+            _ => Err(invalid(name, "non-negative integer")),
+        },
         _ => Err(invalid(name, "non-negative integer")),
     }
 }
 
 fn parse_versions(
     name: &'static str,
-    item: Item,
+    ty: Type,
     r: &mut Reader<'_>,
 ) -> Result<Vec<String>, ProtocolError> {
     let expected = "array of at most 16 text strings";
-    let Item::Array(len) = item else {
+    if !matches!(ty, Type::Array | Type::ArrayIndef) {
         return Err(invalid(name, expected));
-    };
+    }
+    let len = r.array()?;
     let mut versions = Vec::new();
     loop {
         if len.is_some_and(|n| versions.len() as u64 == n) {
             return Ok(versions);
         }
-        match r.item_untagged()? {
-            Item::Break if len.is_none() => return Ok(versions),
-            Item::Text(text_len) if versions.len() < MAX_PROTOCOL_VERSIONS => {
-                versions.push(parse_id(name, Item::Text(text_len), r)?);
+        match r.untagged()? {
+            Type::Break if len.is_none() => return Ok(versions),
+            ty if is_text(ty) && versions.len() < MAX_PROTOCOL_VERSIONS => {
+                versions.push(parse_id(name, ty, r)?);
             }
             _ => return Err(invalid(name, expected)),
         }
@@ -531,12 +540,13 @@ fn parse_versions(
 
 fn parse_peer_metadata(
     name: &'static str,
-    item: Item,
+    ty: Type,
     r: &mut Reader<'_>,
 ) -> Result<PeerMetadata, ProtocolError> {
-    let Item::Map(len) = item else {
+    if !matches!(ty, Type::Map | Type::MapIndef) {
         return Err(invalid(name, "map"));
-    };
+    }
+    let len = r.map()?;
     let mut metadata = PeerMetadata::default();
     r.map_entries(len, 2, |key, value| {
         match key {
@@ -554,9 +564,9 @@ fn parse_peer_metadata(
     Ok(metadata)
 }
 
-fn parse_bool(name: &'static str, item: Item, _r: &mut Reader<'_>) -> Result<bool, ProtocolError> {
-    match item {
-        Item::Bool(b) => Ok(b),
+fn parse_bool(name: &'static str, ty: Type, r: &mut Reader<'_>) -> Result<bool, ProtocolError> {
+    match ty {
+        Type::Bool => r.bool(),
         _ => Err(invalid(name, "bool")),
     }
 }
@@ -578,21 +588,29 @@ impl Message {
     /// Encodes as one frame: a definite-length map with minimal headers, ids as text, payloads
     /// as byte strings.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new();
+        let mut e = Encoder::new(Vec::new());
+        let written = self.write(&mut e);
+        // Writing to a `Vec` cannot fail (its write error is `Infallible`), and the encoder calls
+        // used here fail only when writing does.
+        debug_assert!(written.is_ok());
+        e.into_writer()
+    }
+
+    fn write(&self, e: &mut Encoder<Vec<u8>>) -> Result<(), minicbor::encode::Error<Infallible>> {
         match self {
             Message::Join {
                 sender_id,
                 peer_metadata,
                 supported_protocol_versions,
             } => {
-                w.map(4).text("type").text("join");
-                w.text("senderId").text(sender_id.as_str());
-                w.text("peerMetadata");
-                write_peer_metadata(&mut w, peer_metadata);
-                w.text("supportedProtocolVersions")
-                    .array(supported_protocol_versions.len());
+                e.map(4)?.str("type")?.str("join")?;
+                e.str("senderId")?.str(sender_id.as_str())?;
+                e.str("peerMetadata")?;
+                write_peer_metadata(e, peer_metadata)?;
+                e.str("supportedProtocolVersions")?
+                    .array(supported_protocol_versions.len() as u64)?;
                 for version in supported_protocol_versions {
-                    w.text(version);
+                    e.str(version)?;
                 }
             }
             Message::Peer {
@@ -601,17 +619,17 @@ impl Message {
                 peer_metadata,
                 selected_protocol_version,
             } => {
-                w.map(5).text("type").text("peer");
-                w.text("senderId").text(sender_id.as_str());
-                w.text("targetId").text(target_id.as_str());
-                w.text("peerMetadata");
-                write_peer_metadata(&mut w, peer_metadata);
-                w.text("selectedProtocolVersion")
-                    .text(selected_protocol_version);
+                e.map(5)?.str("type")?.str("peer")?;
+                e.str("senderId")?.str(sender_id.as_str())?;
+                e.str("targetId")?.str(target_id.as_str())?;
+                e.str("peerMetadata")?;
+                write_peer_metadata(e, peer_metadata)?;
+                e.str("selectedProtocolVersion")?
+                    .str(selected_protocol_version)?;
             }
             Message::Error { message } => {
-                w.map(2).text("type").text("error");
-                w.text("message").text(message);
+                e.map(2)?.str("type")?.str("error")?;
+                e.str("message")?.str(message)?;
             }
             Message::Request {
                 sender_id,
@@ -625,21 +643,21 @@ impl Message {
                 document_id,
                 data,
             } => {
-                w.map(5).text("type").text(self.type_name());
-                w.text("senderId").text(sender_id.as_str());
-                w.text("targetId").text(target_id.as_str());
-                w.text("documentId").text(&document_id.to_string());
-                w.text("data").bytes(data);
+                e.map(5)?.str("type")?.str(self.type_name())?;
+                e.str("senderId")?.str(sender_id.as_str())?;
+                e.str("targetId")?.str(target_id.as_str())?;
+                e.str("documentId")?.str(&document_id.to_string())?;
+                e.str("data")?.bytes(data)?;
             }
             Message::DocUnavailable {
                 sender_id,
                 target_id,
                 document_id,
             } => {
-                w.map(4).text("type").text("doc-unavailable");
-                w.text("senderId").text(sender_id.as_str());
-                w.text("targetId").text(target_id.as_str());
-                w.text("documentId").text(&document_id.to_string());
+                e.map(4)?.str("type")?.str("doc-unavailable")?;
+                e.str("senderId")?.str(sender_id.as_str())?;
+                e.str("targetId")?.str(target_id.as_str())?;
+                e.str("documentId")?.str(&document_id.to_string())?;
             }
             Message::Ephemeral {
                 sender_id,
@@ -649,38 +667,38 @@ impl Message {
                 session_id,
                 data,
             } => {
-                w.map(7).text("type").text("ephemeral");
-                w.text("senderId").text(sender_id.as_str());
-                w.text("targetId").text(target_id.as_str());
-                w.text("documentId").text(&document_id.to_string());
-                w.text("count").uint(*count);
-                w.text("sessionId").text(session_id);
-                w.text("data").bytes(data);
+                e.map(7)?.str("type")?.str("ephemeral")?;
+                e.str("senderId")?.str(sender_id.as_str())?;
+                e.str("targetId")?.str(target_id.as_str())?;
+                e.str("documentId")?.str(&document_id.to_string())?;
+                e.str("count")?.u64(*count)?;
+                e.str("sessionId")?.str(session_id)?;
+                e.str("data")?.bytes(data)?;
             }
             Message::RemoteSubscriptionChange {
                 sender_id,
                 target_id,
             } => {
                 // `add`/`remove` are optional in JS (`control.add?`), so they are left out.
-                w.map(3).text("type").text("remote-subscription-change");
-                w.text("senderId").text(sender_id.as_str());
-                w.text("targetId").text(target_id.as_str());
+                e.map(3)?.str("type")?.str("remote-subscription-change")?;
+                e.str("senderId")?.str(sender_id.as_str())?;
+                e.str("targetId")?.str(target_id.as_str())?;
             }
             Message::RemoteHeadsChanged {
                 sender_id,
                 target_id,
                 document_id,
             } => {
-                w.map(5).text("type").text("remote-heads-changed");
-                w.text("senderId").text(sender_id.as_str());
-                w.text("targetId").text(target_id.as_str());
-                w.text("documentId").text(&document_id.to_string());
+                e.map(5)?.str("type")?.str("remote-heads-changed")?;
+                e.str("senderId")?.str(sender_id.as_str())?;
+                e.str("targetId")?.str(target_id.as_str())?;
+                e.str("documentId")?.str(&document_id.to_string())?;
                 // JS iterates `Object.entries(msg.newHeads)`, which throws on undefined: an
                 // empty map is the harmless "no news".
-                w.text("newHeads").map(0);
+                e.str("newHeads")?.map(0)?;
             }
         }
-        w.into_bytes()
+        Ok(())
     }
 
     /// The wire `type`.
@@ -742,16 +760,20 @@ impl Message {
     }
 }
 
-fn write_peer_metadata(w: &mut Writer, metadata: &PeerMetadata) {
+fn write_peer_metadata(
+    e: &mut Encoder<Vec<u8>>,
+    metadata: &PeerMetadata,
+) -> Result<(), minicbor::encode::Error<Infallible>> {
     match &metadata.storage_id {
         Some(storage_id) => {
-            w.map(2).text("storageId").text(storage_id.as_str());
+            e.map(2)?.str("storageId")?.str(storage_id.as_str())?;
         }
         None => {
-            w.map(1);
+            e.map(1)?;
         }
     }
-    w.text("isEphemeral").bool(metadata.is_ephemeral);
+    e.str("isEphemeral")?.bool(metadata.is_ephemeral)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -772,15 +794,15 @@ mod tests {
 
     /// A minimal CBOR text string, as cbor-x writes short strings.
     fn t(s: &str) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.text(s);
-        w.into_bytes()
+        let mut e = Encoder::new(Vec::new());
+        e.str(s).unwrap();
+        e.into_writer()
     }
 
     fn b(bytes: &[u8]) -> Vec<u8> {
-        let mut w = Writer::new();
-        w.bytes(bytes);
-        w.into_bytes()
+        let mut e = Encoder::new(Vec::new());
+        e.bytes(bytes).unwrap();
+        e.into_writer()
     }
 
     fn frame(parts: &[&[u8]]) -> Vec<u8> {
@@ -1218,6 +1240,51 @@ mod tests {
             assert_eq!(bytes[0] & 0xe0, 0xa0);
             assert_ne!(bytes[0] & 0x1f, 31);
         }
+    }
+
+    #[test]
+    fn encode_uses_minimal_headers() {
+        // The ephemeral count exercises every integer width; lengths use the same headers.
+        let cases: [(u64, &[u8]); 6] = [
+            (23, &[0x17]),
+            (24, &[0x18, 24]),
+            (255, &[0x18, 0xff]),
+            (256, &[0x19, 0x01, 0x00]),
+            (65_536, &[0x1a, 0x00, 0x01, 0x00, 0x00]),
+            (1 << 32, &[0x1b, 0, 0, 0, 1, 0, 0, 0, 0]),
+        ];
+        for (count, expected) in cases {
+            let Message::Ephemeral { data, .. } = &one_of_each()[6] else {
+                panic!()
+            };
+            let msg = Message::Ephemeral {
+                sender_id: peer("a"),
+                target_id: peer("b"),
+                document_id: doc_id(),
+                count,
+                session_id: "s".into(),
+                data: data.clone(),
+            };
+            let bytes = msg.encode();
+            let at = bytes
+                .windows(6)
+                .position(|w| w == t("count").as_slice())
+                .unwrap()
+                + 6;
+            assert_eq!(&bytes[at..at + expected.len()], expected, "{count}");
+            assert_eq!(Message::decode(&bytes).unwrap(), msg);
+        }
+        let sync = Message::Sync {
+            sender_id: peer("a"),
+            target_id: peer("b"),
+            document_id: doc_id(),
+            data: vec![0; 300],
+        };
+        let bytes = sync.encode();
+        assert_eq!(
+            &bytes[bytes.len() - 303..bytes.len() - 300],
+            &[0x59, 0x01, 0x2c]
+        );
     }
 
     #[test]

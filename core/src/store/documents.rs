@@ -5,10 +5,12 @@
 //! folds the chunks into a new snapshot and deletes them in the same transaction, so a crash at
 //! any point leaves either the old snapshot + chunks or the new snapshot.
 
+use std::collections::HashMap;
+
 use automerge::AutoCommit;
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use crate::model::load_document;
+use crate::model::{DocKind, load_document, root_info};
 use crate::protocol::DocumentId;
 use crate::{Error, Result};
 
@@ -20,7 +22,7 @@ pub const COMPACT_AFTER_CHUNKS: u64 = 8_192;
 #[derive(Debug)]
 pub(crate) struct LoadedDoc {
     pub doc: AutoCommit,
-    /// Heads of what is on disk: the next chunk holds the changes after these.
+    /// Heads of what is in SQLite: the next chunk holds the changes after these.
     pub saved_heads: Vec<automerge::ChangeHash>,
     /// Chunks written since the snapshot.
     pub chunks: u64,
@@ -28,9 +30,25 @@ pub(crate) struct LoadedDoc {
     pub unsynced: bool,
     /// Last use, for least-recently-used eviction.
     pub last_used: u64,
+    /// Whether changes of this document are in the keystroke journal but not yet in SQLite.
+    pub journaled: bool,
+    /// Cached facts about the document, derived from it; rebuilt whenever it merges foreign
+    /// changes (see [`LoadedDoc::refresh_cache`]).
+    pub cache: DocCache,
+}
+
+/// Facts derived from a document that the keystroke path needs on every call.
+#[derive(Debug, Default)]
+pub(crate) struct DocCache {
+    /// `kind` root field.
+    pub kind: Option<DocKind>,
+    /// Whether the note carries a signature.
+    pub signed: bool,
+    /// Text objects by root key.
+    pub texts: HashMap<&'static str, automerge::ObjId>,
     /// Text objects known to hold only Basic Multilingual Plane characters, where every UTF-16
-    /// offset is a character boundary (a cache: checking costs a lookup per offset otherwise).
-    pub bmp_only: std::collections::HashMap<automerge::ObjId, bool>,
+    /// offset is a character boundary (checking costs a lookup per offset otherwise).
+    pub bmp_only: HashMap<automerge::ObjId, bool>,
 }
 
 impl LoadedDoc {
@@ -38,14 +56,26 @@ impl LoadedDoc {
     pub fn new(doc: AutoCommit, unsynced: bool) -> LoadedDoc {
         let mut doc = doc;
         let saved_heads = doc.get_heads();
-        LoadedDoc {
+        let mut loaded = LoadedDoc {
             doc,
             saved_heads,
             chunks: 0,
             unsynced,
             last_used: 0,
-            bmp_only: Default::default(),
-        }
+            journaled: false,
+            cache: DocCache::default(),
+        };
+        loaded.refresh_cache();
+        loaded
+    }
+
+    /// Recompute the cached facts (after anything but a local text splice).
+    pub fn refresh_cache(&mut self) {
+        self.cache = DocCache {
+            kind: root_info(&self.doc).kind,
+            signed: crate::model::visit_note::is_signed(&self.doc),
+            ..DocCache::default()
+        };
     }
 }
 
@@ -78,14 +108,10 @@ pub(crate) fn load(
     // Everything loaded is on disk already: the next chunk starts from here.
     let saved_heads = doc.get_heads();
     doc.set_author(Some(author.clone()));
-    Ok(LoadedDoc {
-        doc,
-        saved_heads,
-        chunks,
-        unsynced,
-        last_used: 0,
-        bmp_only: Default::default(),
-    })
+    let mut loaded = LoadedDoc::new(doc, unsynced);
+    loaded.saved_heads = saved_heads;
+    loaded.chunks = chunks;
+    Ok(loaded)
 }
 
 /// Insert a brand-new document row with a full snapshot.
@@ -156,6 +182,41 @@ fn append_bytes(
     loaded.saved_heads = loaded.doc.get_heads();
     loaded.chunks += 1;
     Ok(true)
+}
+
+/// How to undo a fold in memory if its transaction rolls back.
+#[derive(Debug)]
+pub(crate) struct FoldUndo {
+    pub id: DocumentId,
+    saved_heads: Vec<automerge::ChangeHash>,
+    chunks: u64,
+}
+
+impl FoldUndo {
+    /// Put the document back to "journaled, not in SQLite".
+    pub fn restore(self, loaded: &mut LoadedDoc) {
+        loaded.saved_heads = self.saved_heads;
+        loaded.chunks = self.chunks;
+        loaded.journaled = true;
+    }
+}
+
+/// Write every journaled document's new changes as one chunk each, in the caller's
+/// transaction.
+pub(crate) fn fold_journaled(
+    tx: &Transaction<'_>,
+    docs: &mut HashMap<DocumentId, LoadedDoc>,
+    undo: &mut Vec<FoldUndo>,
+) -> Result<()> {
+    for (id, loaded) in docs.iter_mut().filter(|(_, d)| d.journaled) {
+        undo.push(FoldUndo { id: *id, saved_heads: loaded.saved_heads.clone(), chunks: loaded.chunks });
+        append_chunk(tx, *id, loaded)?;
+        loaded.journaled = false;
+        if loaded.chunks >= COMPACT_AFTER_CHUNKS {
+            compact(tx, *id, loaded)?;
+        }
+    }
+    Ok(())
 }
 
 /// Replace snapshot + chunks with a fresh snapshot, in the caller's transaction.

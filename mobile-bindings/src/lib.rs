@@ -1,0 +1,1 @@
+//! The mobile layer of Fieldchart: the sync driver and, later, the uniffi bindings.

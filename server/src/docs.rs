@@ -1,0 +1,621 @@
+//! Documents in memory: loaded on demand, written through to storage, evicted when unused, and
+//! changes announced to the other sessions syncing the same document.
+//!
+//! # One copy per document
+//! Each loaded document sits behind its own async mutex. A session holds that lock while it
+//! applies a sync message, commits the new changes and generates its reply, so the in-memory
+//! document never shows anything that is not on disk to anyone else. If the commit fails the
+//! copy is discarded (it holds changes that are not durable) and the next user reloads what is.
+//!
+//! # Bounded memory
+//! At most `max_docs_in_memory` documents are held. Beyond that the least recently used ones
+//! that nobody is using right now are dropped, a tenth at a time so a reconnect storm does not
+//! scan the table on every load. "Nobody is using" is exact: the table is the only place a
+//! handle can be cloned from, under its mutex, so a handle whose only owner is the table is
+//! unused.
+//!
+//! # Forwarding
+//! Sessions subscribe to the documents they sync. After a commit, every other subscriber is
+//! marked in its [`Inbox`]: a set of changed document ids plus a wake-up. A slow session never
+//! blocks a writer and never loses a notification; it just finds several ids when it wakes, and
+//! generates one sync message each from its own sync state.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use automerge::{Automerge, Change, ChangeHash};
+use fieldchart_core::protocol::DocumentId;
+use tokio::sync::{Notify, OwnedMutexGuard};
+
+use crate::error::{Error, Result};
+use crate::metrics::{DOC_WRITES, DOCS_LOADED};
+use crate::storage::{
+    AuditEvent, DocMeta, DocumentData, DocumentWrite, Seq, Storage, StoredDocument,
+};
+
+/// Identifies a session to the hub (for subscriptions and "don't notify yourself").
+pub type SessionId = u64;
+
+/// How often `open` retries a document that was discarded while it waited for the lock.
+const OPEN_ATTEMPTS: usize = 8;
+
+type Entry = Arc<tokio::sync::Mutex<EntryState>>;
+
+enum EntryState {
+    /// Just put in the table; the first locker loads it.
+    Unloaded,
+    Loaded(Box<LoadedDoc>),
+    /// Not in storage, failed to load, or discarded: look it up again.
+    Gone,
+}
+
+struct LoadedDoc {
+    doc: Automerge,
+    meta: DocMeta,
+    /// Chunks stored since the last snapshot.
+    chunks: u32,
+}
+
+struct Slot {
+    entry: Entry,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    docs: HashMap<DocumentId, Slot>,
+    clock: u64,
+    subscribers: HashMap<DocumentId, HashMap<SessionId, Arc<Inbox>>>,
+}
+
+/// The loaded documents. See the module docs.
+pub struct DocHub {
+    storage: Arc<dyn Storage>,
+    capacity: usize,
+    compact_after_chunks: u32,
+    table: Mutex<Table>,
+}
+
+impl std::fmt::Debug for DocHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocHub")
+            .field("capacity", &self.capacity)
+            .field("loaded", &self.loaded())
+            .finish()
+    }
+}
+
+/// Exclusive use of one loaded document.
+pub struct DocGuard {
+    id: DocumentId,
+    guard: OwnedMutexGuard<EntryState>,
+}
+
+impl std::fmt::Debug for DocGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocGuard")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DocGuard {
+    fn loaded(&self) -> &LoadedDoc {
+        match &*self.guard {
+            EntryState::Loaded(doc) => doc,
+            _ => unreachable!("a DocGuard is only made for a loaded document"),
+        }
+    }
+
+    fn loaded_mut(&mut self) -> &mut LoadedDoc {
+        match &mut *self.guard {
+            EntryState::Loaded(doc) => doc,
+            _ => unreachable!("a DocGuard is only made for a loaded document"),
+        }
+    }
+
+    /// The document id.
+    pub fn id(&self) -> DocumentId {
+        self.id
+    }
+
+    /// The document, as stored.
+    pub fn doc(&self) -> &Automerge {
+        &self.loaded().doc
+    }
+
+    /// The document, to apply a sync message to. Whatever is applied must be committed with
+    /// [`DocHub::commit`] or thrown away with [`DocHub::discard`] before the guard is dropped.
+    pub fn doc_mut(&mut self) -> &mut Automerge {
+        &mut self.loaded_mut().doc
+    }
+
+    /// Who the document belongs to.
+    pub fn meta(&self) -> &DocMeta {
+        &self.loaded().meta
+    }
+
+    /// Current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc().get_heads()
+    }
+}
+
+/// Result of [`DocHub::create`].
+#[derive(Debug)]
+pub enum Created {
+    /// Stored; the guard holds the new document.
+    Stored(DocGuard),
+    /// The relay already holds a document with this id; nothing was written.
+    Exists,
+}
+
+/// Changed-document notifications for one session.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    changed: Mutex<HashSet<DocumentId>>,
+    wake: Notify,
+}
+
+impl Inbox {
+    fn mark(&self, id: DocumentId) {
+        self.changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id);
+        self.wake.notify_one();
+    }
+
+    /// Wait until at least one document was marked since the last [`Inbox::take`].
+    pub async fn changed(&self) {
+        self.wake.notified().await;
+    }
+
+    /// The documents marked since the last call.
+    pub fn take(&self) -> Vec<DocumentId> {
+        self.changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect()
+    }
+}
+
+impl DocHub {
+    /// An empty hub over `storage`.
+    pub fn new(storage: Arc<dyn Storage>, capacity: usize, compact_after_chunks: u32) -> DocHub {
+        DocHub {
+            storage,
+            capacity: capacity.max(1),
+            compact_after_chunks,
+            table: Mutex::new(Table::default()),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Documents currently in the table.
+    pub fn loaded(&self) -> usize {
+        self.table().docs.len()
+    }
+
+    /// Whether the document is in memory right now (for tests and diagnostics).
+    pub fn is_loaded(&self, id: DocumentId) -> bool {
+        self.table().docs.contains_key(&id)
+    }
+
+    /// The table entry for `id`, made if missing; marks it used and evicts if over capacity.
+    fn entry(&self, id: DocumentId) -> Entry {
+        let mut table = self.table();
+        table.clock += 1;
+        let now = table.clock;
+        let entry = {
+            let slot = table.docs.entry(id).or_insert_with(|| Slot {
+                entry: Arc::new(tokio::sync::Mutex::new(EntryState::Unloaded)),
+                last_used: now,
+            });
+            slot.last_used = now;
+            Arc::clone(&slot.entry)
+        };
+        if table.docs.len() > self.capacity {
+            evict(&mut table, self.capacity - self.capacity / 10);
+        }
+        metrics::gauge!(DOCS_LOADED).set(table.docs.len() as f64);
+        entry
+    }
+
+    /// Drop `id` from the table if it still maps to `entry`.
+    fn forget(&self, id: DocumentId, entry: &Entry) {
+        let mut table = self.table();
+        if table
+            .docs
+            .get(&id)
+            .is_some_and(|slot| Arc::ptr_eq(&slot.entry, entry))
+        {
+            table.docs.remove(&id);
+        }
+        metrics::gauge!(DOCS_LOADED).set(table.docs.len() as f64);
+    }
+
+    /// Lock the document, loading it from storage if needed. `None` if the relay does not hold
+    /// it.
+    pub async fn open(&self, id: DocumentId) -> Result<Option<DocGuard>> {
+        for _ in 0..OPEN_ATTEMPTS {
+            let entry = self.entry(id);
+            let mut guard = Arc::clone(&entry).lock_owned().await;
+            match &*guard {
+                EntryState::Loaded(_) => return Ok(Some(DocGuard { id, guard })),
+                EntryState::Gone => continue,
+                EntryState::Unloaded => {}
+            }
+            match self.load(id).await {
+                Ok(Some(loaded)) => {
+                    *guard = EntryState::Loaded(Box::new(loaded));
+                    return Ok(Some(DocGuard { id, guard }));
+                }
+                Ok(None) => {
+                    *guard = EntryState::Gone;
+                    self.forget(id, &entry);
+                    return Ok(None);
+                }
+                Err(e) => {
+                    *guard = EntryState::Gone;
+                    self.forget(id, &entry);
+                    return Err(e);
+                }
+            }
+        }
+        Err(Error::Storage(format!(
+            "document {id} was discarded {OPEN_ATTEMPTS} times while opening"
+        )))
+    }
+
+    async fn load(&self, id: DocumentId) -> Result<Option<LoadedDoc>> {
+        let Some(stored) = self.storage.load_document(id).await? else {
+            return Ok(None);
+        };
+        // Loading replays the document's history: CPU work that must not stall the sockets.
+        let loaded = tokio::task::spawn_blocking(move || build(stored)).await??;
+        Ok(Some(loaded))
+    }
+
+    /// Store a new document (a `create` write with `audit` as its `write` row) and hold it.
+    /// If the relay already has a document with this id, nothing is written.
+    pub async fn create(
+        &self,
+        id: DocumentId,
+        doc: Automerge,
+        meta: DocMeta,
+        audit: AuditEvent,
+    ) -> Result<Created> {
+        for _ in 0..OPEN_ATTEMPTS {
+            let entry = self.entry(id);
+            let mut guard = Arc::clone(&entry).lock_owned().await;
+            match &*guard {
+                EntryState::Loaded(_) => return Ok(Created::Exists),
+                EntryState::Gone => continue,
+                EntryState::Unloaded => {}
+            }
+            if let Some(existing) = self.load(id).await? {
+                *guard = EntryState::Loaded(Box::new(existing));
+                return Ok(Created::Exists);
+            }
+            let write = DocumentWrite {
+                document_id: id,
+                meta: meta.clone(),
+                create: true,
+                data: DocumentData::Snapshot(doc.save()),
+                heads: doc.get_heads(),
+                audit: Some(audit),
+            };
+            return match self.storage.write_document(write).await {
+                Ok(_) => {
+                    metrics::counter!(DOC_WRITES).increment(1);
+                    *guard = EntryState::Loaded(Box::new(LoadedDoc {
+                        doc,
+                        meta,
+                        chunks: 0,
+                    }));
+                    Ok(Created::Stored(DocGuard { id, guard }))
+                }
+                Err(Error::Conflict(_)) => {
+                    // Another relay process stored it first; use theirs.
+                    *guard = EntryState::Gone;
+                    self.forget(id, &entry);
+                    Ok(Created::Exists)
+                }
+                Err(e) => {
+                    *guard = EntryState::Gone;
+                    self.forget(id, &entry);
+                    Err(e)
+                }
+            };
+        }
+        Err(Error::Storage(format!(
+            "document {id} was discarded {OPEN_ATTEMPTS} times while creating"
+        )))
+    }
+
+    /// Durably store `changes` (just applied to the guarded document), with `audit` as their
+    /// `write` row, then tell the other sessions syncing it. Every `compact_after_chunks`
+    /// writes the document is stored as one snapshot instead, replacing its chunks.
+    ///
+    /// On error the in-memory copy is discarded (the guard is consumed) and the error returned:
+    /// nothing was stored and nothing may be acknowledged.
+    pub async fn commit(
+        &self,
+        mut guard: DocGuard,
+        changes: &[Change],
+        audit: AuditEvent,
+        origin: SessionId,
+    ) -> Result<(DocGuard, Seq)> {
+        let compact = guard.loaded().chunks + 1 >= self.compact_after_chunks;
+        let data = if compact {
+            DocumentData::Snapshot(guard.doc().save())
+        } else {
+            DocumentData::Chunk(
+                changes
+                    .iter()
+                    .flat_map(|c| c.raw_bytes().iter().copied())
+                    .collect(),
+            )
+        };
+        let write = DocumentWrite {
+            document_id: guard.id,
+            meta: guard.meta().clone(),
+            create: false,
+            data,
+            heads: guard.heads(),
+            audit: Some(audit),
+        };
+        match self.storage.write_document(write).await {
+            Ok(seq) => {
+                metrics::counter!(DOC_WRITES).increment(1);
+                let loaded = guard.loaded_mut();
+                loaded.chunks = if compact { 0 } else { loaded.chunks + 1 };
+                self.notify(guard.id, origin);
+                Ok((guard, seq))
+            }
+            Err(e) => {
+                self.discard(guard);
+                Err(e)
+            }
+        }
+    }
+
+    /// Throw away the in-memory copy (it holds changes that will not be stored); the next
+    /// `open` reloads the document from storage.
+    pub fn discard(&self, mut guard: DocGuard) {
+        *guard.guard = EntryState::Gone;
+        let entry = Arc::clone(OwnedMutexGuard::mutex(&guard.guard));
+        self.forget(guard.id, &entry);
+    }
+
+    /// Send changes of `id` to `inbox` from now on.
+    pub fn subscribe(&self, id: DocumentId, session: SessionId, inbox: &Arc<Inbox>) {
+        self.table()
+            .subscribers
+            .entry(id)
+            .or_default()
+            .insert(session, Arc::clone(inbox));
+    }
+
+    /// Stop sending changes of `id` to `session`.
+    pub fn unsubscribe(&self, id: DocumentId, session: SessionId) {
+        let mut table = self.table();
+        if let Some(subs) = table.subscribers.get_mut(&id) {
+            subs.remove(&session);
+            if subs.is_empty() {
+                table.subscribers.remove(&id);
+            }
+        }
+    }
+
+    fn notify(&self, id: DocumentId, origin: SessionId) {
+        let table = self.table();
+        for (session, inbox) in table.subscribers.get(&id).into_iter().flatten() {
+            if *session != origin {
+                inbox.mark(id);
+            }
+        }
+    }
+}
+
+/// Drop least recently used, unused entries until `target` remain (or none is unused).
+fn evict(table: &mut Table, target: usize) {
+    let mut unused: Vec<(u64, DocumentId)> = table
+        .docs
+        .iter()
+        .filter(|(_, slot)| Arc::strong_count(&slot.entry) == 1)
+        .map(|(id, slot)| (slot.last_used, *id))
+        .collect();
+    unused.sort_unstable();
+    let excess = table.docs.len().saturating_sub(target);
+    for (_, id) in unused.into_iter().take(excess) {
+        table.docs.remove(&id);
+    }
+}
+
+fn build(stored: StoredDocument) -> Result<LoadedDoc> {
+    let mut doc = match &stored.snapshot {
+        Some(bytes) => Automerge::load(bytes)?,
+        None => Automerge::new(),
+    };
+    for chunk in &stored.chunks {
+        doc.load_incremental(chunk)?;
+    }
+    let chunks = u32::try_from(stored.chunks.len()).unwrap_or(u32::MAX);
+    Ok(LoadedDoc {
+        doc,
+        meta: stored.meta,
+        chunks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{AgencyId, DeviceId, PatientId, UserId};
+    use crate::storage::{AuditAction, MemoryStorage};
+    use automerge::transaction::Transactable;
+
+    fn meta() -> DocMeta {
+        DocMeta {
+            agency_id: AgencyId::new("agc_1"),
+            patient_id: PatientId::new("pat_1"),
+            kind: "visit-note".into(),
+        }
+    }
+
+    fn audit(id: DocumentId) -> AuditEvent {
+        AuditEvent {
+            at_ms: 1,
+            agency_id: AgencyId::new("agc_1"),
+            user_id: UserId::new("usr_1"),
+            device_id: DeviceId::new("dev_1"),
+            document_id: id,
+            patient_id: Some(PatientId::new("pat_1")),
+            action: AuditAction::Write,
+            heads: vec![],
+        }
+    }
+
+    fn edit(doc: &mut Automerge, value: i64) -> Vec<Change> {
+        let before = doc.get_heads();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(automerge::ROOT, "v", value).map(|_| ())
+        })
+        .expect("edit");
+        doc.get_changes(&before)
+    }
+
+    async fn create(hub: &DocHub) -> DocumentId {
+        let id = DocumentId::random();
+        let mut doc = Automerge::new();
+        edit(&mut doc, 0);
+        assert!(matches!(
+            hub.create(id, doc, meta(), audit(id))
+                .await
+                .expect("create"),
+            Created::Stored(_)
+        ));
+        id
+    }
+
+    #[tokio::test]
+    async fn documents_load_on_demand_and_unused_ones_are_evicted_beyond_capacity() {
+        let storage = Arc::new(MemoryStorage::new());
+        let hub = DocHub::new(storage.clone(), 10, 64);
+        let mut ids = Vec::new();
+        for _ in 0..25 {
+            ids.push(create(&hub).await);
+        }
+        assert!(hub.loaded() <= 10, "{} loaded", hub.loaded());
+        // The oldest were evicted, and come back from storage intact.
+        assert!(!hub.is_loaded(ids[0]));
+        let guard = hub.open(ids[0]).await.expect("open").expect("stored");
+        assert_eq!(guard.meta(), &meta());
+        // A document in use is never evicted, however old.
+        for _ in 0..25 {
+            create(&hub).await;
+        }
+        assert!(hub.is_loaded(ids[0]));
+        drop(guard);
+        assert!(
+            hub.open(DocumentId::random())
+                .await
+                .expect("open")
+                .is_none()
+        );
+        assert!(hub.loaded() <= 10);
+    }
+
+    #[tokio::test]
+    async fn commits_are_stored_as_chunks_then_compacted_and_reload_equal() {
+        let storage = Arc::new(MemoryStorage::new());
+        let hub = DocHub::new(storage.clone(), 10, 4);
+        let id = create(&hub).await;
+        for i in 1..=6 {
+            let mut guard = hub.open(id).await.expect("open").expect("exists");
+            let changes = edit(guard.doc_mut(), i);
+            hub.commit(guard, &changes, audit(id), 0)
+                .await
+                .expect("commit");
+        }
+        let stored = storage
+            .load_document(id)
+            .await
+            .expect("load")
+            .expect("stored");
+        assert_eq!(
+            stored.chunks.len(),
+            2,
+            "compacted at the 4th write, then two chunks"
+        );
+        let heads = hub.open(id).await.expect("open").expect("exists").heads();
+        assert_eq!(build(stored).expect("build").doc.get_heads(), heads);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_discards_the_copy_and_the_stored_document_stays() {
+        let storage = Arc::new(MemoryStorage::new());
+        let hub = DocHub::new(storage.clone(), 10, 64);
+        let id = create(&hub).await;
+        let stored_heads = hub.open(id).await.expect("open").expect("exists").heads();
+        storage.set_fail_writes(true);
+        let mut guard = hub.open(id).await.expect("open").expect("exists");
+        let changes = edit(guard.doc_mut(), 1);
+        assert!(hub.commit(guard, &changes, audit(id), 0).await.is_err());
+        storage.set_fail_writes(false);
+        let reloaded = hub.open(id).await.expect("open").expect("exists");
+        assert_eq!(
+            reloaded.heads(),
+            stored_heads,
+            "the unstored change is gone from memory too"
+        );
+    }
+
+    #[tokio::test]
+    async fn other_subscribers_are_told_of_commits_and_the_writer_is_not() {
+        let storage = Arc::new(MemoryStorage::new());
+        let hub = DocHub::new(storage, 10, 64);
+        let id = create(&hub).await;
+        let (mine, theirs) = (Arc::new(Inbox::default()), Arc::new(Inbox::default()));
+        hub.subscribe(id, 1, &mine);
+        hub.subscribe(id, 2, &theirs);
+        let mut guard = hub.open(id).await.expect("open").expect("exists");
+        let changes = edit(guard.doc_mut(), 1);
+        let (mut guard, _) = hub
+            .commit(guard, &changes, audit(id), 1)
+            .await
+            .expect("commit");
+        assert_eq!(theirs.take(), vec![id]);
+        assert!(mine.take().is_empty());
+        theirs.changed().await; // the wake-up was stored for a later wait
+        hub.unsubscribe(id, 2);
+        let changes = edit(guard.doc_mut(), 2);
+        hub.commit(guard, &changes, audit(id), 1)
+            .await
+            .expect("commit");
+        assert!(theirs.take().is_empty());
+    }
+
+    #[tokio::test]
+    async fn creating_an_existing_document_writes_nothing() {
+        let storage = Arc::new(MemoryStorage::new());
+        let hub = DocHub::new(storage.clone(), 10, 64);
+        let id = create(&hub).await;
+        let seq = storage.current_seq().await.expect("seq");
+        let mut other = Automerge::new();
+        edit(&mut other, 9);
+        assert!(matches!(
+            hub.create(id, other, meta(), audit(id))
+                .await
+                .expect("create"),
+            Created::Exists
+        ));
+        assert_eq!(storage.current_seq().await.expect("seq"), seq);
+    }
+}

@@ -1,0 +1,108 @@
+//! The relay's shared state: what every request handler and session reaches through
+//! [`AppState`].
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use fieldchart_core::protocol::{PeerId, StorageId};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::audit::AuditLog;
+use crate::config::Limits;
+use crate::docs::DocHub;
+use crate::error::Result;
+use crate::session::SessionRegistry;
+use crate::storage::Storage;
+
+/// Handle to the relay's shared state; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<Relay>);
+
+/// The relay's shared state.
+#[derive(Debug)]
+pub struct Relay {
+    storage: Arc<dyn Storage>,
+    docs: DocHub,
+    sessions: Arc<SessionRegistry>,
+    audit: AuditLog,
+    limits: Limits,
+    peer_id: PeerId,
+    storage_id: StorageId,
+    metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// A relay over `storage`. Starts the audit writer, so it needs a tokio runtime.
+    pub async fn new(storage: Arc<dyn Storage>, limits: Limits) -> Result<AppState> {
+        let storage_id = storage.storage_id().await?;
+        Ok(AppState(Arc::new(Relay {
+            docs: DocHub::new(
+                Arc::clone(&storage),
+                limits.max_docs_in_memory,
+                limits.compact_after_chunks,
+            ),
+            sessions: Arc::new(SessionRegistry::new(
+                limits.max_sessions,
+                limits.message_rate_per_second,
+                limits.message_burst,
+            )),
+            audit: AuditLog::start(Arc::clone(&storage)),
+            // The peer id names this process; the storage id names the data, and stays.
+            peer_id: PeerId::random("fieldchart-relay"),
+            storage_id,
+            metrics: crate::metrics::handle(),
+            limits,
+            storage,
+        })))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Relay;
+
+    fn deref(&self) -> &Relay {
+        &self.0
+    }
+}
+
+impl Relay {
+    /// Durable state.
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    /// Documents in memory.
+    pub fn docs(&self) -> &DocHub {
+        &self.docs
+    }
+
+    /// Open sessions.
+    pub fn sessions(&self) -> &Arc<SessionRegistry> {
+        &self.sessions
+    }
+
+    /// The `read`/`deny` audit writer.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// This relay process's peer id (`senderId` of what it sends).
+    pub fn peer_id(&self) -> &PeerId {
+        &self.peer_id
+    }
+
+    /// The stable storage id advertised in `peer` messages.
+    pub fn storage_id(&self) -> &StorageId {
+        &self.storage_id
+    }
+
+    /// Renders `/metrics`.
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.metrics
+    }
+}

@@ -1,0 +1,78 @@
+//! `GET /v1/sync`: authenticate, admit, upgrade, and hand the socket to a [`crate::session`].
+//!
+//! Everything that can refuse a client happens before the upgrade, as a plain HTTP answer: a
+//! missing, unknown, expired or revoked token is `401` (no protocol message is ever exchanged
+//! with an unauthenticated client), a full relay is `503`.
+
+use axum::extract::State;
+use axum::extract::ws::{
+    CloseFrame, Message as WsMessage, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+};
+use axum::http::{HeaderMap, Uri};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+
+use crate::auth::{authenticate, bearer_token, query_token};
+use crate::error::Error;
+use crate::session::{self, Frame};
+use crate::state::AppState;
+
+/// The `/v1/sync` handler.
+pub async fn sync_endpoint(
+    State(relay): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Some(token) = bearer_token(&headers).or_else(|| query_token(uri.query())) else {
+        return Error::Unauthorized.into_response();
+    };
+    let principal = match authenticate(relay.storage(), token).await {
+        Ok(principal) => principal,
+        Err(e) => return e.into_response(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let ticket = match relay.sessions().register(principal.device_id.clone()) {
+        Ok(ticket) => ticket,
+        Err(e) => return e.into_response(),
+    };
+    let max = relay.limits().max_frame_bytes;
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            let (sink, stream) = socket.split();
+            let incoming = stream.map(|message| message.map(from_ws));
+            let outgoing =
+                sink.with(|frame: Frame| std::future::ready(Ok::<_, axum::Error>(to_ws(frame))));
+            session::run(relay, principal, ticket, incoming, Box::pin(outgoing)).await;
+        })
+}
+
+fn from_ws(message: WsMessage) -> Frame {
+    match message {
+        WsMessage::Binary(bytes) => Frame::Binary(bytes.into()),
+        WsMessage::Text(text) => Frame::Text(text.as_str().to_owned()),
+        WsMessage::Ping(bytes) => Frame::Ping(bytes.into()),
+        WsMessage::Pong(bytes) => Frame::Pong(bytes.into()),
+        WsMessage::Close(frame) => {
+            Frame::Close(frame.map(|f| (f.code, f.reason.as_str().to_owned())))
+        }
+    }
+}
+
+fn to_ws(frame: Frame) -> WsMessage {
+    match frame {
+        Frame::Binary(bytes) => WsMessage::Binary(bytes.into()),
+        Frame::Text(text) => WsMessage::Text(text.into()),
+        Frame::Ping(bytes) => WsMessage::Ping(bytes.into()),
+        Frame::Pong(bytes) => WsMessage::Pong(bytes.into()),
+        Frame::Close(frame) => WsMessage::Close(frame.map(|(code, reason)| CloseFrame {
+            code,
+            reason: reason.into(),
+        })),
+    }
+}

@@ -1,0 +1,4 @@
+//! Shared pieces of Fieldchart's end-to-end tests and of the benchmark binary.
+
+pub mod relay_process;
+pub mod trace;
