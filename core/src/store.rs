@@ -253,7 +253,9 @@ impl Inner {
     /// reloaded from SQLite and its journal records replayed (if that fails too, they stay in the
     /// journal file and are replayed at the next open).
     fn discard(&mut self, id: DocumentId) {
-        let Some(old) = self.docs.remove(&id) else { return };
+        let Some(old) = self.docs.remove(&id) else {
+            return;
+        };
         if !old.journaled {
             return;
         }
@@ -363,7 +365,7 @@ fn run_transaction<T>(
 }
 
 /// Apply one text splice to a loaded note (not yet committed), using the cached kind,
-/// signature flag and Text object. Returns the Text object.
+/// signature flag and Text object. Returns the Text object's id (display form).
 fn splice_in_memory(
     loaded: &mut LoadedDoc,
     id: DocumentId,
@@ -371,17 +373,21 @@ fn splice_in_memory(
     pos: usize,
     delete: usize,
     insert: &str,
-) -> Result<automerge::ObjId> {
+) -> Result<String> {
     expect_kind(loaded, id, DocKind::VisitNote)?;
     if loaded.cache.signed {
         return Err(Error::NoteSigned(id));
     }
-    let obj = match loaded.cache.texts.get(field.key()) {
-        Some(obj) => obj.clone(),
+    let (obj, obj_name) = match loaded.cache.texts.get(field.key()) {
+        Some((obj, name)) => (obj.clone(), name.clone()),
         None => {
             let obj = model::visit_note::text_obj(&mut loaded.doc, field)?;
-            loaded.cache.texts.insert(field.key(), obj.clone());
-            obj
+            let name = obj.to_string();
+            loaded
+                .cache
+                .texts
+                .insert(field.key(), (obj.clone(), name.clone()));
+            (obj, name)
         }
     };
     text::splice(
@@ -392,16 +398,21 @@ fn splice_in_memory(
         insert,
         &mut loaded.cache.bmp_only,
     )?;
-    Ok(obj)
+    Ok(obj_name)
 }
 
 /// Re-make one journaled splice. Returns `false` if its change is already in the document.
-fn replay_one(doc: &mut AutoCommit, author: &automerge::Author<'static>, r: &JournalRecord) -> Result<bool> {
+fn replay_one(
+    doc: &mut AutoCommit,
+    author: &automerge::Author<'static>,
+    r: &JournalRecord,
+) -> Result<bool> {
     let hash = automerge::ChangeHash(r.hash);
     if doc.get_change_by_hash(&hash).is_some() {
         return Ok(false);
     }
-    let deps: Vec<automerge::ChangeHash> = r.deps.iter().map(|d| automerge::ChangeHash(*d)).collect();
+    let deps: Vec<automerge::ChangeHash> =
+        r.deps.iter().map(|d| automerge::ChangeHash(*d)).collect();
     let corrupt = |what: &str| Error::Corrupt(format!("keystroke journal record: {what}"));
     if deps.iter().any(|d| doc.get_change_by_hash(d).is_none()) {
         return Err(corrupt("its dependencies are not in the document"));
@@ -413,7 +424,11 @@ fn replay_one(doc: &mut AutoCommit, author: &automerge::Author<'static>, r: &Jou
     let mut sorted_deps = deps.clone();
     sorted_deps.sort();
     // The same splice by the same actor on the same state at the same time is the same change.
-    let mut target = if heads == sorted_deps { None } else { Some(doc.fork_at(&deps)?) };
+    let mut target = if heads == sorted_deps {
+        None
+    } else {
+        Some(doc.fork_at(&deps)?)
+    };
     let editing = target.as_mut().unwrap_or(doc);
     editing.set_author(Some(author.clone()));
     editing.set_actor(automerge::ActorId::from(r.actor.as_slice()));
@@ -670,7 +685,7 @@ impl Store {
                     loaded.refresh_cache();
                     index::refresh(tx, id, &mut loaded.doc, now)?;
                 }
-                if loaded.chunks >= COMPACT_AFTER_CHUNKS {
+                if loaded.needs_compaction() {
                     documents::compact(tx, id, loaded)?;
                 }
                 Ok(out)
@@ -952,7 +967,7 @@ impl Store {
             };
             let record = JournalRecord {
                 doc: id,
-                obj: obj.to_string(),
+                obj,
                 pos: pos as u64,
                 delete: delete as u64,
                 insert: insert.to_owned(),
@@ -1419,7 +1434,7 @@ impl Store {
                 }
                 documents::append_chunk(tx, id, loaded)?;
                 index::refresh(tx, id, &mut loaded.doc, now)?;
-                if loaded.chunks >= COMPACT_AFTER_CHUNKS {
+                if loaded.needs_compaction() {
                     documents::compact(tx, id, loaded)?;
                 }
                 Ok(true)

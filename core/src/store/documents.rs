@@ -18,6 +18,14 @@ use crate::{Error, Result};
 /// bounds load time; each chunk is one change, typically one keystroke.
 pub const COMPACT_AFTER_CHUNKS: u64 = 8_192;
 
+/// Compact once the chunks hold more than this many bytes and more than
+/// [`COMPACT_CHUNK_BYTES_RATIO`] times the snapshot: keystroke changes stored one by one are
+/// uncompressed and much larger than the same history in a snapshot. The ratio keeps the total
+/// compaction work linear in the document's history.
+pub const COMPACT_MIN_CHUNK_BYTES: u64 = 1024 * 1024;
+/// See [`COMPACT_MIN_CHUNK_BYTES`].
+pub const COMPACT_CHUNK_BYTES_RATIO: u64 = 4;
+
 /// A document held in memory with its on-disk bookkeeping.
 #[derive(Debug)]
 pub(crate) struct LoadedDoc {
@@ -26,6 +34,10 @@ pub(crate) struct LoadedDoc {
     pub saved_heads: Vec<automerge::ChangeHash>,
     /// Chunks written since the snapshot.
     pub chunks: u64,
+    /// Bytes in those chunks.
+    pub chunk_bytes: u64,
+    /// Bytes of the snapshot.
+    pub snapshot_bytes: u64,
     /// Whether `documents.unsynced` is already 1 on disk.
     pub unsynced: bool,
     /// Last use, for least-recently-used eviction.
@@ -44,8 +56,8 @@ pub(crate) struct DocCache {
     pub kind: Option<DocKind>,
     /// Whether the note carries a signature.
     pub signed: bool,
-    /// Text objects by root key.
-    pub texts: HashMap<&'static str, automerge::ObjId>,
+    /// Text objects by root key, with their id's display form (journal records name it).
+    pub texts: HashMap<&'static str, (automerge::ObjId, String)>,
     /// Text objects known to hold only Basic Multilingual Plane characters, where every UTF-16
     /// offset is a character boundary (checking costs a lookup per offset otherwise).
     pub bmp_only: HashMap<automerge::ObjId, bool>,
@@ -60,6 +72,8 @@ impl LoadedDoc {
             doc,
             saved_heads,
             chunks: 0,
+            chunk_bytes: 0,
+            snapshot_bytes: 0,
             unsynced,
             last_used: 0,
             journaled: false,
@@ -67,6 +81,13 @@ impl LoadedDoc {
         };
         loaded.refresh_cache();
         loaded
+    }
+
+    /// Whether the chunks should be folded into a new snapshot.
+    pub fn needs_compaction(&self) -> bool {
+        self.chunks >= COMPACT_AFTER_CHUNKS
+            || self.chunk_bytes
+                > COMPACT_MIN_CHUNK_BYTES.max(COMPACT_CHUNK_BYTES_RATIO * self.snapshot_bytes)
     }
 
     /// Recompute the cached facts (after anything but a local text splice).
@@ -96,6 +117,7 @@ pub(crate) fn load(
     // and one load is linear where a `load_incremental` per chunk re-indexes the document each
     // time (a day of keystrokes would take seconds to open).
     let mut all = snapshot.unwrap_or_default();
+    let snapshot_bytes = all.len() as u64;
     let mut chunks = 0;
     let mut stmt = tx.prepare_cached("SELECT bytes FROM chunks WHERE doc_id = ?1 ORDER BY id")?;
     let mut rows = stmt.query([id.as_bytes()])?;
@@ -111,6 +133,8 @@ pub(crate) fn load(
     let mut loaded = LoadedDoc::new(doc, unsynced);
     loaded.saved_heads = saved_heads;
     loaded.chunks = chunks;
+    loaded.snapshot_bytes = snapshot_bytes;
+    loaded.chunk_bytes = all.len() as u64 - snapshot_bytes;
     Ok(loaded)
 }
 
@@ -181,6 +205,7 @@ fn append_bytes(
         .execute(params![id.as_bytes(), bytes])?;
     loaded.saved_heads = loaded.doc.get_heads();
     loaded.chunks += 1;
+    loaded.chunk_bytes += bytes.len() as u64;
     Ok(true)
 }
 
@@ -190,6 +215,7 @@ pub(crate) struct FoldUndo {
     pub id: DocumentId,
     saved_heads: Vec<automerge::ChangeHash>,
     chunks: u64,
+    chunk_bytes: u64,
 }
 
 impl FoldUndo {
@@ -197,6 +223,7 @@ impl FoldUndo {
     pub fn restore(self, loaded: &mut LoadedDoc) {
         loaded.saved_heads = self.saved_heads;
         loaded.chunks = self.chunks;
+        loaded.chunk_bytes = self.chunk_bytes;
         loaded.journaled = true;
     }
 }
@@ -209,10 +236,15 @@ pub(crate) fn fold_journaled(
     undo: &mut Vec<FoldUndo>,
 ) -> Result<()> {
     for (id, loaded) in docs.iter_mut().filter(|(_, d)| d.journaled) {
-        undo.push(FoldUndo { id: *id, saved_heads: loaded.saved_heads.clone(), chunks: loaded.chunks });
+        undo.push(FoldUndo {
+            id: *id,
+            saved_heads: loaded.saved_heads.clone(),
+            chunks: loaded.chunks,
+            chunk_bytes: loaded.chunk_bytes,
+        });
         append_chunk(tx, *id, loaded)?;
         loaded.journaled = false;
-        if loaded.chunks >= COMPACT_AFTER_CHUNKS {
+        if loaded.needs_compaction() {
             compact(tx, *id, loaded)?;
         }
     }
@@ -228,6 +260,8 @@ pub(crate) fn compact(tx: &Transaction<'_>, id: DocumentId, loaded: &mut LoadedD
     tx.prepare_cached("DELETE FROM chunks WHERE doc_id = ?1")?
         .execute([id.as_bytes()])?;
     loaded.chunks = 0;
+    loaded.chunk_bytes = 0;
+    loaded.snapshot_bytes = snapshot.len() as u64;
     Ok(())
 }
 

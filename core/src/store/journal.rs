@@ -105,7 +105,9 @@ impl JournalRecord {
         if n > 1024 {
             return None;
         }
-        let deps = (0..n).map(|_| d.bytes().ok()?.try_into().ok()).collect::<Option<Vec<[u8; 32]>>>()?;
+        let deps = (0..n)
+            .map(|_| d.bytes().ok()?.try_into().ok())
+            .collect::<Option<Vec<[u8; 32]>>>()?;
         let hash: [u8; 32] = d.bytes().ok()?.try_into().ok()?;
         (d.position() == bytes.len()).then_some(JournalRecord {
             doc: DocumentId::from_bytes(doc),
@@ -211,7 +213,9 @@ impl Journal {
 
     /// The records currently in the journal file (to recover one document in-session).
     pub fn records_on_disk(&self) -> Vec<JournalRecord> {
-        std::fs::read(&self.path).map(|bytes| decode_all(&self.cipher, &bytes).0).unwrap_or_default()
+        std::fs::read(&self.path)
+            .map(|bytes| decode_all(&self.cipher, &bytes).0)
+            .unwrap_or_default()
     }
 
     /// Empty the journal once its records are committed to SQLite.
