@@ -2,8 +2,10 @@
 //!
 //! The client core of Fieldchart, offline-first charting for home health: the clinical
 //! document model on the [`automerge`] CRDT ([`model`]), the encrypted local store
-//! ([`store`]), and the automerge-repo sync protocol as sans-IO code ([`protocol`]). It does no
-//! network I/O and starts no threads: the relay and the mobile layer drive it.
+//! ([`store`]), the automerge-repo sync protocol as sans-IO code ([`protocol`]), and the device's
+//! sync pass as a state machine ([`sync`]). It does no network I/O and starts no threads: the
+//! relay and the mobile layer (`fieldchart-mobile`, which runs passes over tokio and rustls) drive
+//! it.
 //!
 //! ```
 //! use fieldchart_core::model::{Actor, NoteText, Role, VisitStart};
@@ -42,6 +44,7 @@ pub mod error;
 pub mod model;
 pub mod protocol;
 pub mod store;
+pub mod sync;
 pub mod text;
 
 pub use error::{Error, Result};

@@ -15,6 +15,7 @@ mod db;
 mod documents;
 mod index;
 mod journal;
+mod sync_state;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

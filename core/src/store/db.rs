@@ -13,6 +13,7 @@ use crate::{Error, Result};
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/001_initial.sql"),
     include_str!("../../migrations/002_sync.sql"),
+    include_str!("../../migrations/003_sync_client.sql"),
 ];
 
 /// The schema version this build writes.

@@ -3,6 +3,10 @@
 //! `fieldchart-bench trace --file PATH` replays an editing trace (sequential or concurrent, any
 //! number of agents) through the store — every edit a durable store call — and, in the same
 //! run, through bare in-memory automerge documents committing one change per edit.
+//!
+//! `fieldchart-bench reconnect --docs K [--changed N]` measures a device holding K synced
+//! documents reconnecting with nothing changed (and with N changed on the relay): WebSocket
+//! messages, round trips, bytes (WebSocket payloads and change-feed bodies) and time.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +29,22 @@ enum Workload {
         #[arg(long)]
         file: PathBuf,
     },
+    /// A device holding K synced documents reconnects with nothing changed, then with N
+    /// changed on the relay (real relay binary of this build profile, on a temp dir).
+    Reconnect {
+        /// Documents the device holds.
+        #[arg(long)]
+        docs: usize,
+        /// Documents changed on the relay before the last pass.
+        #[arg(long, default_value_t = 0)]
+        changed: usize,
+    },
+}
+
+fn reconnect_workload(docs: usize, changed: usize) -> Result<serde_json::Value, String> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let run = runtime.block_on(fieldchart_tests::reconnect::measure(docs, changed))?;
+    Ok(run.to_json())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -122,6 +142,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.workload {
         Workload::Trace { file } => trace_workload(&file),
+        Workload::Reconnect { docs, changed } => reconnect_workload(docs, changed),
     };
     match result {
         Ok(v) => println!("{v}"),

@@ -1,0 +1,456 @@
+//! The `reconnect` workload: a device holding K synced documents reconnects with nothing
+//! changed (and then with N documents changed on the relay); what does it cost?
+//!
+//! Used by `fieldchart-bench reconnect` and by the reconnect-cost test. The relay is the real
+//! `fieldchart-server` binary of the same build profile, run as a child process on a temporary
+//! data directory; [`LocalRelay`] finds it next to the running executable whether that is a
+//! test (`target/<profile>/deps/…`) or the benchmark binary (`target/<profile>/…`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fieldchart_core::model::{Actor, Role};
+use fieldchart_core::protocol::DocumentId;
+use fieldchart_core::store::{Store, StoreConfig, StoreKey};
+use fieldchart_mobile::{PassOptions, PassReport, PassStatus, RelayConfig, SyncClient, SyncEvent};
+use serde_json::{Value, json};
+
+use crate::relay_process::{SyncOutcome, TestPeer, set, visit_note};
+
+/// How long the relay may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a live session may take to report it is up to date.
+const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Documents one seeding device pushes: its messages (two per new document) stay within the
+/// relay's per-token burst allowance.
+const DOCS_PER_SEEDER: usize = 2_000;
+
+/// Documents a seeder sends in one batch.
+const SEED_BATCH: usize = 500;
+
+/// The `fieldchart-server` binary: `$FIELDCHART_SERVER_BIN`, or next to the running
+/// executable, or one directory up (test executables live in `deps/`).
+pub fn server_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("FIELDCHART_SERVER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    let name = format!("fieldchart-server{}", std::env::consts::EXE_SUFFIX);
+    let dir = exe.parent();
+    for candidate in [dir, dir.and_then(Path::parent)].into_iter().flatten() {
+        let binary = candidate.join(&name);
+        if binary.is_file() {
+            return Ok(binary);
+        }
+    }
+    Err(format!(
+        "the relay binary {name} is not next to {}: build it with `cargo build [--release] -p fieldchart-server`",
+        exe.display()
+    ))
+}
+
+/// The real relay as a child process (killed on drop).
+#[derive(Debug)]
+pub struct LocalRelay {
+    child: Child,
+    addr: String,
+    data_dir: PathBuf,
+}
+
+impl LocalRelay {
+    /// Run an admin command against `data_dir` and return its JSON.
+    pub fn admin(data_dir: &Path, args: &[&str]) -> Result<Value, String> {
+        let output = Command::new(server_binary()?)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("admin")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("run the admin CLI: {e}"))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            return Err(format!(
+                "`admin {}` failed: {stdout} {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        serde_json::from_str(stdout.trim()).map_err(|e| format!("admin output {stdout:?}: {e}"))
+    }
+
+    /// An admin command's string field.
+    pub fn admin_field(data_dir: &Path, args: &[&str], field: &str) -> Result<String, String> {
+        let out = Self::admin(data_dir, args)?;
+        out[field]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("`{field}` missing in {out}"))
+    }
+
+    /// Start `fieldchart-server serve` on `data_dir` at a free port of 127.0.0.1; returns once
+    /// it listens (it prints its address as its first line).
+    pub fn start(data_dir: &Path) -> Result<LocalRelay, String> {
+        let mut child = Command::new(server_binary()?)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            // Logs are not needed here, and an undrained pipe would stall the relay.
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the relay: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep draining after the first line so the relay never blocks on stdout.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the relay did not report its address".into());
+            }
+        };
+        let parsed: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        let Some(addr) = parsed["listening"].as_str().map(str::to_owned) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("unexpected first line from the relay: {line:?}"));
+        };
+        Ok(LocalRelay {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    /// `http://<addr>`.
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `ws://<addr>/v1/sync?token=…` (for [`TestPeer`]).
+    pub fn ws_url(&self, token: &str) -> String {
+        format!("ws://{}/v1/sync?token={token}", self.addr)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for LocalRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Open (or create) a device store at `path` for `user` on `device`.
+pub fn open_store(path: &Path, key: &StoreKey, user: &str, device: &str, role: Role) -> Store {
+    Store::open(StoreConfig {
+        path: path.to_owned(),
+        key: key.clone(),
+        actor: Actor {
+            user_id: user.into(),
+            device_id: device.into(),
+        },
+        role,
+        keystroke_journal: false,
+    })
+    .unwrap_or_else(|e| panic!("open store {}: {e}", path.display()))
+}
+
+/// What one reconnect measurement saw.
+#[derive(Debug)]
+pub struct ReconnectRun {
+    /// Documents the device holds.
+    pub docs: usize,
+    /// Documents changed on the relay before the last pass.
+    pub changed: usize,
+    /// The first pass (fetching every document).
+    pub bootstrap: PassReport,
+    /// Reconnect with nothing changed (a one-off pass).
+    pub idle: PassReport,
+    /// Reconnect with nothing changed in live mode (stopped once up to date).
+    pub idle_live: PassReport,
+    /// The pass after `changed` documents changed on the relay.
+    pub after_change: Option<PassReport>,
+    /// Whether the device ended with exactly the relay's heads for the changed documents.
+    pub converged: bool,
+}
+
+impl ReconnectRun {
+    /// Whether every pass ended as it should.
+    pub fn ok(&self) -> bool {
+        let complete = |r: &PassReport| r.status == PassStatus::Complete;
+        complete(&self.bootstrap)
+            && complete(&self.idle)
+            && self.idle_live.status == PassStatus::Stopped
+            && self.bootstrap.stats.docs_fetched == self.docs
+            && self.idle.messages() == 0
+            && self.converged
+            && self.after_change.as_ref().is_none_or(|r| {
+                complete(r)
+                    && r.stats.docs_synced == self.changed
+                    && r.stats.docs_changed == self.changed
+            })
+    }
+
+    /// The benchmark's JSON line.
+    pub fn to_json(&self) -> Value {
+        let mut out = json!({
+            "workload": "reconnect",
+            "ok": self.ok(),
+            "docs": self.docs,
+            "changed": self.changed,
+            "messages": self.idle.messages(),
+            "round_trips": self.idle.round_trips,
+            "bytes": self.idle.bytes(),
+            "pass_s": self.idle.elapsed_s,
+            "http_requests": self.idle.http_requests,
+            "feed_s": self.idle.http_s,
+            "live_messages": self.idle_live.messages(),
+            "live_round_trips": self.idle_live.round_trips,
+            "live_bytes": self.idle_live.bytes(),
+            "bootstrap_s": self.bootstrap.elapsed_s,
+            "bootstrap_messages": self.bootstrap.messages(),
+            "bootstrap_bytes": self.bootstrap.bytes(),
+            "bootstrap_round_trips": self.bootstrap.round_trips,
+        });
+        if let Some(r) = &self.after_change {
+            out["changed_docs_synced"] = json!(r.stats.docs_synced);
+            out["changed_messages"] = json!(r.messages());
+            out["changed_round_trips"] = json!(r.round_trips);
+            out["changed_bytes"] = json!(r.bytes());
+            out["changed_pass_s"] = json!(r.elapsed_s);
+        }
+        out
+    }
+}
+
+/// Run the workload: a relay with `docs` documents in a nurse's caseload (patient charts and
+/// visit notes), her device fetches them all, then reconnects with nothing changed (once as a
+/// one-off pass, once live), then `changed` of them change on the relay and it syncs again.
+pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String> {
+    if docs == 0 || changed > docs {
+        return Err("need docs >= 1 and changed <= docs".into());
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let data = dir.path().join("relay");
+    let admin = |args: &[&str], field: &str| LocalRelay::admin_field(&data, args, field);
+    let agency = admin(&["create-agency", "--name", "Riverside"], "agencyId")?;
+    let nurse = admin(
+        &[
+            "create-user",
+            "--agency",
+            &agency,
+            "--name",
+            "Maria",
+            "--role",
+            "clinician",
+        ],
+        "userId",
+    )?;
+    let office = admin(
+        &[
+            "create-user",
+            "--agency",
+            &agency,
+            "--name",
+            "Sam",
+            "--role",
+            "office",
+        ],
+        "userId",
+    )?;
+    let patient_count = (docs / 100).clamp(1, 20);
+    let mut patients = Vec::new();
+    for i in 0..patient_count {
+        let out = LocalRelay::admin(
+            &data,
+            &[
+                "create-patient",
+                "--agency",
+                &agency,
+                "--name",
+                &format!("Patient {i}"),
+            ],
+        )?;
+        let patient = out["patientId"].as_str().ok_or("patientId")?.to_owned();
+        admin(
+            &["assign", "--user", &nurse, "--patient", &patient],
+            "userId",
+        )?;
+        patients.push(patient);
+    }
+    let nurse_token = admin(
+        &["issue-token", "--user", &nurse, "--device", "phone"],
+        "token",
+    )?;
+    let relay = LocalRelay::start(&data)?;
+
+    // The office's desks create the visit notes (a desk per 2,000 notes: rate limits are per
+    // device).
+    let notes = docs - patient_count;
+    let mut seeders: Vec<(TestPeer, Vec<DocumentId>)> = Vec::new();
+    for chunk in 0..notes.div_ceil(DOCS_PER_SEEDER) {
+        let token = admin(
+            &[
+                "issue-token",
+                "--user",
+                &office,
+                "--device",
+                &format!("desk-{chunk}"),
+            ],
+            "token",
+        )?;
+        let mut peer = TestPeer::connect(&relay.ws_url(&token), Some(&format!("desk-{chunk}")))
+            .await
+            .map_err(|e| format!("seeder connect: {e:?}"))?;
+        let count = DOCS_PER_SEEDER.min(notes - chunk * DOCS_PER_SEEDER);
+        let ids: Vec<DocumentId> = (0..count)
+            .map(|i| {
+                let patient = &patients[(chunk * DOCS_PER_SEEDER + i) % patients.len()];
+                peer.create(visit_note(&agency, patient, &nurse))
+            })
+            .collect();
+        for batch in ids.chunks(SEED_BATCH) {
+            let outcomes = peer.sync_all(batch).await;
+            if !outcomes.iter().all(|o| matches!(o, SyncOutcome::InSync(_))) {
+                return Err("the relay refused a seeded note".into());
+            }
+        }
+        seeders.push((peer, ids));
+    }
+
+    let key = StoreKey::random();
+    let store = Arc::new(open_store(
+        &dir.path().join("phone.db"),
+        &key,
+        &nurse,
+        "phone",
+        Role::Clinician,
+    ));
+    let client = Arc::new(
+        SyncClient::new(
+            Arc::clone(&store),
+            RelayConfig {
+                base_url: relay.http_base(),
+                token: nurse_token,
+            },
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let bootstrap = client.run_pass(PassOptions::default()).await;
+    let held = store.document_ids().map_err(|e| e.to_string())?.len();
+    if held != docs {
+        return Err(format!(
+            "the device holds {held} documents after the first pass, expected {docs}: {:?}",
+            bootstrap.status
+        ));
+    }
+
+    let idle = client.run_pass(PassOptions::default()).await;
+    let idle_live = live_until_up_to_date(&client).await?;
+
+    let mut after_change = None;
+    let mut converged = true;
+    if changed > 0 {
+        let (peer, ids) = seeders
+            .first_mut()
+            .ok_or("no seeded notes to change (docs too small)")?;
+        if ids.len() < changed {
+            return Err("not enough seeded notes to change".into());
+        }
+        let targets: Vec<DocumentId> = ids
+            .iter()
+            .step_by(ids.len() / changed)
+            .take(changed)
+            .copied()
+            .collect();
+        for id in &targets {
+            set(
+                peer.doc_mut(*id).ok_or("seeded note")?,
+                "nextVisit",
+                "Tuesday 10:00",
+            );
+        }
+        let outcomes = peer.sync_all(&targets).await;
+        let relay_heads: Vec<_> = outcomes
+            .into_iter()
+            .map(|o| match o {
+                SyncOutcome::InSync(heads) => Ok(heads),
+                SyncOutcome::Unavailable => Err("the relay refused an edit".to_owned()),
+            })
+            .collect::<Result<_, _>>()?;
+        let report = client.run_pass(PassOptions::default()).await;
+        for (id, heads) in targets.iter().zip(&relay_heads) {
+            let mut ours = store.heads(*id).map_err(|e| e.to_string())?;
+            ours.sort();
+            let mut theirs = heads.clone();
+            theirs.sort();
+            converged &= ours == theirs;
+        }
+        after_change = Some(report);
+    }
+    Ok(ReconnectRun {
+        docs,
+        changed,
+        bootstrap,
+        idle,
+        idle_live,
+        after_change,
+        converged,
+    })
+}
+
+/// Run a live pass until it reports it is up to date, then stop it.
+async fn live_until_up_to_date(client: &Arc<SyncClient>) -> Result<PassReport, String> {
+    let mut events = client.subscribe();
+    let running = {
+        let client = Arc::clone(client);
+        tokio::spawn(async move {
+            client
+                .run_pass(PassOptions {
+                    live: true,
+                    ..PassOptions::default()
+                })
+                .await
+        })
+    };
+    let waited = tokio::time::timeout(LIVE_TIMEOUT, async {
+        loop {
+            match events.recv().await {
+                Ok(SyncEvent::UpToDate) => return Ok(()),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    client.stop();
+    let report = running.await.map_err(|e| e.to_string())?;
+    match waited {
+        Ok(Ok(())) => Ok(report),
+        Ok(Err(e)) => Err(format!("live session events: {e}")),
+        Err(_) => Err(format!(
+            "the live session did not get up to date within {LIVE_TIMEOUT:?}: {:?}",
+            report.status
+        )),
+    }
+}
