@@ -103,13 +103,21 @@ fn run_bounded(mut command: Command, timeout: Duration) -> Result<(bool, String,
         .spawn()
         .map_err(|e| format!("cannot start {shown}: {e}"))?;
     let mut child = Killed(child);
-    let stdout = drain(child.0.stdout.take().expect("piped stdout"));
-    let stderr = drain(child.0.stderr.take().expect("piped stderr"));
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = collect(Box::new(child.0.stdout.take().expect("piped stdout")));
+    let stderr = collect(Box::new(child.0.stderr.take().expect("piped stderr")));
     let status = wait_bounded(&mut child, timeout)
         .ok_or_else(|| format!("{shown} did not finish within {timeout:?}"))?;
-    // The drain threads see EOF once the child is gone; give them a moment to finish copying.
-    thread::sleep(Duration::from_millis(50));
-    Ok((status.success(), text_of(&stdout), text_of(&stderr)))
+    // The readers see end-of-file once the child (and anything holding its pipes) is gone.
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    Ok((status.success(), stdout, stderr))
 }
 
 // --- the JS side ------------------------------------------------------------------------------
