@@ -329,21 +329,26 @@ impl Inner {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
-        let mut loaded = documents::load(&tx, id, author)?;
+        let loaded = documents::load(&tx, id, author)?;
         tx.commit()?;
+        self.cache(id, loaded)
+    }
+
+    /// Keep a document in memory, evicting the least recently used beyond
+    /// [`MAX_CACHED_DOCS`] (only once everything journaled is in SQLite).
+    fn cache(&mut self, id: DocumentId, mut loaded: LoadedDoc) -> Result<()> {
+        self.clock += 1;
         loaded.last_used = self.clock;
         if self.docs.len() >= MAX_CACHED_DOCS {
-            // A document leaves memory only when all of it is in SQLite.
             self.fold()?;
-        }
-        if self.docs.len() >= MAX_CACHED_DOCS
-            && let Some(oldest) = self
+            if let Some(oldest) = self
                 .docs
                 .iter()
                 .min_by_key(|(_, d)| d.last_used)
                 .map(|(k, _)| *k)
-        {
-            self.docs.remove(&oldest);
+            {
+                self.docs.remove(&oldest);
+            }
         }
         self.docs.insert(id, loaded);
         Ok(())
@@ -613,9 +618,8 @@ impl Store {
         let now = model::now_ms();
         let actor = self.actor.clone();
         self.with(|inner| {
-            inner.write(Durability::PowerLoss, |tx, docs| {
-                documents::insert_new(tx, id, &mut doc, now, true)?;
-                index::refresh(tx, id, &mut doc, now)?;
+            inner.write(Durability::PowerLoss, |tx, _| {
+                documents::store_new(tx, id, &mut doc, now, true)?;
                 audit(
                     tx,
                     &actor,
@@ -623,10 +627,9 @@ impl Store {
                     Some(id),
                     Some(patient),
                     now,
-                )?;
-                docs.insert(id, LoadedDoc::new(doc, true));
-                Ok(())
-            })
+                )
+            })?;
+            inner.cache(id, LoadedDoc::new(doc, true))
         })
     }
 
@@ -1411,13 +1414,10 @@ impl Store {
             if !known {
                 let mut doc = model::load_document(bytes)?;
                 doc.set_author(Some(inner.author.clone()));
-                let result = inner.write(Durability::PowerLoss, |tx, _| {
-                    documents::insert_new(tx, id, &mut doc, now, false)?;
-                    index::refresh(tx, id, &mut doc, now)?;
-                    Ok(())
-                });
-                result?;
-                inner.docs.insert(id, LoadedDoc::new(doc, false));
+                inner.write(Durability::PowerLoss, |tx, _| {
+                    documents::store_new(tx, id, &mut doc, now, false)
+                })?;
+                inner.cache(id, LoadedDoc::new(doc, false))?;
                 return Ok(ImportOutcome {
                     created: true,
                     changed: true,
@@ -1429,15 +1429,10 @@ impl Store {
                 let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
                 let before = loaded.doc.get_heads();
                 loaded.doc.load_incremental(bytes)?;
-                loaded.refresh_cache();
                 if loaded.doc.get_heads() == before {
                     return Ok(false);
                 }
-                documents::append_chunk(tx, id, loaded)?;
-                index::refresh(tx, id, &mut loaded.doc, now)?;
-                if loaded.needs_compaction() {
-                    documents::compact(tx, id, loaded)?;
-                }
+                documents::store_merged(tx, id, loaded, now)?;
                 Ok(true)
             });
             match result {

@@ -70,11 +70,6 @@ fn has_surrogates(s: &str) -> bool {
     s.chars().any(|c| c.len_utf16() == 2)
 }
 
-/// Length of `s` in UTF-16 code units.
-pub fn utf16_len(s: &str) -> usize {
-    s.chars().map(char::len_utf16).sum()
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -87,7 +82,7 @@ mod tests {
         let t = doc.put_object(ROOT, "t", ObjType::Text).unwrap();
         let mut cache = HashMap::new();
         splice(&mut doc, &t, 0, 0, "a😀b", &mut cache).unwrap();
-        assert_eq!(utf16_len("a😀b"), 4);
+        assert_eq!("a😀b".encode_utf16().count(), 4);
         assert_eq!(cache.get(&t), Some(&false));
         assert!(
             splice(&mut doc, &t, 2, 0, "x", &mut cache).is_err(),

@@ -154,6 +154,36 @@ pub(crate) fn insert_new(
     Ok(())
 }
 
+/// Store a brand-new document with its index rows, in the caller's transaction.
+pub(crate) fn store_new(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    doc: &mut AutoCommit,
+    now_ms: i64,
+    unsynced: bool,
+) -> Result<()> {
+    insert_new(tx, id, doc, now_ms, unsynced)?;
+    super::index::refresh(tx, id, doc, now_ms)
+}
+
+/// Persist changes merged into a loaded document from elsewhere (an import, a sync message):
+/// the new chunk, the index and conflict rows, compaction when due — in the caller's
+/// transaction — and the cached facts, which foreign changes may alter.
+pub(crate) fn store_merged(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+    now_ms: i64,
+) -> Result<()> {
+    loaded.refresh_cache();
+    append_chunk(tx, id, loaded)?;
+    super::index::refresh(tx, id, &mut loaded.doc, now_ms)?;
+    if loaded.needs_compaction() {
+        compact(tx, id, loaded)?;
+    }
+    Ok(())
+}
+
 /// Whether a document exists in the store.
 pub(crate) fn exists(tx: &Transaction<'_>, id: DocumentId) -> Result<bool> {
     Ok(tx

@@ -13,9 +13,7 @@ use std::collections::{HashMap, HashSet};
 use automerge::{AutoCommit, Automerge, ChangeHash, TextEncoding};
 use rusqlite::{OptionalExtension, params};
 
-use super::{
-    Durability, Inner, LoadedDoc, MAX_CACHED_DOCS, Store, Tx, doc_id_from_sql, documents, index,
-};
+use super::{Durability, Inner, LoadedDoc, Store, Tx, doc_id_from_sql, documents};
 use crate::model;
 use crate::protocol::{DocSync, DocumentId, StorageId, decode_heads, encode_heads};
 use crate::sync::{
@@ -395,12 +393,7 @@ impl Store {
                 let outcome = trial.receive_autocommit(&mut loaded.doc, data)?;
                 let changed = outcome.changed();
                 if changed {
-                    loaded.refresh_cache();
-                    documents::append_chunk(tx, id, loaded)?;
-                    index::refresh(tx, id, &mut loaded.doc, now)?;
-                    if loaded.needs_compaction() {
-                        documents::compact(tx, id, loaded)?;
-                    }
+                    documents::store_merged(tx, id, loaded, now)?;
                 }
                 if trial.encode() != before {
                     save_sync_state(tx, peer, id, &trial)?;
@@ -645,27 +638,6 @@ impl Store {
     }
 }
 
-/// Keep a newly stored document in the bounded cache, evicting the least recently used one
-/// when full (a first sync brings thousands of documents; memory must not hold them all).
-fn cache(inner: &mut Inner, id: DocumentId, mut loaded: LoadedDoc) -> Result<()> {
-    inner.clock += 1;
-    loaded.last_used = inner.clock;
-    if inner.docs.len() >= MAX_CACHED_DOCS {
-        // A document leaves memory only when all of it is in SQLite.
-        inner.fold()?;
-        if let Some(oldest) = inner
-            .docs
-            .iter()
-            .min_by_key(|(_, d)| d.last_used)
-            .map(|(k, _)| *k)
-        {
-            inner.docs.remove(&oldest);
-        }
-    }
-    inner.docs.insert(id, loaded);
-    Ok(())
-}
-
 /// [`Store::apply_sync_message`] for a document this store does not hold: store it once the
 /// message brought content (a new caseload document), else only advance `sync`.
 fn apply_to_new(
@@ -691,8 +663,7 @@ fn apply_to_new(
     doc.set_author(Some(inner.author.clone()));
     let mut loaded = LoadedDoc::new(doc, false);
     let in_sync = inner.write(Durability::ProcessCrash, |tx, _| {
-        documents::insert_new(tx, id, &mut loaded.doc, now, false)?;
-        index::refresh(tx, id, &mut loaded.doc, now)?;
+        documents::store_new(tx, id, &mut loaded.doc, now, false)?;
         save_sync_state(tx, peer, id, &trial)?;
         let ours = loaded.doc.get_heads();
         settle(
@@ -707,7 +678,7 @@ fn apply_to_new(
         Ok(trial.in_sync(loaded.doc.document()))
     })?;
     loaded.saved_heads = loaded.doc.get_heads();
-    cache(inner, id, loaded)?;
+    inner.cache(id, loaded)?;
     *sync = trial;
     Ok(AppliedSync {
         created: true,
