@@ -38,25 +38,29 @@
 //! - `interventions[]`, `medicationsReviewed[]`, `teaching[]` — entries of scalars plus a Text
 //!   `note`.
 //! - `goalProgress.<goalId>.{status, note: Text}`, `nextVisit` — scalar.
-//! - `status` (`draft`/`signed`), `signature.{signedBy, signedAt, heads[], contentHash}` — scalars.
+//! - `status` (`draft`/`signed`, informative only: signed-ness comes from history, see
+//!   [`signing`]), `signatures[]` — `{payload, signature}`: signed payload JSON text and Ed25519
+//!   signature (hex), both scalars, each entry written in one change and never changed.
 //! - `addenda[]` — `{id, author, createdAt, text: Text}`.
 //! - `resolutions[]` — `{path, value, resolvedBy, resolvedAt}`: conflict resolutions (both kinds).
 
 mod conflicts;
 mod history;
 pub(crate) mod patient;
+pub mod signing;
 pub(crate) mod visit_note;
 
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, TextEncoding, Value};
 
 pub use conflicts::{Conflict, ConflictValue, find_conflicts};
-pub use history::{
-    HistoryEntry, ReviewItem, ReviewReason, changed_fields, history, post_signature_changes,
-};
+pub use history::{HistoryEntry, changed_fields, history};
 pub use patient::{
     Allergy, CarePlanItem, CarePlanLevel, CareTeamMember, Demographic, Medication, PatientChart,
     new_patient_chart,
+};
+pub use signing::{
+    DeviceKey, DirectoryKey, KeyDirectory, NoteLedger, ReviewItem, ReviewReason, Tamper, Verdict,
 };
 pub use visit_note::{
     Addendum, ListEntry, NoteList, NoteStatus, NoteText, Signature, SignatureCheck, VisitNote,
@@ -450,6 +454,15 @@ pub(crate) fn json_to_scalar(v: &serde_json::Value) -> Option<ScalarValue> {
 /// Who made a change. Automerge records the author once per actor (in the actor's first
 /// change), so look it up through the actor rather than on the change itself.
 pub(crate) fn change_author(doc: &AutoCommit, change: &automerge::Change) -> Option<Actor> {
+    doc.get_author_for_actor(change.actor_id())
+        .and_then(|a| Actor::from_author(&a))
+}
+
+/// [`change_author`] for a plain [`automerge::Automerge`] (the relay's documents).
+pub(crate) fn change_author_of(
+    doc: &automerge::Automerge,
+    change: &automerge::Change,
+) -> Option<Actor> {
     doc.get_author_for_actor(change.actor_id())
         .and_then(|a| Actor::from_author(&a))
 }

@@ -15,11 +15,12 @@ mod db;
 mod documents;
 mod index;
 mod journal;
+mod keys;
 mod sync_state;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ReadDoc};
@@ -32,8 +33,8 @@ pub use journal::FOLD_AFTER_RECORDS;
 
 use crate::model::{
     self, Actor, Allergy, CareTeamMember, Conflict, ConflictValue, Demographic, DocKind,
-    HistoryEntry, ListEntry, Medication, NoteList, NoteStatus, NoteText, PatientChart, ReviewItem,
-    Role, Signature, SignatureCheck, VisitNote, VisitStart, VitalReading,
+    HistoryEntry, KeyDirectory, ListEntry, Medication, NoteList, NoteStatus, NoteText,
+    PatientChart, ReviewItem, Role, Signature, SignatureCheck, VisitNote, VisitStart, VitalReading,
 };
 use crate::protocol::DocumentId;
 use crate::text;
@@ -179,6 +180,8 @@ struct Inner {
     /// Where splices are made durable before SQLite has them (`None`: a SQLite transaction
     /// per splice).
     journal: Option<Journal>,
+    /// The agency's device keys (last fetched copy), for verifying signatures.
+    keys: Arc<KeyDirectory>,
 }
 
 /// The encrypted local store of one device. Cheap to share behind an `Arc`; calls are
@@ -329,7 +332,7 @@ impl Inner {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
-        let loaded = documents::load(&tx, id, author)?;
+        let loaded = documents::load(&tx, id, author, self.keys.clone())?;
         tx.commit()?;
         self.cache(id, loaded)
     }
@@ -453,6 +456,36 @@ fn replay_one(
     Ok(true)
 }
 
+/// Verify a loaded note's signature (see [`Store::verify_signature`]).
+fn check_signature(id: DocumentId, loaded: &mut LoadedDoc) -> SignatureCheck {
+    use model::signing::{InvalidSignature, RoleOnly, Verdict, verify};
+    loaded.update_ledger();
+    let Some(entry) = loaded.ledger.signature().cloned() else {
+        return SignatureCheck::NotSigned;
+    };
+    let Some(signature) = Signature::from_entry(&entry) else {
+        return SignatureCheck::NotSigned;
+    };
+    match verify(loaded.doc.document(), id, &entry, &loaded.keys, &RoleOnly) {
+        Verdict::Valid => {
+            let heads = entry
+                .payload
+                .as_ref()
+                .and_then(|p| p.change_hashes())
+                .unwrap_or_default();
+            SignatureCheck::Valid {
+                rendering: model::visit_note::canonical_rendering(&loaded.doc, &heads),
+                signature,
+            }
+        }
+        Verdict::HeadsMissing => SignatureCheck::HeadsMissing,
+        Verdict::Invalid(InvalidSignature::UnknownKey) => SignatureCheck::Unverified { signature },
+        // The ledger only adopts signatures that count; one that no longer verifies (keys
+        // changed since) is reported by the rebuilt ledger. Show it as unverified meanwhile.
+        Verdict::Invalid(_) => SignatureCheck::Unverified { signature },
+    }
+}
+
 /// Check a cached document's kind.
 fn expect_kind(loaded: &LoadedDoc, id: DocumentId, kind: DocKind) -> Result<()> {
     if loaded.cache.kind == Some(kind) {
@@ -539,12 +572,14 @@ impl Store {
         } else {
             (None, Vec::new())
         };
+        let keys = Arc::new(keys::load_directory(&conn)?);
         let mut inner = Inner {
             conn,
             author: config.actor.author(),
             docs: HashMap::new(),
             clock: 0,
             journal,
+            keys,
         };
         if !leftover.is_empty() {
             inner.replay(leftover)?;
@@ -614,12 +649,13 @@ impl Store {
     }
 
     /// Store a brand-new document.
-    fn insert_document(&self, id: DocumentId, mut doc: AutoCommit, patient: &str) -> Result<()> {
+    fn insert_document(&self, id: DocumentId, doc: AutoCommit, patient: &str) -> Result<()> {
         let now = model::now_ms();
         let actor = self.actor.clone();
         self.with(|inner| {
+            let mut loaded = LoadedDoc::new(doc, true, inner.keys.clone());
             inner.write(Durability::PowerLoss, |tx, _| {
-                documents::store_new(tx, id, &mut doc, now, true)?;
+                documents::store_new(tx, id, &mut loaded, now, true)?;
                 audit(
                     tx,
                     &actor,
@@ -629,7 +665,7 @@ impl Store {
                     now,
                 )
             })?;
-            inner.cache(id, LoadedDoc::new(doc, true))
+            inner.cache(id, loaded)
         })
     }
 
@@ -687,7 +723,7 @@ impl Store {
                 documents::mark_unsynced(tx, id, loaded)?;
                 if reindex == Reindex::Yes {
                     loaded.refresh_cache();
-                    index::refresh(tx, id, &mut loaded.doc, now)?;
+                    index::refresh(tx, id, loaded, now)?;
                 }
                 if loaded.needs_compaction() {
                     documents::compact(tx, id, loaded)?;
@@ -719,13 +755,23 @@ impl Store {
         audit_action: Option<AuditAction>,
         f: impl FnOnce(&mut AutoCommit) -> Result<T>,
     ) -> Result<T> {
+        self.read_loaded(id, audit_action, |loaded| f(&mut loaded.doc))
+    }
+
+    /// [`Store::read`] with access to the cached per-document state (the signature ledger).
+    fn read_loaded<T>(
+        &self,
+        id: DocumentId,
+        audit_action: Option<AuditAction>,
+        f: impl FnOnce(&mut LoadedDoc) -> Result<T>,
+    ) -> Result<T> {
         let now = model::now_ms();
         let actor = &self.actor;
         self.with(|inner| {
             let author = inner.author.clone();
             inner.ensure_loaded(id, &author)?;
             let loaded = inner.docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
-            let out = f(&mut loaded.doc)?;
+            let out = f(loaded)?;
             if let Some(action) = audit_action {
                 let patient = model::root_info(&loaded.doc).patient_id;
                 inner.write(Durability::ProcessCrash, |tx, _| {
@@ -904,9 +950,10 @@ impl Store {
 
     /// Open a visit note (audited as `note-viewed`).
     pub fn visit_note(&self, id: DocumentId) -> Result<VisitNote> {
-        self.read(id, Some(AuditAction::NoteViewed), |doc| {
-            model::expect_kind(doc, id, DocKind::VisitNote)?;
-            Ok(VisitNote::read(id, doc))
+        self.read_loaded(id, Some(AuditAction::NoteViewed), |loaded| {
+            model::expect_kind(&loaded.doc, id, DocKind::VisitNote)?;
+            loaded.update_ledger();
+            Ok(VisitNote::read(id, &mut loaded.doc, &loaded.ledger))
         })
     }
 
@@ -918,15 +965,17 @@ impl Store {
         durability: Durability,
         f: impl FnOnce(&mut AutoCommit, &Actor, i64) -> Result<T>,
     ) -> Result<T> {
-        self.edit(
+        self.edit_loaded(
             id,
             DocKind::VisitNote,
             message,
             reindex,
             durability,
-            |doc, actor, now| {
-                model::visit_note::ensure_editable(doc, id)?;
-                f(doc, actor, now)
+            |loaded, actor, now| {
+                if loaded.cache.signed {
+                    return Err(Error::NoteSigned(id));
+                }
+                f(&mut loaded.doc, actor, now)
             },
         )
     }
@@ -1073,62 +1122,121 @@ impl Store {
         )
     }
 
-    /// Sign the note (clinicians). Afterwards the body refuses edits; only addenda are added.
+    /// Sign the note (clinicians) with this device's key: an Ed25519 signature over the
+    /// document id, heads, the hash of the canonical rendering at those heads, signer, device,
+    /// role and time (see `model::signing`). Afterwards the body refuses edits; only addenda are
+    /// added.
     pub fn sign(&self, id: DocumentId) -> Result<Signature> {
         self.require_role(&[Role::Clinician], "sign notes")?;
-        let sig = self.note_edit(
+        let role = self.role;
+        let key = self.with(|inner| inner.signing_key())?;
+        self.note_edit(
             id,
             "sign",
             Reindex::Yes,
             Durability::PowerLoss,
-            model::visit_note::sign,
+            |doc, actor, now| model::signing::sign(doc, id, &key, actor, role, now),
         )?;
         self.audit_now(AuditAction::Signed, id)?;
-        Ok(sig)
+        self.read_loaded(id, None, |loaded| {
+            // The entry just written (whether or not this device's key list vouches for it).
+            let heads: Vec<String> = loaded
+                .doc
+                .get_heads()
+                .iter()
+                .map(|h| h.to_string())
+                .collect();
+            loaded
+                .ledger
+                .signatures()
+                .find(|e| heads.contains(&e.change))
+                .and_then(Signature::from_entry)
+                .ok_or_else(|| Error::Corrupt("the signature just written is unreadable".into()))
+        })
     }
 
     /// Add an addendum (a correction or late entry, with author and time) to a signed note.
     pub fn add_addendum(&self, id: DocumentId, text: &str) -> Result<String> {
-        self.edit(
+        self.edit_loaded(
             id,
             DocKind::VisitNote,
             "add addendum",
             Reindex::Yes,
             Durability::PowerLoss,
-            |doc, actor, now| {
-                if !model::visit_note::is_signed(doc) {
+            |loaded, actor, now| {
+                if !loaded.cache.signed {
                     return Err(Error::InvalidInput(
                         "addenda are for signed notes; edit the draft instead".into(),
                     ));
                 }
-                model::visit_note::add_addendum(doc, actor, now, text)
+                model::visit_note::add_addendum(&mut loaded.doc, actor, now, text)
             },
         )
     }
 
-    /// Render the note as signed and verify it against the signature's hash.
+    /// Re-verify the note's signature against this device's copy of the agency's keys and
+    /// render it as signed (at the signature heads).
     pub fn verify_signature(&self, id: DocumentId) -> Result<SignatureCheck> {
-        self.read(id, None, |doc| {
-            model::expect_kind(doc, id, DocKind::VisitNote)?;
-            Ok(model::visit_note::check_signature(doc))
+        self.read_loaded(id, None, |loaded| {
+            model::expect_kind(&loaded.doc, id, DocKind::VisitNote)?;
+            Ok(check_signature(id, loaded))
         })
     }
 
-    /// The signed rendering, for printing or sending (audited as `exported`).
+    /// The signed note for printing or sending (audited as `exported`): verified first, then
+    /// the signed rendering with signer, device, time, signature and addenda, as JSON.
     pub fn export_signed(&self, id: DocumentId) -> Result<String> {
-        match self.read(id, Some(AuditAction::Exported), |doc| {
-            Ok(model::visit_note::check_signature(doc))
-        })? {
-            SignatureCheck::Valid { rendering } => Ok(rendering),
-            other => Err(Error::InvalidInput(format!(
-                "note cannot be exported as signed: {other:?}"
-            ))),
+        let (check, addenda) = self.read_loaded(id, Some(AuditAction::Exported), |loaded| {
+            model::expect_kind(&loaded.doc, id, DocKind::VisitNote)?;
+            let check = check_signature(id, loaded);
+            let note = VisitNote::read(id, &mut loaded.doc, &loaded.ledger);
+            Ok((check, note.addenda))
+        })?;
+        match check {
+            SignatureCheck::Valid {
+                rendering,
+                signature,
+            } => {
+                let body: serde_json::Value = serde_json::from_str(&rendering)?;
+                Ok(serde_json::json!({
+                    "documentId": id.to_string(),
+                    "verified": true,
+                    "signedBy": signature.signed_by,
+                    "deviceId": signature.device_id,
+                    "role": signature.role,
+                    "signedAtMs": signature.signed_at_ms,
+                    "heads": signature.heads,
+                    "contentHash": signature.content_hash,
+                    "signature": signature.signature,
+                    "body": body,
+                    "addenda": addenda,
+                })
+                .to_string())
+            }
+            SignatureCheck::NotSigned => Err(Error::InvalidInput(
+                "note is not signed; only signed notes are exported as signed".into(),
+            )),
+            SignatureCheck::Unverified { .. } => Err(Error::InvalidInput(
+                "the signing device's key is not known here yet; fetch the agency's keys".into(),
+            )),
+            SignatureCheck::HeadsMissing => Err(Error::InvalidInput(
+                "the signed version has not fully synced to this device yet".into(),
+            )),
         }
     }
 
-    /// Changes of a signed note that are not part of the signed version, for review.
+    /// Changes of a signed note that are not part of the signed version, and tampering, for
+    /// review (from the index; a burst of typing by one author is one item).
     pub fn post_signature_changes(&self, id: DocumentId) -> Result<Vec<ReviewItem>> {
         self.with(|inner| {
+            // The index is written with each document write; a freshly loaded document may
+            // hold items not yet written (a rebuilt ledger), so read them from memory when loaded.
+            if let Some(loaded) = inner.docs.get_mut(&id) {
+                loaded.update_ledger();
+                let mut items = loaded.ledger.review_items().to_vec();
+                items.sort_by(|a, b| a.id.cmp(&b.id));
+                return Ok(items);
+            }
             let mut stmt = inner.conn.prepare_cached(
                 "SELECT item_json FROM review_items WHERE doc_id = ?1 ORDER BY change",
             )?;
@@ -1178,10 +1286,11 @@ impl Store {
     /// [`Conflict::values`]). The choice, who made it and the values it replaced are recorded in
     /// the document's `resolutions` list, so every replica sees it.
     pub fn resolve_conflict(&self, id: DocumentId, path: &str, choice: usize) -> Result<()> {
-        let kind = self.read(id, None, |doc| {
-            model::root_info(doc)
+        let (kind, signed) = self.read_loaded(id, None, |loaded| {
+            let kind = model::root_info(&loaded.doc)
                 .kind
-                .ok_or_else(|| Error::InvalidInput("document has no kind".into()))
+                .ok_or_else(|| Error::InvalidInput("document has no kind".into()))?;
+            Ok((kind, loaded.cache.signed))
         })?;
         self.edit(
             id,
@@ -1190,10 +1299,7 @@ impl Store {
             Reindex::Yes,
             Durability::PowerLoss,
             |doc, actor, now| {
-                if kind == DocKind::VisitNote
-                    && model::visit_note::is_signed(doc)
-                    && !path.starts_with("addenda/")
-                {
+                if kind == DocKind::VisitNote && signed && !path.starts_with("addenda/") {
                     return Err(Error::NoteSigned(id));
                 }
                 let conflict = model::find_conflicts(doc)
@@ -1414,10 +1520,11 @@ impl Store {
             if !known {
                 let mut doc = model::load_document(bytes)?;
                 doc.set_author(Some(inner.author.clone()));
+                let mut loaded = LoadedDoc::new(doc, false, inner.keys.clone());
                 inner.write(Durability::PowerLoss, |tx, _| {
-                    documents::store_new(tx, id, &mut doc, now, false)
+                    documents::store_new(tx, id, &mut loaded, now, false)
                 })?;
-                inner.cache(id, LoadedDoc::new(doc, false))?;
+                inner.cache(id, loaded)?;
                 return Ok(ImportOutcome {
                     created: true,
                     changed: true,

@@ -3,56 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use fieldchart_core::model::{Actor, Medication, NoteText, Role, SignatureCheck, VisitStart};
+mod common;
+
+use common::{Replica, publish_all, replica, sync, visit};
+use fieldchart_core::model::{Medication, NoteText, Role, SignatureCheck};
 use fieldchart_core::protocol::DocumentId;
-use fieldchart_core::store::{Store, StoreConfig, StoreKey};
-
-struct Replica {
-    store: Store,
-    _dir: tempfile::TempDir,
-}
-
-fn replica(user: &str, role: Role) -> Replica {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(StoreConfig {
-        path: dir.path().join("device.db"),
-        key: StoreKey::random(),
-        actor: Actor {
-            user_id: user.into(),
-            device_id: format!("{user}-phone"),
-        },
-        role,
-        keystroke_journal: true,
-    })
-    .unwrap();
-    Replica { store, _dir: dir }
-}
-
-/// Copy every document of `from` into `to`.
-fn push(from: &Replica, to: &Replica) {
-    for id in from.store.document_ids().unwrap() {
-        to.store
-            .import(id, &from.store.export_changes(id).unwrap())
-            .unwrap();
-    }
-}
-
-fn sync(a: &Replica, b: &Replica) {
-    push(a, b);
-    push(b, a);
-}
-
-fn visit(patient: &str) -> VisitStart {
-    VisitStart {
-        agency_id: "agency".into(),
-        patient_id: patient.into(),
-        service_type: "skilled-nursing".into(),
-        date: "2026-11-27".into(),
-        location: "home".into(),
-        started_at_ms: 1_764_230_400_000,
-        start_monotonic_ms: 1,
-    }
-}
 
 fn chart(office: &Replica) -> DocumentId {
     office
@@ -212,6 +167,7 @@ fn two_nurses_edit_the_same_medication_and_both_values_are_listed() {
 fn signing_while_another_edits_offline_keeps_the_signed_version_and_lists_the_edit() {
     let ana = replica("ana", Role::Clinician);
     let ben = replica("ben", Role::Clinician);
+    publish_all(&[&ana, &ben]);
     let note = ana.store.start_visit(&visit("p1")).unwrap();
     ana.store
         .update_text(note, NoteText::Assessment, "Wound clean, dry.")
@@ -223,26 +179,26 @@ fn signing_while_another_edits_offline_keeps_the_signed_version_and_lists_the_ed
         .splice_text(note, NoteText::Assessment, 17, 0, " Mild erythema.")
         .unwrap();
     let sig = ana.store.sign(note).unwrap();
-    let SignatureCheck::Valid { rendering: signed } = ana.store.verify_signature(note).unwrap()
+    let SignatureCheck::Valid {
+        rendering: signed, ..
+    } = ana.store.verify_signature(note).unwrap()
     else {
         panic!()
     };
     sync(&ana, &ben);
 
     for r in [&ana, &ben] {
-        let SignatureCheck::Valid { rendering } = r.store.verify_signature(note).unwrap() else {
+        let SignatureCheck::Valid { rendering, .. } = r.store.verify_signature(note).unwrap()
+        else {
             panic!("signature must verify")
         };
         assert_eq!(rendering, signed, "the signed rendering never changes");
         assert!(!rendering.contains("erythema"));
-        // The current state carries Ben's text, and it is listed for review.
-        assert!(
-            r.store
-                .visit_note(note)
-                .unwrap()
-                .assessment
-                .contains("Mild erythema")
-        );
+        // The note reads as signed (Ben's text is not under the Signed status); his change
+        // is listed for review instead.
+        let view = r.store.visit_note(note).unwrap();
+        assert_eq!(view.assessment, "Wound clean, dry.");
+        assert_eq!(view.status, fieldchart_core::model::NoteStatus::Signed);
         let review = r.store.post_signature_changes(note).unwrap();
         assert_eq!(review.len(), 1, "{review:?}");
         assert_eq!(review[0].author.as_ref().unwrap().user_id, "ben");

@@ -128,6 +128,25 @@ fn client_for(store: &Arc<Store>, base_url: &str, token: &str) -> Arc<SyncClient
     )
 }
 
+/// Give every device the agency's key list (what `GET /v1/keys` serves), so signatures verify.
+fn publish_device_keys(devices: &[Device]) {
+    let keys: Vec<fieldchart_core::model::DirectoryKey> = devices
+        .iter()
+        .map(|d| fieldchart_core::model::DirectoryKey {
+            user_id: d.user.clone(),
+            role: d.role.as_str().into(),
+            device_id: d.name.clone(),
+            public_key: hex_encode(&d.store.device_public_key().expect("key")),
+            enrolled_at_ms: 0,
+            revoked_at_ms: None,
+        })
+        .collect();
+    let json = serde_json::json!({"agencyId": "", "keys": keys}).to_string();
+    for d in devices {
+        d.store.set_key_directory(&json).expect("keys");
+    }
+}
+
 fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
     heads.sort();
     heads
@@ -233,6 +252,7 @@ async fn a_day_of_offline_charting_reaches_the_agency_and_the_agencys_changes_re
         ),
     ];
     let [a, b, office] = &devices;
+    publish_device_keys(&devices);
 
     // Morning, in coverage: every device fetches the charts.
     for d in &devices {
@@ -277,7 +297,12 @@ async fn a_day_of_offline_charting_reaches_the_agency_and_the_agencys_changes_re
             .expect("finish");
         if i < 5 {
             a.store.sign(note).expect("sign");
-            signed_renderings.insert(note, a.store.export_signed(note).expect("render"));
+            let SignatureCheck::Valid { rendering, .. } =
+                a.store.verify_signature(note).expect("verify")
+            else {
+                panic!("a note just signed verifies")
+            };
+            signed_renderings.insert(note, rendering);
         }
         notes.push(note);
     }
@@ -367,7 +392,9 @@ async fn a_day_of_offline_charting_reaches_the_agency_and_the_agencys_changes_re
         );
         for (note, rendering) in &signed_renderings {
             match d.store.verify_signature(*note).expect("verify") {
-                SignatureCheck::Valid { rendering: here } => {
+                SignatureCheck::Valid {
+                    rendering: here, ..
+                } => {
                     assert_eq!(&here, rendering, "{} renders {note} differently", d.name);
                 }
                 other => panic!("{}: {note} does not verify: {other:?}", d.name),

@@ -7,10 +7,10 @@
 //! reported as post-signature changes for review (see `history`).
 
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue};
+use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, ROOT, ReadDoc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use super::signing::{self, NoteLedger, SignatureEntry};
 use super::{
     Actor, DocKind, VISIT_NOTE_SCHEMA, commit, ensure_obj, get_i64, get_obj, get_string,
     new_document, new_item_id, obj_to_json, put_root, put_text,
@@ -20,7 +20,13 @@ use crate::{Error, Result};
 
 /// Root keys that are not part of the signed body: the signature itself, the status it sets,
 /// and what may legitimately be added after signing.
-const UNSIGNED_KEYS: &[&str] = &["signature", "status", "addenda", "resolutions"];
+const UNSIGNED_KEYS: &[&str] = &[
+    "signatures",
+    "signature",
+    "status",
+    "addenda",
+    "resolutions",
+];
 
 /// Everything captured when a visit starts (the EVV facts, device-side).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,17 +191,42 @@ pub struct VitalReading {
     pub supersedes: Option<String>,
 }
 
-/// The signature block of a signed note.
+/// A signature as shown to a person: who signed, on which device, when, over what.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signature {
     /// User id of the signer.
     pub signed_by: String,
+    /// The signer's device.
+    pub device_id: String,
+    /// The signer's role when signing.
+    pub role: String,
     /// When, ms since the epoch.
     pub signed_at_ms: i64,
     /// Document heads at signing (hex).
     pub heads: Vec<String>,
     /// SHA-256 (hex) of the canonical rendering at `heads`.
     pub content_hash: String,
+    /// The Ed25519 signature (hex) over the signed payload.
+    pub signature: String,
+    /// The change that added it (hex).
+    pub change: String,
+}
+
+impl Signature {
+    /// The view of a signature entry found in history (`None` if its payload is malformed).
+    pub fn from_entry(entry: &SignatureEntry) -> Option<Signature> {
+        let p = entry.payload.as_ref()?;
+        Some(Signature {
+            signed_by: p.user_id.clone(),
+            device_id: p.device_id.clone(),
+            role: p.role.clone(),
+            signed_at_ms: p.signed_at_ms,
+            heads: p.heads.clone(),
+            content_hash: p.content_hash.clone(),
+            signature: entry.signature.clone(),
+            change: entry.change.clone(),
+        })
+    }
 }
 
 /// An addendum to a signed note.
@@ -211,25 +242,28 @@ pub struct Addendum {
     pub text: String,
 }
 
-/// Result of re-verifying a signature.
+/// Result of re-verifying a note's signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SignatureCheck {
-    /// The note is not signed.
+    /// No signature in the note's history counts (none, or only ones that do not verify, which
+    /// are listed as review items).
     NotSigned,
-    /// The rendering at the signature heads hashes to the recorded hash.
+    /// Verified against the agency's keys: the rendering at the signature heads hashes to the
+    /// signed hash, under an enrolled, unrevoked key of an allowed signer.
     Valid {
-        /// The rendering that was verified.
+        /// The signed rendering.
         rendering: String,
+        /// Who signed, when.
+        signature: Signature,
+    },
+    /// Signed, but this replica's copy of the agency's keys does not know the signing device
+    /// yet (fetch the keys and check again). The note is locked all the same.
+    Unverified {
+        /// Who claims to have signed.
+        signature: Signature,
     },
     /// The signed heads are not all present in this replica yet (still syncing).
     HeadsMissing,
-    /// The rendering does not hash to the recorded value: the record was altered.
-    Mismatch {
-        /// Hash recorded in the signature.
-        expected: String,
-        /// Hash of the rendering now.
-        actual: String,
-    },
 }
 
 /// A read view of a visit note (current state).
@@ -327,23 +361,12 @@ pub(crate) fn new_visit_note(
     }
     doc.put_object(ROOT, "goalProgress", ObjType::Map)?;
     doc.put_object(ROOT, "addenda", ObjType::List)?;
+    // Made with the note, so two devices signing offline append to one list instead of
+    // creating competing lists (a replaced list reads as tampering).
+    doc.put_object(ROOT, signing::SIGNATURES_KEY, ObjType::List)?;
     doc.put(ROOT, "status", NoteStatus::Draft.as_str())?;
     commit(&mut doc, "start visit", now_ms);
     Ok((DocumentId::random(), doc))
-}
-
-/// Whether the note carries a signature (any replica's).
-pub(crate) fn is_signed(doc: &impl ReadDoc) -> bool {
-    get_obj(doc, &ROOT, "signature").is_some()
-}
-
-/// Refuse body edits of a signed note.
-pub(crate) fn ensure_editable(doc: &impl ReadDoc, id: DocumentId) -> Result<()> {
-    if is_signed(doc) {
-        Err(Error::NoteSigned(id))
-    } else {
-        Ok(())
-    }
 }
 
 pub(crate) fn finish_visit(
@@ -438,82 +461,6 @@ pub fn canonical_rendering(doc: &impl ReadDoc, heads: &[ChangeHash]) -> String {
     body.to_string()
 }
 
-fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
-
-pub(crate) fn sign(doc: &mut AutoCommit, actor: &Actor, now_ms: i64) -> Result<Signature> {
-    let heads = doc.get_heads();
-    let rendering = canonical_rendering(doc, &heads);
-    let sig = Signature {
-        signed_by: actor.user_id.clone(),
-        signed_at_ms: now_ms,
-        heads: heads.iter().map(|h| h.to_string()).collect(),
-        content_hash: sha256_hex(&rendering),
-    };
-    let obj = doc.put_object(ROOT, "signature", ObjType::Map)?;
-    doc.put(&obj, "signedBy", sig.signed_by.as_str())?;
-    doc.put(&obj, "signedAt", sig.signed_at_ms)?;
-    doc.put(&obj, "contentHash", sig.content_hash.as_str())?;
-    let list = doc.put_object(&obj, "heads", ObjType::List)?;
-    for (i, h) in sig.heads.iter().enumerate() {
-        doc.insert(&list, i, h.as_str())?;
-    }
-    doc.put(ROOT, "status", NoteStatus::Signed.as_str())?;
-    Ok(sig)
-}
-
-pub(crate) fn read_signature(doc: &impl ReadDoc) -> Option<Signature> {
-    let obj = get_obj(doc, &ROOT, "signature")?;
-    let list = get_obj(doc, &obj, "heads")?;
-    let heads = (0..doc.length(&list))
-        .filter_map(|i| match doc.get(&list, i).ok()?? {
-            (automerge::Value::Scalar(s), _) => match s.as_ref() {
-                ScalarValue::Str(s) => Some(s.to_string()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect();
-    Some(Signature {
-        signed_by: get_string(doc, &obj, "signedBy")?,
-        signed_at_ms: get_i64(doc, &obj, "signedAt")?,
-        heads,
-        content_hash: get_string(doc, &obj, "contentHash")?,
-    })
-}
-
-/// Parse the signature's heads.
-pub(crate) fn signature_heads(sig: &Signature) -> Option<Vec<ChangeHash>> {
-    sig.heads.iter().map(|h| h.parse().ok()).collect()
-}
-
-/// Render the note as signed and check it against the recorded hash.
-pub(crate) fn check_signature(doc: &mut AutoCommit) -> SignatureCheck {
-    let Some(sig) = read_signature(doc) else {
-        return SignatureCheck::NotSigned;
-    };
-    let Some(heads) = signature_heads(&sig) else {
-        return SignatureCheck::Mismatch {
-            expected: sig.content_hash,
-            actual: "unparseable heads".into(),
-        };
-    };
-    if heads.iter().any(|h| doc.get_change_by_hash(h).is_none()) {
-        return SignatureCheck::HeadsMissing;
-    }
-    let rendering = canonical_rendering(doc, &heads);
-    let actual = sha256_hex(&rendering);
-    if actual == sig.content_hash {
-        SignatureCheck::Valid { rendering }
-    } else {
-        SignatureCheck::Mismatch {
-            expected: sig.content_hash,
-            actual,
-        }
-    }
-}
-
 pub(crate) fn add_addendum(
     doc: &mut AutoCommit,
     actor: &Actor,
@@ -567,19 +514,47 @@ fn read_entries(doc: &impl ReadDoc, list: NoteList) -> Vec<ListEntry> {
     })
 }
 
+fn read_addenda(doc: &impl ReadDoc) -> Vec<Addendum> {
+    read_list(doc, "addenda", |o| {
+        Some(Addendum {
+            id: get_string(doc, o, "id")?,
+            author: get_string(doc, o, "author").unwrap_or_default(),
+            created_at_ms: get_i64(doc, o, "createdAt").unwrap_or_default(),
+            text: get_string(doc, o, "text").unwrap_or_default(),
+        })
+    })
+}
+
 impl VisitNote {
-    /// Read the note's current state.
-    pub fn read(document_id: DocumentId, doc: &impl ReadDoc) -> VisitNote {
-        let signature = read_signature(doc);
+    /// Read the note. A signed note's body is read *at its signature heads* — the version
+    /// that was signed — never the merged current state; later changes are listed separately
+    /// as review items. Signed-ness comes from the ledger (history), not the current value.
+    pub fn read(document_id: DocumentId, doc: &mut AutoCommit, ledger: &NoteLedger) -> VisitNote {
+        let signature = ledger.signature().and_then(Signature::from_entry);
+        let heads: Option<Vec<ChangeHash>> = signature
+            .as_ref()
+            .and_then(|s| s.heads.iter().map(|h| h.parse().ok()).collect());
+        let signed_view = heads
+            .filter(|h| h.iter().all(|c| doc.get_change_by_hash(c).is_some()))
+            .and_then(|h| doc.fork_at(&h).ok());
+        let mut note = match signed_view {
+            Some(fork) => Self::read_body(document_id, &fork),
+            None => Self::read_body(document_id, doc),
+        };
+        if ledger.is_signed() {
+            note.status = NoteStatus::Signed;
+        }
+        note.signature = signature;
+        note.addenda = read_addenda(doc);
+        note
+    }
+
+    fn read_body(document_id: DocumentId, doc: &impl ReadDoc) -> VisitNote {
         VisitNote {
             document_id,
             patient_id: get_string(doc, &ROOT, "patientId").unwrap_or_default(),
             agency_id: get_string(doc, &ROOT, "agencyId").unwrap_or_default(),
-            status: if signature.is_some() {
-                NoteStatus::Signed
-            } else {
-                NoteStatus::Draft
-            },
+            status: NoteStatus::Draft,
             evv: get_obj(doc, &ROOT, "evv")
                 .map(|o| obj_to_json(doc, &o, None))
                 .unwrap_or_default(),
@@ -593,15 +568,8 @@ impl VisitNote {
                 .map(|o| obj_to_json(doc, &o, None))
                 .unwrap_or_default(),
             next_visit: get_string(doc, &ROOT, "nextVisit"),
-            signature,
-            addenda: read_list(doc, "addenda", |o| {
-                Some(Addendum {
-                    id: get_string(doc, o, "id")?,
-                    author: get_string(doc, o, "author").unwrap_or_default(),
-                    created_at_ms: get_i64(doc, o, "createdAt").unwrap_or_default(),
-                    text: get_string(doc, o, "text").unwrap_or_default(),
-                })
-            }),
+            signature: None,
+            addenda: Vec::new(),
         }
     }
 }
@@ -610,6 +578,8 @@ impl VisitNote {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::model::Role;
+    use crate::model::signing::{DeviceKey, KeyDirectory, Tamper};
 
     fn start() -> VisitStart {
         VisitStart {
@@ -623,51 +593,99 @@ mod tests {
         }
     }
 
+    fn directory(nurse: &Actor, key: &DeviceKey) -> KeyDirectory {
+        KeyDirectory {
+            agency_id: "ag".into(),
+            keys: vec![signing::DirectoryKey {
+                user_id: nurse.user_id.clone(),
+                role: "clinician".into(),
+                device_id: nurse.device_id.clone(),
+                public_key: hex::encode(key.public_key()),
+                enrolled_at_ms: 0,
+                revoked_at_ms: None,
+            }],
+        }
+    }
+
     #[test]
     fn signing_freezes_the_rendering_and_verifies() {
         let nurse = Actor {
             user_id: "n1".into(),
             device_id: "phone".into(),
         };
-        let (_, mut doc) = new_visit_note(&start(), &nurse, 1_000).unwrap();
+        let key = DeviceKey::generate();
+        let keys = directory(&nurse, &key);
+        let (id, mut doc) = new_visit_note(&start(), &nurse, 1_000).unwrap();
         let text = text_obj(&mut doc, NoteText::Assessment).unwrap();
         doc.splice_text(&text, 0, 0, "Alert, oriented 😀 x3")
             .unwrap();
         commit(&mut doc, "type", 2_000);
-        let sig = sign(&mut doc, &nurse, 3_000).unwrap();
+        let payload = signing::sign(&mut doc, id, &key, &nurse, Role::Clinician, 3_000).unwrap();
         commit(&mut doc, "sign", 3_000);
-        let SignatureCheck::Valid { rendering } = check_signature(&mut doc) else {
-            panic!("not valid")
-        };
-        assert!(rendering.contains("Alert, oriented 😀 x3"));
-        assert!(!rendering.contains("signature"));
         add_addendum(&mut doc, &nurse, 4_000, "Late entry: pt called back").unwrap();
         commit(&mut doc, "addendum", 4_000);
-        assert!(matches!(
-            check_signature(&mut doc),
-            SignatureCheck::Valid { .. }
-        ));
-        let note = VisitNote::read(DocumentId::random(), &doc);
+        let ledger = NoteLedger::build(doc.document(), &keys, &signing::RoleOnly);
+        assert!(ledger.is_signed());
+        assert!(
+            ledger.review_items().is_empty(),
+            "{:?}",
+            ledger.review_items()
+        );
+        let entry = ledger.signature().unwrap().clone();
+        assert_eq!(
+            signing::verify(doc.document(), id, &entry, &keys, &signing::RoleOnly),
+            signing::Verdict::Valid
+        );
+        let note = VisitNote::read(id, &mut doc, &ledger);
         assert_eq!(note.status, NoteStatus::Signed);
-        assert_eq!(note.signature.unwrap().content_hash, sig.content_hash);
+        assert_eq!(note.assessment, "Alert, oriented 😀 x3");
+        assert_eq!(note.signature.unwrap().content_hash, payload.content_hash);
         assert_eq!(note.addenda.len(), 1);
     }
 
     #[test]
-    fn tampering_with_the_hash_is_detected() {
+    fn a_forged_or_deleted_signature_is_tampering_and_the_note_stays_signed() {
         let nurse = Actor {
             user_id: "n1".into(),
             device_id: "phone".into(),
         };
-        let (_, mut doc) = new_visit_note(&start(), &nurse, 1_000).unwrap();
-        sign(&mut doc, &nurse, 3_000).unwrap();
-        let sig = get_obj(&doc, &ROOT, "signature").unwrap();
-        doc.put(&sig, "contentHash", "00").unwrap();
-        commit(&mut doc, "tamper", 3_000);
-        assert!(matches!(
-            check_signature(&mut doc),
-            SignatureCheck::Mismatch { .. }
-        ));
+        let key = DeviceKey::generate();
+        let keys = directory(&nurse, &key);
+        let (id, mut doc) = new_visit_note(&start(), &nurse, 1_000).unwrap();
+        signing::sign(&mut doc, id, &key, &nurse, Role::Clinician, 3_000).unwrap();
+        commit(&mut doc, "sign", 3_000);
+        let mut ledger = NoteLedger::build(doc.document(), &keys, &signing::RoleOnly);
+        let before = doc.get_heads();
+        // Delete the signature entry and type into the body.
+        let list = get_obj(&doc, &ROOT, "signatures").unwrap();
+        doc.delete(&list, 0).unwrap();
+        let text = text_obj(&mut doc, NoteText::Plan).unwrap();
+        doc.splice_text(&text, 0, 0, "rewritten").unwrap();
+        commit(&mut doc, "tamper", 4_000);
+        // And add a signature by a key nobody enrolled.
+        let rogue = DeviceKey::generate();
+        signing::sign(&mut doc, id, &rogue, &nurse, Role::Clinician, 5_000).unwrap();
+        commit(&mut doc, "forge", 5_000);
+        let changes = doc.get_changes(&before);
+        let seen = ledger.observe(doc.document(), &changes, &keys, &signing::RoleOnly);
+        let kinds: Vec<&Tamper> = seen.tampers.iter().map(|(_, t)| t).collect();
+        assert!(kinds.contains(&&Tamper::SignatureDeleted), "{kinds:?}");
+        assert!(
+            kinds.contains(&&Tamper::InvalidSignature {
+                reason: signing::InvalidSignature::BadSignature
+            }),
+            "{kinds:?}"
+        );
+        assert!(ledger.is_signed());
+        let note = VisitNote::read(id, &mut doc, &ledger);
+        assert_eq!(note.status, NoteStatus::Signed);
+        assert_eq!(
+            note.plan, "",
+            "the signed version is rendered, not the edit"
+        );
+        assert!(ledger.review_items().iter().any(|i| i.reason
+            == signing::ReviewReason::BodyEditAfterSignature
+            && i.fields.contains(&"plan".to_owned())));
     }
 
     #[test]
@@ -698,7 +716,7 @@ mod tests {
             ..r
         };
         assert!(record_vital(&mut doc, &bad, &nurse).is_err());
-        let note = VisitNote::read(DocumentId::random(), &doc);
+        let note = VisitNote::read(DocumentId::random(), &mut doc, &NoteLedger::default());
         assert_eq!(note.vitals.len(), 2);
         assert_eq!(note.vitals[0].value, "700");
         let current = note.current_vitals();

@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/001_initial.sql"),
     include_str!("../../migrations/002_sync.sql"),
     include_str!("../../migrations/003_sync_client.sql"),
+    include_str!("../../migrations/004_signing.sql"),
 ];
 
 /// The schema version this build writes.

@@ -6,11 +6,13 @@
 //! any point leaves either the old snapshot + chunks or the new snapshot.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use automerge::AutoCommit;
+use automerge::{AutoCommit, ChangeHash};
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use crate::model::{DocKind, load_document, root_info};
+use crate::model::signing::RoleOnly;
+use crate::model::{DocKind, KeyDirectory, NoteLedger, load_document, root_info};
 use crate::protocol::DocumentId;
 use crate::{Error, Result};
 
@@ -47,6 +49,14 @@ pub(crate) struct LoadedDoc {
     /// Cached facts about the document, derived from it; rebuilt whenever it merges foreign
     /// changes (see [`LoadedDoc::refresh_cache`]).
     pub cache: DocCache,
+    /// Signatures, tampering and review items read from history (see `model::signing`).
+    pub ledger: NoteLedger,
+    /// Heads the ledger has looked at; changes after these are observed at the next refresh.
+    pub ledger_heads: Vec<ChangeHash>,
+    /// The agency's keys the ledger verifies signatures against.
+    pub keys: Arc<KeyDirectory>,
+    /// Review items created or extended since the index last wrote them.
+    pub pending_review: Vec<String>,
 }
 
 /// Facts derived from a document that the keystroke path needs on every call.
@@ -54,7 +64,8 @@ pub(crate) struct LoadedDoc {
 pub(crate) struct DocCache {
     /// `kind` root field.
     pub kind: Option<DocKind>,
-    /// Whether the note carries a signature.
+    /// Whether the note is signed for good (a signature in its history counts; see
+    /// `model::signing`). Body edits are refused.
     pub signed: bool,
     /// Text objects by root key, with their id's display form (journal records name it).
     pub texts: HashMap<&'static str, (automerge::ObjId, String)>,
@@ -65,7 +76,7 @@ pub(crate) struct DocCache {
 
 impl LoadedDoc {
     /// A document that is entirely on disk as of now.
-    pub fn new(doc: AutoCommit, unsynced: bool) -> LoadedDoc {
+    pub fn new(doc: AutoCommit, unsynced: bool, keys: Arc<KeyDirectory>) -> LoadedDoc {
         let mut doc = doc;
         let saved_heads = doc.get_heads();
         let mut loaded = LoadedDoc {
@@ -78,6 +89,10 @@ impl LoadedDoc {
             last_used: 0,
             journaled: false,
             cache: DocCache::default(),
+            ledger: NoteLedger::default(),
+            ledger_heads: Vec::new(),
+            keys,
+            pending_review: Vec::new(),
         };
         loaded.refresh_cache();
         loaded
@@ -92,11 +107,44 @@ impl LoadedDoc {
 
     /// Recompute the cached facts (after anything but a local text splice).
     pub fn refresh_cache(&mut self) {
+        self.update_ledger();
         self.cache = DocCache {
             kind: root_info(&self.doc).kind,
-            signed: crate::model::visit_note::is_signed(&self.doc),
+            signed: self.ledger.is_signed(),
             ..DocCache::default()
         };
+    }
+
+    /// Show the ledger the changes it has not seen. A local edit on top of what it saw is the
+    /// one change just made (cheap); anything else asks automerge for the changes since.
+    pub fn update_ledger(&mut self) {
+        let heads = self.doc.get_heads();
+        if heads == self.ledger_heads {
+            return;
+        }
+        let changes = match self.doc.get_last_local_change() {
+            Some(c) if heads == [c.hash()] && sorted(c.deps()) == self.ledger_heads => vec![c],
+            _ => self.doc.get_changes(&self.ledger_heads),
+        };
+        let observed = self
+            .ledger
+            .observe(self.doc.document(), &changes, &self.keys, &RoleOnly);
+        self.pending_review.extend(observed.touched_items);
+        self.ledger_heads = heads;
+    }
+
+    /// Rebuild the ledger from the whole history (after the key directory changed).
+    pub fn rebuild_ledger(&mut self, keys: Arc<KeyDirectory>) {
+        self.keys = keys;
+        self.ledger = NoteLedger::default();
+        self.ledger_heads.clear();
+        self.refresh_cache();
+        self.pending_review = self
+            .ledger
+            .review_items()
+            .iter()
+            .map(|i| i.change.clone())
+            .collect();
     }
 }
 
@@ -105,6 +153,7 @@ pub(crate) fn load(
     tx: &Transaction<'_>,
     id: DocumentId,
     author: &automerge::Author<'static>,
+    keys: Arc<KeyDirectory>,
 ) -> Result<LoadedDoc> {
     let row: Option<(Option<Vec<u8>>, bool)> = tx
         .prepare_cached("SELECT snapshot, unsynced FROM documents WHERE doc_id = ?1")?
@@ -130,7 +179,7 @@ pub(crate) fn load(
     // Everything loaded is on disk already: the next chunk starts from here.
     let saved_heads = doc.get_heads();
     doc.set_author(Some(author.clone()));
-    let mut loaded = LoadedDoc::new(doc, unsynced);
+    let mut loaded = LoadedDoc::new(doc, unsynced, keys);
     loaded.saved_heads = saved_heads;
     loaded.chunks = chunks;
     loaded.snapshot_bytes = snapshot_bytes;
@@ -158,12 +207,12 @@ pub(crate) fn insert_new(
 pub(crate) fn store_new(
     tx: &Transaction<'_>,
     id: DocumentId,
-    doc: &mut AutoCommit,
+    loaded: &mut LoadedDoc,
     now_ms: i64,
     unsynced: bool,
 ) -> Result<()> {
-    insert_new(tx, id, doc, now_ms, unsynced)?;
-    super::index::refresh(tx, id, doc, now_ms)
+    insert_new(tx, id, &mut loaded.doc, now_ms, unsynced)?;
+    super::index::refresh(tx, id, loaded, now_ms)
 }
 
 /// Persist changes merged into a loaded document from elsewhere (an import, a sync message):
@@ -177,7 +226,7 @@ pub(crate) fn store_merged(
 ) -> Result<()> {
     loaded.refresh_cache();
     append_chunk(tx, id, loaded)?;
-    super::index::refresh(tx, id, &mut loaded.doc, now_ms)?;
+    super::index::refresh(tx, id, loaded, now_ms)?;
     if loaded.needs_compaction() {
         compact(tx, id, loaded)?;
     }
@@ -307,4 +356,10 @@ pub(crate) fn mark_unsynced(
         loaded.unsynced = true;
     }
     Ok(())
+}
+
+fn sorted(hashes: &[ChangeHash]) -> Vec<ChangeHash> {
+    let mut v = hashes.to_vec();
+    v.sort();
+    v
 }

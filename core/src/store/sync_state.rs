@@ -661,9 +661,9 @@ fn apply_to_new(
         });
     }
     doc.set_author(Some(inner.author.clone()));
-    let mut loaded = LoadedDoc::new(doc, false);
+    let mut loaded = LoadedDoc::new(doc, false, inner.keys.clone());
     let in_sync = inner.write(Durability::ProcessCrash, |tx, _| {
-        documents::store_new(tx, id, &mut loaded.doc, now, false)?;
+        documents::store_new(tx, id, &mut loaded, now, false)?;
         save_sync_state(tx, peer, id, &trial)?;
         let ours = loaded.doc.get_heads();
         settle(
