@@ -1,4 +1,4 @@
-//! Editing traces (`../shared/data/editing-traces`): parsing, and replay through the store
+//! Editing traces (`tests/data/editing-traces`, CC BY 4.0, see its README): parsing, and replay through the store
 //! and through a bare automerge document.
 //!
 //! Trace positions count Unicode code points; Fieldchart's text API counts UTF-16 code units.

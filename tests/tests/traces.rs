@@ -8,7 +8,7 @@ use fieldchart_tests::trace::{StoreReplica, Trace, open_store, replay, seed_note
 
 fn trace(name: &str) -> Trace {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/editing-traces")
+        .join("data/editing-traces")
         .join(name);
     Trace::load(&path).unwrap()
 }
