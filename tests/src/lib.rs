@@ -2,4 +2,5 @@
 
 pub mod reconnect;
 pub mod relay_process;
+pub mod review;
 pub mod trace;

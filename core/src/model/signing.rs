@@ -462,13 +462,44 @@ pub struct NoteLedger {
     rejected: BTreeMap<String, InvalidSignature>,
 }
 
+/// How a ledger treats signature entries it finds.
+#[derive(Clone, Copy)]
+pub enum Verification<'a> {
+    /// Verify each against these keys and policy (devices).
+    Verify {
+        /// The agency's keys.
+        keys: &'a KeyDirectory,
+        /// Who may sign.
+        policy: &'a dyn SigningPolicy,
+    },
+    /// Count every entry as valid: the relay's stored history, whose signatures were verified
+    /// when they were accepted.
+    Trust,
+    /// Report new entries in [`Observed::new_signatures`] without deciding; the caller verifies
+    /// them (the relay, which looks keys up in its storage) and admits the valid ones with
+    /// [`NoteLedger::admit_trusted`].
+    Defer,
+}
+
+impl std::fmt::Debug for Verification<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verification::Verify { .. } => "Verify",
+            Verification::Trust => "Trust",
+            Verification::Defer => "Defer",
+        })
+    }
+}
+
 /// What one [`NoteLedger::observe`] call found in the new changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
     /// Tampering found (the relay refuses changes carrying any).
     pub tampers: Vec<(String, Tamper)>,
-    /// Signature entries written by the new changes (verify them).
+    /// Signature entries written by the new changes.
     pub new_signatures: Vec<SignatureEntry>,
+    /// Whether a change edits the body of a note already signed (causally after the signature).
+    pub body_after_signature: bool,
     /// Review items created or extended (by [`ReviewItem::id`]).
     pub touched_items: Vec<String>,
 }
@@ -476,9 +507,14 @@ pub struct Observed {
 impl NoteLedger {
     /// Build from a document's whole history.
     pub fn build(doc: &Automerge, keys: &KeyDirectory, policy: &dyn SigningPolicy) -> NoteLedger {
+        NoteLedger::build_with(doc, Verification::Verify { keys, policy })
+    }
+
+    /// Build from a document's whole history, treating signatures as `verification` says.
+    pub fn build_with(doc: &Automerge, verification: Verification<'_>) -> NoteLedger {
         let mut ledger = NoteLedger::default();
         let changes = doc.get_changes(&[]);
-        ledger.observe(doc, &changes, keys, policy);
+        ledger.observe_with(doc, &changes, verification);
         ledger
     }
 
@@ -490,6 +526,16 @@ impl NoteLedger {
         changes: &[automerge::Change],
         keys: &KeyDirectory,
         policy: &dyn SigningPolicy,
+    ) -> Observed {
+        self.observe_with(doc, changes, Verification::Verify { keys, policy })
+    }
+
+    /// [`NoteLedger::observe`] with the signature treatment chosen by the caller.
+    pub fn observe_with(
+        &mut self,
+        doc: &Automerge,
+        changes: &[automerge::Change],
+        verification: Verification<'_>,
     ) -> Observed {
         let mut out = Observed::default();
         let mut paths = PathCache::default();
@@ -554,10 +600,38 @@ impl NoteLedger {
                 }
             }
             for entry in scan.new_entries {
-                self.admit_signature(doc, entry, keys, policy, &mut out);
+                match verification {
+                    Verification::Verify { keys, policy } => {
+                        self.admit_signature(doc, entry, keys, policy, &mut out)
+                    }
+                    Verification::Trust => self.admit_trusted(doc, &entry),
+                    Verification::Defer => {}
+                }
             }
         }
+        out.body_after_signature = out.touched_items.iter().any(|id| {
+            self.review_item(id)
+                .is_some_and(|i| i.reason == ReviewReason::BodyEditAfterSignature)
+        });
         out
+    }
+
+    /// Count a signature entry verified elsewhere (the relay's storage, or the relay after
+    /// checking a deferred one): it becomes the note's signature if it is the first.
+    pub fn admit_trusted(&mut self, doc: &Automerge, entry: &SignatureEntry) {
+        if self.signing.is_some() {
+            return;
+        }
+        let heads = entry
+            .payload
+            .as_ref()
+            .and_then(SignaturePayload::change_hashes)
+            .unwrap_or_default();
+        if let Ok(hash) = entry.change.parse::<ChangeHash>() {
+            self.signing = Some((hash, heads.clone()));
+            self.after.insert(hash);
+            self.after_signing_discovered(doc, hash, &heads, &mut Observed::default());
+        }
     }
 
     /// Verify a newly seen signature; the first valid one becomes the note's signature.
@@ -619,6 +693,11 @@ impl NoteLedger {
                 self.after_signing_discovered(doc, hash, &heads, out);
             }
         }
+    }
+
+    /// Whether a change of this ledger's document is causally after the note's signature.
+    pub fn is_after_signature(&self, change: &ChangeHash) -> bool {
+        self.after.contains(change)
     }
 
     /// When the signature is first known, earlier-seen changes that are not in the signed

@@ -4,6 +4,9 @@
 //! number of agents) through the store — every edit a durable store call — and, in the same
 //! run, through bare in-memory automerge documents committing one change per edit.
 //!
+//! `fieldchart-bench review [--changes N]` measures one more write's cost as a signed note
+//! collects post-signature changes (it must stay flat).
+//!
 //! `fieldchart-bench reconnect --docs K [--changed N]` measures a device holding K synced
 //! documents reconnecting with nothing changed (and with N changed on the relay): WebSocket
 //! messages, round trips, bytes (WebSocket payloads and change-feed bodies) and time.
@@ -28,6 +31,16 @@ enum Workload {
         /// Trace file (`.json` or `.json.gz`).
         #[arg(long)]
         file: PathBuf,
+    },
+    /// Per-write cost as a signed note collects post-signature changes (imports and the review
+    /// ledger alone), at 1, 1,000 and 10,000 changes.
+    Review {
+        /// Post-signature changes to collect.
+        #[arg(long, default_value_t = 10_000)]
+        changes: usize,
+        /// Writes per median at each checkpoint.
+        #[arg(long, default_value_t = 100)]
+        window: usize,
     },
     /// A device holding K synced documents reconnects with nothing changed, then with N
     /// changed on the relay (real relay binary of this build profile, on a temp dir).
@@ -143,7 +156,15 @@ fn main() {
     let result = match cli.workload {
         Workload::Trace { file } => trace_workload(&file),
         Workload::Reconnect { docs, changed } => reconnect_workload(docs, changed),
+        Workload::Review { changes, window } => fieldchart_tests::review::measure(changes, window),
     };
+    let result = result.and_then(|v| {
+        if v["ok"] == serde_json::Value::Bool(false) {
+            Err(format!("workload reported ok=false: {v}"))
+        } else {
+            Ok(v)
+        }
+    });
     match result {
         Ok(v) => println!("{v}"),
         Err(e) => {
