@@ -642,12 +642,14 @@ async fn a_new_document_is_stored_with_a_write_row_before_it_is_acknowledged() {
 #[tokio::test]
 async fn a_new_document_for_a_patient_off_the_care_team_is_refused_and_nothing_stored() {
     let w = world().await;
+    // (claimed patient, claimed agency, patient recorded in the deny row)
+    let unknown = PatientId::random();
     let cases = [
-        (w.other_patient.clone(), w.agency.clone()),
-        (PatientId::random(), w.agency.clone()),
-        (w.patient.clone(), AgencyId::random()),
+        (w.other_patient.clone(), w.agency.clone(), Some(w.other_patient.clone())),
+        (unknown, w.agency.clone(), None),
+        (w.patient.clone(), AgencyId::random(), Some(w.patient.clone())),
     ];
-    for (patient, agency) in cases {
+    for (patient, agency, recorded) in cases {
         let mut nurse = Client::connect(&w, &w.nurse);
         nurse.join().await;
         let id = DocumentId::random();
@@ -672,10 +674,14 @@ async fn a_new_document_for_a_patient_off_the_care_team_is_refused_and_nothing_s
         }
         assert!(refused, "refused");
         assert!(!sync.in_sync(&doc), "the relay never claimed the document");
+        // The deny row is written after the answer; a closed session has written its rows.
+        nurse.send_frame(Frame::Close(None));
+        nurse.ended().await;
         assert_eq!(w.storage.load_document(id).await.expect("load"), None);
         let denied = rows_for(&w.storage, id, AuditAction::Deny).await;
         assert_eq!(denied.len(), 1);
-        assert_eq!(denied[0].event.patient_id.as_ref(), Some(&patient));
+        assert_eq!(denied[0].event.agency_id, w.agency, "always the nurse's agency");
+        assert_eq!(denied[0].event.patient_id, recorded);
     }
 }
 
