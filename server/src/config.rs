@@ -119,6 +119,10 @@ pub const DEVICE_RECHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// disconnected.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a closing session lets its writer deliver the `error` and close frames; a peer
+/// that does not read gets no goodbye after this.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// Frames queued for a session's writer; when the peer does not read and the queue stays full
 /// for [`SEND_TIMEOUT`], the session is closed as a slow reader.
 pub const OUTBOX_FRAMES: usize = 256;

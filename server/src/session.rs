@@ -42,7 +42,9 @@ use futures::{Sink, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-pub use registry::{ByteBudget, CloseReason, RateLimited, Reservation, SessionRegistry, SessionTicket};
+pub use registry::{
+    ByteBudget, CloseReason, RateLimited, Reservation, SessionRegistry, SessionTicket,
+};
 
 use self::outbox::{Outbox, OutboxError};
 use crate::access;
@@ -582,7 +584,12 @@ impl Session {
     /// loaded; a document the device may not see is answered exactly as an unknown one: a
     /// `request` gets `doc-unavailable`, a `sync` takes the new-document path, in isolation
     /// (the stored document is never touched).
-    async fn on_sync(&mut self, id: DocumentId, data: Vec<u8>, is_request: bool) -> Result<(), End> {
+    async fn on_sync(
+        &mut self,
+        id: DocumentId,
+        data: Vec<u8>,
+        is_request: bool,
+    ) -> Result<(), End> {
         if self.pending.contains_key(&id) {
             return self.on_pending(id, data).await;
         }
@@ -637,7 +644,12 @@ impl Session {
     }
 
     /// A message for a stored document this device may access.
-    async fn on_stored(&mut self, id: DocumentId, row: &DocumentRow, data: Vec<u8>) -> Result<(), End> {
+    async fn on_stored(
+        &mut self,
+        id: DocumentId,
+        row: &DocumentRow,
+        data: Vec<u8>,
+    ) -> Result<(), End> {
         let incoming = change_bytes(id, &data)?;
         let quota = self.relay.limits().max_document_bytes;
         let size = usize::try_from(row.stored_bytes).unwrap_or(usize::MAX);
@@ -794,7 +806,11 @@ impl Session {
             // A first announcement carries only heads: answer it (asking for everything)
             // without keeping any state, so announcing many new documents costs no memory and
             // the answer claims nothing.
-            let reply = if empty { pending.sync.generate(&pending.doc) } else { None };
+            let reply = if empty {
+                pending.sync.generate(&pending.doc)
+            } else {
+                None
+            };
             (pending, received.map(|()| (empty, reply)))
         })
         .await
@@ -864,7 +880,9 @@ impl Session {
             AuditAction::Write,
             heads,
         );
-        let PendingDoc { doc, sync, held, .. } = pending;
+        let PendingDoc {
+            doc, sync, held, ..
+        } = pending;
         let (doc, snapshot) = tokio::task::spawn_blocking(move || {
             let snapshot = doc.save();
             (doc, snapshot)
@@ -1174,16 +1192,19 @@ fn transport_error(text: &str) -> End {
 /// [`MAX_LOGGED_CLIENT_TEXT`] characters (longer text is cut and marked).
 pub fn loggable(text: &str) -> String {
     let mut out = String::with_capacity(text.len().min(MAX_LOGGED_CLIENT_TEXT + 8));
-    for (n, c) in text.chars().enumerate() {
-        if n >= MAX_LOGGED_CLIENT_TEXT {
+    let mut written = 0;
+    for c in text.chars() {
+        let escaped: Vec<char> = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            vec![c]
+        };
+        if written + escaped.len() > MAX_LOGGED_CLIENT_TEXT {
             out.push_str("…[cut]");
             break;
         }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+        written += escaped.len();
+        out.extend(escaped);
     }
     out
 }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::Frame;
+use crate::config::CLOSE_GRACE;
 use crate::metrics::LIMIT_HITS;
 
 /// Why a frame could not be queued.
@@ -79,14 +80,13 @@ impl Outbox {
         }
     }
 
-    /// Let the writer send what is queued and close the socket, for at most the send timeout;
-    /// then stop it whatever it is doing (a peer that does not read gets no goodbye).
+    /// Let the writer send what is queued and close the socket, for at most
+    /// [`CLOSE_GRACE`] (or the send timeout, if shorter); then stop it whatever it is doing (a
+    /// peer that does not read gets no goodbye).
     pub(super) async fn finish(mut self) {
         self.queue = None;
-        if tokio::time::timeout(self.send_timeout, &mut self.writer)
-            .await
-            .is_err()
-        {
+        let grace = self.send_timeout.min(CLOSE_GRACE);
+        if tokio::time::timeout(grace, &mut self.writer).await.is_err() {
             self.writer.abort();
         }
     }

@@ -15,10 +15,10 @@ use std::time::Instant;
 use fieldchart_core::protocol::PeerId;
 use tokio::sync::watch;
 
+use crate::config::Limits;
 use crate::docs::SessionId;
 use crate::error::{Error, Result};
 use crate::identity::DeviceId;
-use crate::config::Limits;
 use crate::metrics::{LIMIT_HITS, SESSIONS_ACTIVE};
 
 /// Why a session was told to close.
@@ -112,7 +112,9 @@ impl Reservation {
     /// not fit.
     pub fn resize(&mut self, bytes: usize) -> bool {
         if bytes <= self.bytes {
-            self.budget.used.fetch_sub(self.bytes - bytes, Ordering::AcqRel);
+            self.budget
+                .used
+                .fetch_sub(self.bytes - bytes, Ordering::AcqRel);
             self.bytes = bytes;
             return true;
         }
@@ -541,7 +543,11 @@ mod tests {
             Err(RateLimited::Bytes),
             "600 + 600 bytes exceed the 1000-byte burst"
         );
-        assert_eq!(registry.admit_frame(&device, 300), Ok(()), "the refusal took nothing");
+        assert_eq!(
+            registry.admit_frame(&device, 300),
+            Ok(()),
+            "the refusal took nothing"
+        );
         assert_eq!(
             registry.admit_frame(&DeviceId::new("dev_b"), 900),
             Ok(()),

@@ -9,8 +9,9 @@ use std::sync::{Mutex, PoisonError};
 use fieldchart_core::protocol::{DocumentId, StorageId};
 
 use super::{
-    AuditEvent, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentRow, DocumentWrite, FeedEntry, FeedPage,
-    FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture, StoredDocument,
+    AuditEvent, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentRow, DocumentWrite,
+    FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture,
+    StoredDocument,
 };
 use crate::error::{Error, Result};
 use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, User, UserId};
@@ -419,7 +420,8 @@ impl Storage for MemoryStorage {
             Ok(s.documents.get(&id).map(|d| DocumentRow {
                 meta: d.meta.clone(),
                 stored_bytes: (d.snapshot.as_ref().map_or(0, Vec::len)
-                    + d.chunks.iter().map(Vec::len).sum::<usize>()) as u64,
+                    + d.chunks.iter().map(Vec::len).sum::<usize>())
+                    as u64,
                 heads: d.heads.clone(),
             }))
         })

@@ -21,8 +21,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 
 use super::{
     AuditAction, AuditEvent, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentRow,
-    DocumentWrite,
-    FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture,
+    DocumentWrite, FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture,
     StoredDocument, heads_from_bytes, heads_to_bytes,
 };
 use crate::clock::now_ms;
