@@ -6,17 +6,42 @@
 //! # Flow
 //! 1. `join` → `peer` (our peer id, our stable `storageId`, `isEphemeral: false`), or `error`
 //!    and close if the client does not speak version `"1"`.
-//! 2. `request`/`sync` for a document the relay holds: access check first (denied → the same
-//!    `doc-unavailable` an unknown document gets, plus a `deny` audit row); apply the automerge
-//!    sync message; if it brought changes, commit them (bytes, heads, sequence, `write` audit
-//!    row in one transaction) and only then reply and tell the other sessions syncing the
-//!    document. A storage failure ends the session with an `error` message and a log line.
-//! 3. `sync` for a document the relay does not hold: a new document. It is held in this session
-//!    only, unclassified, until its root `agencyId` and `patientId` arrive (JS clients announce a
-//!    document before filling it in); then it is authorized and stored, or refused with nothing
-//!    stored. While unclassified the relay answers only as long as the document is empty: any
-//!    later answer would claim changes that are not on disk.
+//! 2. `request`/`sync` for a document the relay holds: access is decided from the stored row
+//!    (agency, patient, kind) *before anything is loaded*. Denied → exactly what an unknown id
+//!    gets (see 3), plus a `deny` row. Allowed → apply the automerge sync message on the
+//!    blocking pool; [`crate::docs::validate_write`] may refuse the new changes; then commit
+//!    them (bytes, heads, sequence, `write` audit row in one transaction) and only then reply
+//!    and tell the other sessions syncing the document. A storage failure ends the session
+//!    with an `error` message and a log line.
+//! 3. `request` for a document the relay does not hold (or may not show) → `doc-unavailable`.
+//!    `sync` → the new-document path, in isolation: the document is held in this session
+//!    only, unclassified, until its root `agencyId` and `patientId` arrive (JS clients
+//!    announce a document before filling it in); then it is authorized (the role may create
+//!    its `kind`, the patient exists in the principal's agency and is one the principal may
+//!    access) and stored, or refused with nothing stored. While unclassified the relay
+//!    answers only as long as the document is empty: any later answer would claim changes
+//!    that are not on disk. The one answer that can still tell "taken" from "free" is the
+//!    last: a complete document the device *may* create, sent under a taken id, cannot be
+//!    stored.
 //! 4. Any document data sent to the device is first recorded as a `read` audit row.
+//!
+//! # Denials
+//! A `deny` row always carries the principal's own agency, a patient only when it is known to
+//! be a patient of that agency, and at most [`crate::config::MAX_AUDIT_HEADS`] heads. The
+//! device gets its answer first; the row follows through the session's own writer task, in
+//! order. A session refused more than `max_denials_per_session` distinct documents is closed.
+//!
+//! # Bounds
+//! Frame size; per-device message and byte rates (token buckets); relay-wide bytes in flight
+//! and bytes of held (unclassified) documents, counted on the decoded change bytes before
+//! anything is applied; a per-document size quota. Each refusal is a clear `error` (or, for a
+//! held document, `doc-unavailable`) and a `fieldchart_limit_hits_total{limit=...}` count.
+//!
+//! # Never stalled by the peer
+//! Frames go out through an outbox drained by a writer task with a timeout on every send; the
+//! session loop itself never waits on the socket, so revocation, idle timeout and shutdown
+//! reach a session whose peer stopped reading, and such a peer is disconnected. The device row
+//! is re-read every `device_recheck_interval` as a backstop for revocations.
 //!
 //! `ephemeral` messages (presence, cursors) are dropped, not forwarded: they would be an
 //! unaudited channel for patient data between devices, and Fieldchart does not use presence.
@@ -883,9 +908,10 @@ impl Session {
         let PendingDoc {
             doc, sync, held, ..
         } = pending;
-        let (doc, snapshot) = tokio::task::spawn_blocking(move || {
+        let (doc, snapshot, resync) = tokio::task::spawn_blocking(move || {
             let snapshot = doc.save();
-            (doc, snapshot)
+            let resync = DocSync::new().generate(&doc).unwrap_or_default();
+            (doc, snapshot, resync)
         })
         .await
         .map_err(Error::from)?;
@@ -915,9 +941,17 @@ impl Session {
                     None => Ok(()),
                 }
             }
-            // Stored meanwhile by another session: refuse; the device retries and then syncs
-            // against the stored copy if it may see it.
-            Created::Exists => self.refuse(id).await,
+            // Stored meanwhile by another session: sync against that copy if this device may
+            // see it, from a fresh announcement of what it holds.
+            Created::Exists => match self.relay.storage().document_row(id).await? {
+                Some(row)
+                    if access::may_access(self.relay.storage(), &self.principal, &row.meta)
+                        .await? =>
+                {
+                    self.on_stored(id, &row, resync).await
+                }
+                _ => self.refuse(id).await,
+            },
         }
     }
 
