@@ -1456,6 +1456,11 @@ async fn a_byte_flood_closes_the_session_on_the_byte_rate() {
         }
     };
     assert!(message.contains("bytes per second"), "{message}");
+    let metrics = w.state.metrics().render();
+    assert!(
+        metrics.contains("fieldchart_limit_hits_total{limit=\"byte_rate\"}"),
+        "the limit hit is counted: {metrics}"
+    );
     assert!(
         (3..=5).contains(&answered),
         "{answered} frames fit a 20,000-byte burst"
