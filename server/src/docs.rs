@@ -715,4 +715,29 @@ mod tests {
         ));
         assert_eq!(storage.current_seq().await.expect("seq"), seq);
     }
+
+    #[test]
+    fn validate_write_refuses_changes_that_move_the_owner_and_nothing_else() {
+        use automerge::transaction::Transactable;
+        let mut doc = Automerge::new();
+        let put = |doc: &mut Automerge, key: &str, value: &str| {
+            let before = doc.get_heads();
+            doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+                tx.put(automerge::ROOT, key, value).map(|_| ())
+            })
+            .expect("edit");
+            doc.get_changes(&before)
+        };
+        put(&mut doc, "agencyId", "agc_1");
+        let own = put(&mut doc, "patientId", "pat_1");
+        assert_eq!(validate_write(&meta(), &doc, &own), Ok(()));
+        assert_eq!(validate_write(&meta(), &doc, &[]), Ok(()));
+        let edit = put(&mut doc, "assessment", "lungs clear");
+        assert_eq!(validate_write(&meta(), &doc, &edit), Ok(()));
+        let moved = put(&mut doc, "patientId", "pat_2");
+        assert_eq!(
+            validate_write(&meta(), &doc, &moved),
+            Err(WriteRefusal::MovesOwner)
+        );
+    }
 }
