@@ -76,7 +76,7 @@ use crate::access;
 use crate::audit::AuditLog;
 use crate::auth::Principal;
 use crate::clock::now_ms;
-use crate::config::{MAX_AUDIT_HEADS, MAX_CLAIMED_ID_BYTES, MAX_LOGGED_CLIENT_TEXT};
+use crate::config::{CLOSE_GRACE, MAX_AUDIT_HEADS, MAX_CLAIMED_ID_BYTES, MAX_LOGGED_CLIENT_TEXT};
 use crate::docs::{Created, Inbox, validate_write};
 use crate::error::Error;
 use crate::identity::{AgencyId, PatientId};
@@ -263,7 +263,7 @@ pub async fn run<S, K, E>(
     async move {
         tracing::info!("session opened");
         let end = session.serve(&mut incoming).await;
-        session.finish(end).await;
+        session.finish(end, &mut incoming).await;
     }
     .instrument(span)
     .await;
@@ -332,7 +332,11 @@ impl Session {
     }
 
     /// Say why (when there is something to say), close, and persist sync states.
-    async fn finish(self, end: End) {
+    async fn finish<S, E>(self, end: End, incoming: &mut S)
+    where
+        S: Stream<Item = Result<Frame, E>> + Unpin,
+    {
+        let handshake = !matches!(end, End::Disconnected(_));
         let reason = match &end {
             End::Close { reason, .. } | End::Disconnected(reason) => *reason,
             End::Internal(_) => "internal_error",
@@ -376,6 +380,19 @@ impl Session {
             ..
         } = self;
         outbox.finish().await;
+        if handshake {
+            // Closing handshake: read (and drop) what the peer still sends until its close,
+            // for a bounded time. Dropping a socket with unread data resets the connection,
+            // and the peer would lose the `error` and close frames sent just before.
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                while let Some(Ok(frame)) = incoming.next().await {
+                    if matches!(frame, Frame::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
         metrics::counter!(SESSIONS_CLOSED, "reason" => reason).increment(1);
         for id in docs.keys() {
             relay.docs().unsubscribe(*id, ticket.id());

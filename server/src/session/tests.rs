@@ -226,6 +226,8 @@ impl Client {
             Some(Frame::Close(Some((code, _)))) => code,
             other => panic!("expected a close frame, got {other:?}"),
         };
+        // Complete the closing handshake, as a WebSocket client does.
+        self.send_frame(Frame::Close(None));
         assert_eq!(self.frame().await, None, "nothing after the close");
         (message, code)
     }
