@@ -3,6 +3,10 @@
 //! - A clinician reaches the patients whose care team she is on.
 //! - Office and admin users reach every patient of their agency.
 //! - Nothing crosses agencies.
+//! - Over sync, a clinician creates only `visit-note` documents; office and admin users create
+//!   `visit-note` and `schedule` documents. Patient charts (`kind: "patient"`) are created only
+//!   with their patient (admin CLI and API), never over sync: a second chart for a patient
+//!   would split the record. Documents of other or missing kinds are refused.
 //!
 //! A document's agency and patient come from its root fields, read once when it is first stored
 //! ([`crate::storage::DocMeta`]). The rule itself is the pure function [`decide`]; the async
@@ -42,14 +46,23 @@ pub async fn may_access(
     Ok(decide(principal, doc, on_care_team))
 }
 
-/// Whether `principal` may create a new document with these root fields: the patient must
-/// exist, be a patient of the agency the document names, and be one the principal may access.
+/// Kinds of document each role may create over sync (see the module docs).
+pub fn may_create_kind(role: Role, kind: &str) -> bool {
+    match role {
+        Role::Clinician => kind == "visit-note",
+        Role::Office | Role::Admin => matches!(kind, "visit-note" | "schedule"),
+    }
+}
+
+/// Whether `principal` may create a new document with these root fields: a kind its role may
+/// create, and a patient that exists, is a patient of the agency the document names, and is
+/// one the principal may access.
 pub async fn may_create(
     storage: &dyn Storage,
     principal: &Principal,
     doc: &DocMeta,
 ) -> Result<bool> {
-    if doc.agency_id != *principal.agency_id() {
+    if doc.agency_id != *principal.agency_id() || !may_create_kind(principal.role(), &doc.kind) {
         return Ok(false);
     }
     match storage.patient(doc.patient_id.clone()).await? {
@@ -107,6 +120,23 @@ mod tests {
                 allowed,
                 "{role:?} same_agency={same_agency} on_team={on_team}"
             );
+        }
+    }
+
+    #[test]
+    fn kinds_each_role_may_create() {
+        for (role, kind, allowed) in [
+            (Role::Clinician, "visit-note", true),
+            (Role::Clinician, "patient", false),
+            (Role::Clinician, "schedule", false),
+            (Role::Clinician, "", false),
+            (Role::Office, "visit-note", true),
+            (Role::Office, "schedule", true),
+            (Role::Office, "patient", false),
+            (Role::Admin, "patient", false),
+            (Role::Admin, "something-else", false),
+        ] {
+            assert_eq!(may_create_kind(role, kind), allowed, "{role:?} {kind:?}");
         }
     }
 }

@@ -21,9 +21,10 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DATABASE_FILE)
 }
 
-/// Largest WebSocket message (one protocol frame) accepted, in bytes. Same bound as the
-/// protocol decoder's, so the transport rejects what the codec would.
-pub const MAX_FRAME_BYTES: usize = fieldchart_core::protocol::MAX_FRAME_BYTES;
+/// Largest protocol frame (one WebSocket message) a session accepts, in bytes. A visit note is
+/// ~400 bytes saved and a day of typing a few hundred KiB; a larger frame gets a clear `error`
+/// and close 1009 (see [`OVERSIZE_FRAME_GRACE_BYTES`]).
+pub const MAX_FRAME_BYTES: usize = 2 * 1024 * 1024;
 
 /// Concurrent WebSocket sessions; the next upgrade gets `503 Service Unavailable`.
 pub const MAX_SESSIONS: usize = 10_000;
@@ -77,6 +78,66 @@ pub const MAX_AUDIT_ROWS: usize = 100_000;
 /// Default lifetime of a device token, in days.
 pub const DEFAULT_TOKEN_TTL_DAYS: u32 = 90;
 
+// --- session hardening (issue 9): per-device bounds, relay-wide budgets, revocation ----------
+
+/// How far past [`MAX_FRAME_BYTES`] the WebSocket transport still reads a message, so the
+/// session can refuse it with a clear `error` (close 1009) instead of the transport dropping
+/// the connection mid-frame. Larger messages are cut off by the transport itself.
+pub const OVERSIZE_FRAME_GRACE_BYTES: usize = 1024 * 1024 + 64 * 1024;
+
+/// Concurrent sessions of one device token; the next upgrade gets `429 Too Many Requests`.
+/// A phone needs one; the JS client may briefly hold two while it reconnects.
+pub const MAX_SESSIONS_PER_DEVICE: usize = 4;
+
+/// Sustained bytes of protocol frames per second per device token (token bucket on bytes).
+pub const BYTE_RATE_PER_SECOND: u32 = 1024 * 1024;
+
+/// Burst allowance, in bytes, of the per-device byte rate: a first sync of a caseload.
+pub const BYTE_BURST: u32 = 16 * 1024 * 1024;
+
+/// Relay-wide bytes of frames being handled at once (received, not yet answered). A frame
+/// that does not fit gets `error` and close 1013 (try again later).
+pub const MAX_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
+
+/// Relay-wide bytes of unclassified documents held by all sessions, counted on the decoded
+/// change bytes of each sync message before it is applied.
+pub const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest stored size of one document (snapshot plus chunks, plus the changes being written),
+/// in bytes. A write beyond it is refused with an `error`.
+pub const MAX_DOCUMENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// Distinct documents a session may be denied before it is closed (close 1008): a device
+/// probing ids or forging owners costs a bounded number of audit rows per connection.
+pub const MAX_DENIALS_PER_SESSION: usize = 256;
+
+/// How often a session re-reads its device from storage (revoked? expired?), whatever else
+/// closes it; a backstop for revocations no other path announced.
+pub const DEVICE_RECHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Longest one WebSocket send may take; a client that does not read for this long is
+/// disconnected.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a closing session lets its writer deliver the `error` and close frames; a peer
+/// that does not read gets no goodbye after this.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Frames queued for a session's writer; when the peer does not read and the queue stays full
+/// for [`SEND_TIMEOUT`], the session is closed as a slow reader.
+pub const OUTBOX_FRAMES: usize = 256;
+
+/// Longest client-supplied text (an `error` message, a document `kind`, a claimed id) written
+/// to a log line, in characters; longer values are cut and control characters escaped.
+pub const MAX_LOGGED_CLIENT_TEXT: usize = 128;
+
+/// Longest client-supplied id (a claimed `patientId` or `agencyId`) the relay looks up, in
+/// bytes; longer claims are refused without a lookup.
+pub const MAX_CLAIMED_ID_BYTES: usize = 128;
+
+/// Heads recorded in one `deny` audit row (a refused document's heads come from the client).
+pub const MAX_AUDIT_HEADS: usize = 16;
+
 /// The limits a running relay enforces. `Default` is the constants above.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -106,6 +167,26 @@ pub struct Limits {
     pub revocation_poll_interval: Duration,
     /// See [`SHUTDOWN_GRACE`].
     pub shutdown_grace: Duration,
+    /// See [`MAX_SESSIONS_PER_DEVICE`].
+    pub max_sessions_per_device: usize,
+    /// See [`BYTE_RATE_PER_SECOND`].
+    pub byte_rate_per_second: u32,
+    /// See [`BYTE_BURST`].
+    pub byte_burst: u32,
+    /// See [`MAX_BYTES_IN_FLIGHT`].
+    pub max_bytes_in_flight: usize,
+    /// See [`MAX_HELD_BYTES`].
+    pub max_held_bytes: usize,
+    /// See [`MAX_DOCUMENT_BYTES`].
+    pub max_document_bytes: usize,
+    /// See [`MAX_DENIALS_PER_SESSION`].
+    pub max_denials_per_session: usize,
+    /// See [`DEVICE_RECHECK_INTERVAL`].
+    pub device_recheck_interval: Duration,
+    /// See [`SEND_TIMEOUT`].
+    pub send_timeout: Duration,
+    /// See [`OUTBOX_FRAMES`].
+    pub outbox_frames: usize,
 }
 
 impl Default for Limits {
@@ -124,6 +205,16 @@ impl Default for Limits {
             compact_after_chunks: COMPACT_AFTER_CHUNKS,
             revocation_poll_interval: REVOCATION_POLL_INTERVAL,
             shutdown_grace: SHUTDOWN_GRACE,
+            max_sessions_per_device: MAX_SESSIONS_PER_DEVICE,
+            byte_rate_per_second: BYTE_RATE_PER_SECOND,
+            byte_burst: BYTE_BURST,
+            max_bytes_in_flight: MAX_BYTES_IN_FLIGHT,
+            max_held_bytes: MAX_HELD_BYTES,
+            max_document_bytes: MAX_DOCUMENT_BYTES,
+            max_denials_per_session: MAX_DENIALS_PER_SESSION,
+            device_recheck_interval: DEVICE_RECHECK_INTERVAL,
+            send_timeout: SEND_TIMEOUT,
+            outbox_frames: OUTBOX_FRAMES,
         }
     }
 }

@@ -7,6 +7,18 @@
 //! document never shows anything that is not on disk to anyone else. If the commit fails the
 //! copy is discarded (it holds changes that are not durable) and the next user reloads what is.
 //!
+//! The lock is never held while storage is *read*: access is decided from the stored row
+//! before a document is opened, and a document is loaded before its entry is locked. It is
+//! held across the document's own commit (the write of the changes just applied), because
+//! releasing it there would show uncommitted changes to other sessions; that wait is per
+//! document. automerge work (load, receive, generate, save) runs on the blocking pool
+//! ([`DocHub::blocking`]).
+//!
+//! # Refusing a change
+//! [`validate_write`] is the one place where changes from a device, applied to the in-memory
+//! copy but not yet committed, can be refused: the caller then discards the copy and the
+//! device gets `doc-unavailable`.
+//!
 //! # Bounded memory
 //! At most `max_docs_in_memory` documents are held. Beyond that the least recently used ones
 //! that nobody is using right now are dropped, a tenth at a time so a reconnect storm does not
@@ -241,31 +253,45 @@ impl DocHub {
 
     /// Lock the document, loading it from storage if needed. `None` if the relay does not hold
     /// it.
+    ///
+    /// No lock is held while storage is read: the document is loaded first and installed
+    /// only if nobody else installed it meanwhile (two sessions may load the same document
+    /// at once; one copy is kept).
     pub async fn open(&self, id: DocumentId) -> Result<Option<DocGuard>> {
         for _ in 0..OPEN_ATTEMPTS {
             let entry = self.entry(id);
+            {
+                let guard = Arc::clone(&entry).lock_owned().await;
+                match &*guard {
+                    EntryState::Loaded(_) => return Ok(Some(DocGuard { id, guard })),
+                    EntryState::Gone => continue,
+                    EntryState::Unloaded => {}
+                }
+            }
+            let loaded = self.load(id).await;
             let mut guard = Arc::clone(&entry).lock_owned().await;
             match &*guard {
+                // Installed by someone else while we loaded: theirs may be newer; keep it.
                 EntryState::Loaded(_) => return Ok(Some(DocGuard { id, guard })),
                 EntryState::Gone => continue,
                 EntryState::Unloaded => {}
             }
-            match self.load(id).await {
+            return match loaded {
                 Ok(Some(loaded)) => {
                     *guard = EntryState::Loaded(Box::new(loaded));
-                    return Ok(Some(DocGuard { id, guard }));
+                    Ok(Some(DocGuard { id, guard }))
                 }
                 Ok(None) => {
                     *guard = EntryState::Gone;
                     self.forget(id, &entry);
-                    return Ok(None);
+                    Ok(None)
                 }
                 Err(e) => {
                     *guard = EntryState::Gone;
                     self.forget(id, &entry);
-                    return Err(e);
+                    Err(e)
                 }
-            }
+            };
         }
         Err(Error::Storage(format!(
             "document {id} was discarded {OPEN_ATTEMPTS} times while opening"
@@ -281,15 +307,48 @@ impl DocHub {
         Ok(Some(loaded))
     }
 
-    /// Store a new document (a `create` write with `audit` as its `write` row) and hold it.
-    /// If the relay already has a document with this id, nothing is written.
+    /// Run `work` on the guarded document on the blocking pool (automerge's receive, generate
+    /// and save are CPU work proportional to the document), and hand the guard back. If `work`
+    /// panics, the copy is discarded, as it may hold half-applied changes.
+    pub async fn blocking<T, F>(&self, guard: DocGuard, work: F) -> Result<(DocGuard, T)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DocGuard) -> T + Send + 'static,
+    {
+        let id = guard.id;
+        let entry = Arc::clone(OwnedMutexGuard::mutex(&guard.guard));
+        let task = tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            let out = work(&mut guard);
+            (guard, out)
+        });
+        match task.await {
+            Ok(done) => Ok(done),
+            Err(e) => {
+                let mut state = entry.lock().await;
+                *state = EntryState::Gone;
+                drop(state);
+                self.forget(id, &entry);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Store a new document (a `create` write of `snapshot`, its `doc.save()`, with `audit` as
+    /// its `write` row) and hold it. If the relay already has a document with this id, nothing
+    /// is written.
     pub async fn create(
         &self,
         id: DocumentId,
         doc: Automerge,
+        snapshot: Vec<u8>,
         meta: DocMeta,
         audit: AuditEvent,
     ) -> Result<Created> {
+        // Existence from the row, never by loading the stored document.
+        if self.storage.document_row(id).await?.is_some() {
+            return Ok(Created::Exists);
+        }
         for _ in 0..OPEN_ATTEMPTS {
             let entry = self.entry(id);
             let mut guard = Arc::clone(&entry).lock_owned().await;
@@ -298,18 +357,16 @@ impl DocHub {
                 EntryState::Gone => continue,
                 EntryState::Unloaded => {}
             }
-            if let Some(existing) = self.load(id).await? {
-                *guard = EntryState::Loaded(Box::new(existing));
-                return Ok(Created::Exists);
-            }
             let write = DocumentWrite {
                 document_id: id,
                 meta: meta.clone(),
                 create: true,
-                data: DocumentData::Snapshot(doc.save()),
+                data: DocumentData::Snapshot(snapshot),
                 heads: doc.get_heads(),
                 audit: Some(audit),
             };
+            // The write is the document's own commit, so its lock is held: nobody may see the
+            // document before it is durable. The write refuses an id stored meanwhile.
             return match self.storage.write_document(write).await {
                 Ok(_) => {
                     metrics::counter!(DOC_WRITES).increment(1);
@@ -321,7 +378,7 @@ impl DocHub {
                     Ok(Created::Stored(DocGuard { id, guard }))
                 }
                 Err(Error::Conflict(_)) => {
-                    // Another relay process stored it first; use theirs.
+                    // Stored first by another session or relay process; use theirs.
                     *guard = EntryState::Gone;
                     self.forget(id, &entry);
                     Ok(Created::Exists)
@@ -353,7 +410,9 @@ impl DocHub {
     ) -> Result<(DocGuard, Seq)> {
         let compact = guard.loaded().chunks + 1 >= self.compact_after_chunks;
         let data = if compact {
-            DocumentData::Snapshot(guard.doc().save())
+            let (saved, snapshot) = self.blocking(guard, |g| g.doc().save()).await?;
+            guard = saved;
+            DocumentData::Snapshot(snapshot)
         } else {
             DocumentData::Chunk(
                 changes
@@ -421,6 +480,44 @@ impl DocHub {
             }
         }
     }
+}
+
+/// Why [`validate_write`] refused changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteRefusal {
+    /// The changes move the document to another patient or agency; a document's owner is
+    /// fixed when it is first stored.
+    MovesOwner,
+}
+
+impl std::fmt::Display for WriteRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteRefusal::MovesOwner => {
+                f.write_str("the changes would move the document to another patient or agency")
+            }
+        }
+    }
+}
+
+/// Decide whether `changes` from a device, already applied to `doc` (the in-memory copy of a
+/// stored document owned as `meta`) but not yet committed, may be committed. Runs on the
+/// blocking pool, so it may do CPU work (checks of signatures belong here too).
+pub fn validate_write(
+    meta: &DocMeta,
+    doc: &Automerge,
+    changes: &[Change],
+) -> std::result::Result<(), WriteRefusal> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let fields = fieldchart_core::protocol::classify(doc);
+    if fields.agency_id.as_deref() != Some(meta.agency_id.as_str())
+        || fields.patient_id.as_deref() != Some(meta.patient_id.as_str())
+    {
+        return Err(WriteRefusal::MovesOwner);
+    }
+    Ok(())
 }
 
 /// Drop least recently used, unused entries until `target` remain (or none is unused).
@@ -496,7 +593,7 @@ mod tests {
         let mut doc = Automerge::new();
         edit(&mut doc, 0);
         assert!(matches!(
-            hub.create(id, doc, meta(), audit(id))
+            hub.create(id, doc.clone(), doc.save(), meta(), audit(id))
                 .await
                 .expect("create"),
             Created::Stored(_)
@@ -611,11 +708,36 @@ mod tests {
         let mut other = Automerge::new();
         edit(&mut other, 9);
         assert!(matches!(
-            hub.create(id, other, meta(), audit(id))
+            hub.create(id, other.clone(), other.save(), meta(), audit(id))
                 .await
                 .expect("create"),
             Created::Exists
         ));
         assert_eq!(storage.current_seq().await.expect("seq"), seq);
+    }
+
+    #[test]
+    fn validate_write_refuses_changes_that_move_the_owner_and_nothing_else() {
+        use automerge::transaction::Transactable;
+        let mut doc = Automerge::new();
+        let put = |doc: &mut Automerge, key: &str, value: &str| {
+            let before = doc.get_heads();
+            doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+                tx.put(automerge::ROOT, key, value).map(|_| ())
+            })
+            .expect("edit");
+            doc.get_changes(&before)
+        };
+        put(&mut doc, "agencyId", "agc_1");
+        let own = put(&mut doc, "patientId", "pat_1");
+        assert_eq!(validate_write(&meta(), &doc, &own), Ok(()));
+        assert_eq!(validate_write(&meta(), &doc, &[]), Ok(()));
+        let edit = put(&mut doc, "assessment", "lungs clear");
+        assert_eq!(validate_write(&meta(), &doc, &edit), Ok(()));
+        let moved = put(&mut doc, "patientId", "pat_2");
+        assert_eq!(
+            validate_write(&meta(), &doc, &moved),
+            Err(WriteRefusal::MovesOwner)
+        );
     }
 }

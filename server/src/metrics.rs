@@ -30,6 +30,11 @@ pub const DOC_WRITES: &str = "fieldchart_document_writes_total";
 /// Counter: storage failures that ended a session.
 pub const STORAGE_ERRORS: &str = "fieldchart_storage_errors_total";
 
+/// Counter: a bounded resource refused something, by `limit` (`frame_size`,
+/// `sessions_per_device`, `byte_rate`, `message_rate`, `bytes_in_flight`, `held_bytes`,
+/// `document_size`, `denials`, `slow_reader`).
+pub const LIMIT_HITS: &str = "fieldchart_limit_hits_total";
+
 /// Upper bounds of the sync latency buckets, in seconds.
 const SYNC_LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -88,6 +93,11 @@ fn describe() {
         STORAGE_ERRORS,
         Unit::Count,
         "Storage failures that ended a session"
+    );
+    describe_counter!(
+        LIMIT_HITS,
+        Unit::Count,
+        "Requests refused by a bounded resource, by limit"
     );
     metrics::gauge!(SESSIONS_ACTIVE).set(0.0);
     metrics::gauge!(DOCS_LOADED).set(0.0);

@@ -6,17 +6,42 @@
 //! # Flow
 //! 1. `join` → `peer` (our peer id, our stable `storageId`, `isEphemeral: false`), or `error`
 //!    and close if the client does not speak version `"1"`.
-//! 2. `request`/`sync` for a document the relay holds: access check first (denied → the same
-//!    `doc-unavailable` an unknown document gets, plus a `deny` audit row); apply the automerge
-//!    sync message; if it brought changes, commit them (bytes, heads, sequence, `write` audit
-//!    row in one transaction) and only then reply and tell the other sessions syncing the
-//!    document. A storage failure ends the session with an `error` message and a log line.
-//! 3. `sync` for a document the relay does not hold: a new document. It is held in this session
-//!    only, unclassified, until its root `agencyId` and `patientId` arrive (JS clients announce a
-//!    document before filling it in); then it is authorized and stored, or refused with nothing
-//!    stored. While unclassified the relay answers only as long as the document is empty: any
-//!    later answer would claim changes that are not on disk.
+//! 2. `request`/`sync` for a document the relay holds: access is decided from the stored row
+//!    (agency, patient, kind) *before anything is loaded*. Denied → exactly what an unknown id
+//!    gets (see 3), plus a `deny` row. Allowed → apply the automerge sync message on the
+//!    blocking pool; [`crate::docs::validate_write`] may refuse the new changes; then commit
+//!    them (bytes, heads, sequence, `write` audit row in one transaction) and only then reply
+//!    and tell the other sessions syncing the document. A storage failure ends the session
+//!    with an `error` message and a log line.
+//! 3. `request` for a document the relay does not hold (or may not show) → `doc-unavailable`.
+//!    `sync` → the new-document path, in isolation: the document is held in this session
+//!    only, unclassified, until its root `agencyId` and `patientId` arrive (JS clients
+//!    announce a document before filling it in); then it is authorized (the role may create
+//!    its `kind`, the patient exists in the principal's agency and is one the principal may
+//!    access) and stored, or refused with nothing stored. While unclassified the relay
+//!    answers only as long as the document is empty: any later answer would claim changes
+//!    that are not on disk. The one answer that can still tell "taken" from "free" is the
+//!    last: a complete document the device *may* create, sent under a taken id, cannot be
+//!    stored.
 //! 4. Any document data sent to the device is first recorded as a `read` audit row.
+//!
+//! # Denials
+//! A `deny` row always carries the principal's own agency, a patient only when it is known to
+//! be a patient of that agency, and at most [`crate::config::MAX_AUDIT_HEADS`] heads. The
+//! device gets its answer first; the row follows through the session's own writer task, in
+//! order. A session refused more than `max_denials_per_session` distinct documents is closed.
+//!
+//! # Bounds
+//! Frame size; per-device message and byte rates (token buckets); relay-wide bytes in flight
+//! and bytes of held (unclassified) documents, counted on the decoded change bytes before
+//! anything is applied; a per-document size quota. Each refusal is a clear `error` (or, for a
+//! held document, `doc-unavailable`) and a `fieldchart_limit_hits_total{limit=...}` count.
+//!
+//! # Never stalled by the peer
+//! Frames go out through an outbox drained by a writer task with a timeout on every send; the
+//! session loop itself never waits on the socket, so revocation, idle timeout and shutdown
+//! reach a session whose peer stopped reading, and such a peer is disconnected. The device row
+//! is re-read every `device_recheck_interval` as a backstop for revocations.
 //!
 //! `ephemeral` messages (presence, cursors) are dropped, not forwarded: they would be an
 //! unaudited channel for patient data between devices, and Fieldchart does not use presence.
@@ -26,6 +51,7 @@
 //! The device's sync state per document is persisted when the session ends (keyed by the
 //! peer's `storageId` and user, when it has one and is not ephemeral), so a reconnect resumes.
 
+mod outbox;
 pub mod registry;
 
 use std::collections::{HashMap, HashSet};
@@ -37,23 +63,29 @@ use automerge::{Automerge, ChangeHash};
 use fieldchart_core::protocol::{
     DocSync, DocumentId, Message, PROTOCOL_VERSION, PeerId, PeerMetadata, ProtocolError, classify,
 };
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use futures::{Sink, Stream, StreamExt};
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
-pub use registry::{CloseReason, SessionRegistry, SessionTicket};
+pub use registry::{
+    ByteBudget, CloseReason, RateLimited, Reservation, SessionRegistry, SessionTicket,
+};
 
+use self::outbox::{Outbox, OutboxError};
 use crate::access;
+use crate::audit::AuditLog;
 use crate::auth::Principal;
 use crate::clock::now_ms;
-use crate::docs::{Created, DocGuard, Inbox};
+use crate::config::{CLOSE_GRACE, MAX_AUDIT_HEADS, MAX_CLAIMED_ID_BYTES, MAX_LOGGED_CLIENT_TEXT};
+use crate::docs::{Created, Inbox, validate_write};
 use crate::error::Error;
 use crate::identity::{AgencyId, PatientId};
 use crate::metrics::{
-    BYTES_RECEIVED, BYTES_SENT, MESSAGES_RECEIVED, MESSAGES_SENT, SESSIONS_CLOSED, STORAGE_ERRORS,
-    SYNC_LATENCY,
+    BYTES_RECEIVED, BYTES_SENT, LIMIT_HITS, MESSAGES_RECEIVED, MESSAGES_SENT, SESSIONS_CLOSED,
+    STORAGE_ERRORS, SYNC_LATENCY,
 };
 use crate::state::AppState;
-use crate::storage::{AuditAction, AuditEvent, DocMeta, PeerKey};
+use crate::storage::{AuditAction, AuditEvent, DocMeta, DocumentRow, PeerKey, Storage};
 
 /// A WebSocket frame, as the session sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,17 +112,15 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// The peer sent a kind of frame the protocol does not use.
     pub const UNSUPPORTED_DATA: u16 = 1003;
-    /// Policy: revoked or expired token, rate limit.
+    /// Policy: revoked or expired token, rate limit, too many refusals, document quota.
     pub const POLICY: u16 = 1008;
     /// Frame over the size limit.
     pub const TOO_BIG: u16 = 1009;
     /// The relay failed.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// The relay is over a relay-wide budget; retry later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
-
-/// Denied documents remembered per session so a retrying client costs one audit row, not one
-/// per retry.
-const MAX_DENIALS_REMEMBERED: usize = 10_000;
 
 /// Why a session ends.
 #[derive(Debug)]
@@ -123,6 +153,23 @@ impl End {
             message: None,
         }
     }
+
+    fn from_close(reason: CloseReason) -> End {
+        match reason {
+            CloseReason::Revoked => {
+                End::error("revoked", close_code::POLICY, "this device was revoked")
+            }
+            CloseReason::Replaced => End::quiet("replaced", close_code::NORMAL),
+            CloseReason::ShuttingDown => End::quiet("shutdown", close_code::GOING_AWAY),
+        }
+    }
+
+    /// A limit was hit: count it, say which, close.
+    fn limit(limit: &'static str, code: u16, message: String) -> End {
+        metrics::counter!(LIMIT_HITS, "limit" => limit).increment(1);
+        tracing::warn!(limit, "limit hit; closing the session");
+        End::error(limit, code, message)
+    }
 }
 
 impl From<Error> for End {
@@ -144,22 +191,44 @@ struct Peer {
 struct PendingDoc {
     doc: Automerge,
     sync: DocSync,
-    bytes: usize,
+    /// Decoded change bytes applied so far, held in the relay-wide budget.
+    held: Option<Reservation>,
     since: Instant,
 }
 
-struct Session<K> {
+impl PendingDoc {
+    fn bytes(&self) -> usize {
+        self.held.as_ref().map_or(0, Reservation::bytes)
+    }
+}
+
+/// A `deny` row waiting for the session's audit writer; the claimed patient is checked there,
+/// after the device has its answer.
+#[derive(Debug)]
+struct Denial {
+    event: AuditEvent,
+    /// A patient id the client's document claims: recorded only if that patient exists in
+    /// the principal's agency.
+    claimed_patient: Option<PatientId>,
+}
+
+struct Session {
     relay: AppState,
     principal: Principal,
     ticket: SessionTicket,
-    sink: K,
+    outbox: Outbox,
     inbox: Arc<Inbox>,
     peer: Option<Peer>,
     /// Documents this session syncs (authorized, stored, subscribed), with their sync state.
     docs: HashMap<DocumentId, DocSync>,
     pending: HashMap<DocumentId, PendingDoc>,
     pending_bytes: usize,
-    denied: HashSet<DocumentId>,
+    /// Documents answered `doc-unavailable` (refused or unknown), bounded by
+    /// `max_denials_per_session`.
+    refused: HashSet<DocumentId>,
+    /// Documents a `deny` row was written for in this session (one row per document).
+    audited: HashSet<DocumentId>,
+    denials: Option<(mpsc::Sender<Denial>, tokio::task::JoinHandle<()>)>,
 }
 
 /// Run one session until the peer leaves, breaks the protocol, is revoked, idles out, or the
@@ -172,35 +241,35 @@ pub async fn run<S, K, E>(
     sink: K,
 ) where
     S: Stream<Item = Result<Frame, E>> + Unpin,
-    K: Sink<Frame> + Unpin,
+    K: Sink<Frame> + Unpin + Send + 'static,
     E: Display,
 {
     let span = tracing::info_span!("session", id = ticket.id(), user = %principal.user_id(), device = %principal.device_id);
+    let limits = relay.limits().clone();
     let mut session = Session {
+        outbox: Outbox::start(sink, limits.outbox_frames, limits.send_timeout),
         relay,
         principal,
         ticket,
-        sink,
         inbox: Arc::new(Inbox::default()),
         peer: None,
         docs: HashMap::new(),
         pending: HashMap::new(),
         pending_bytes: 0,
-        denied: HashSet::new(),
+        refused: HashSet::new(),
+        audited: HashSet::new(),
+        denials: None,
     };
     async move {
         tracing::info!("session opened");
         let end = session.serve(&mut incoming).await;
-        session.finish(end).await;
+        session.finish(end, &mut incoming).await;
     }
     .instrument(span)
     .await;
 }
 
-impl<K> Session<K>
-where
-    K: Sink<Frame> + Unpin,
-{
+impl Session {
     async fn serve<S, E>(&mut self, incoming: &mut S) -> End
     where
         S: Stream<Item = Result<Frame, E>> + Unpin,
@@ -214,19 +283,19 @@ where
         let mut keepalive = tokio::time::interval(limits.keepalive_interval);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keepalive.reset();
+        let mut recheck = tokio::time::interval(limits.device_recheck_interval);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        recheck.reset();
         let inbox = Arc::clone(&self.inbox);
 
         loop {
             // Biased, in this order: outside instructions first (a revoked device must not get
-            // one more message), then timers, then other sessions' changes, then the peer's
-            // frames (a flood is bounded by the rate limit), then keepalive.
+            // one more message), then timers, then the writer's fate, then other sessions'
+            // changes, then the peer's frames (a flood is bounded by the rate limits), then
+            // keepalive.
             let step = tokio::select! {
                 biased;
-                reason = self.ticket.closed() => return match reason {
-                    CloseReason::Revoked => End::error("revoked", close_code::POLICY, "this device was revoked"),
-                    CloseReason::Replaced => End::quiet("replaced", close_code::NORMAL),
-                    CloseReason::ShuttingDown => End::quiet("shutdown", close_code::GOING_AWAY),
-                },
+                reason = self.ticket.closed() => return End::from_close(reason),
                 () = &mut expiry => {
                     if now_ms() >= self.principal.expires_at {
                         return End::error("expired", close_code::POLICY, "the device token expired");
@@ -236,14 +305,14 @@ where
                     Ok(())
                 }
                 () = &mut idle => return End::quiet("idle", close_code::GOING_AWAY),
+                _ = recheck.tick() => self.recheck_device().await,
+                () = self.outbox.stopped() => return End::Disconnected("send_failed"),
                 () = inbox.changed() => self.on_changed().await,
                 frame = incoming.next() => {
                     idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                     match frame {
                         None => return End::Disconnected("peer_closed"),
-                        Some(Err(e)) => {
-                            return End::error("transport_error", close_code::PROTOCOL_ERROR, format!("cannot read frame: {e}"));
-                        }
+                        Some(Err(e)) => return transport_error(&e.to_string()),
                         Some(Ok(Frame::Binary(bytes))) => self.on_frame(bytes).await,
                         Some(Ok(Frame::Text(_))) => Err(End::error(
                             "text_frame",
@@ -263,11 +332,16 @@ where
     }
 
     /// Say why (when there is something to say), close, and persist sync states.
-    async fn finish(&mut self, end: End) {
+    async fn finish<S, E>(self, end: End, incoming: &mut S)
+    where
+        S: Stream<Item = Result<Frame, E>> + Unpin,
+    {
+        let handshake = !matches!(end, End::Disconnected(_));
         let reason = match &end {
             End::Close { reason, .. } | End::Disconnected(reason) => *reason,
             End::Internal(_) => "internal_error",
         };
+        // Goodbyes are queued only if there is room: a peer that does not read gets none.
         match end {
             End::Close {
                 reason,
@@ -275,13 +349,11 @@ where
                 message,
             } => {
                 if let Some(message) = message {
-                    tracing::info!(reason, %message, "closing session");
-                    let _ = self.send(Message::Error { message }).await;
+                    tracing::info!(reason, message = %loggable(&message), "closing session");
+                    self.try_send(Message::Error { message });
                 }
-                let _ = self
-                    .sink
-                    .send(Frame::Close(Some((code, reason.replace('_', " ")))))
-                    .await;
+                self.outbox
+                    .try_send(Frame::Close(Some((code, reason.replace('_', " ")))));
             }
             End::Internal(e) => {
                 metrics::counter!(STORAGE_ERRORS).increment(1);
@@ -290,52 +362,74 @@ where
                     "the relay failed to store or load data; nothing from your last message was \
                                acknowledged; reconnect to retry"
                         .to_owned();
-                let _ = self.send(Message::Error { message }).await;
-                let _ = self
-                    .sink
-                    .send(Frame::Close(Some((
-                        close_code::INTERNAL_ERROR,
-                        "internal error".into(),
-                    ))))
-                    .await;
+                self.try_send(Message::Error { message });
+                self.outbox.try_send(Frame::Close(Some((
+                    close_code::INTERNAL_ERROR,
+                    "internal error".into(),
+                ))));
             }
             End::Disconnected(_) => {}
         }
-        let _ = self.sink.close().await;
-        metrics::counter!(SESSIONS_CLOSED, "reason" => reason).increment(1);
-        for id in self.docs.keys() {
-            self.relay.docs().unsubscribe(*id, self.ticket.id());
+        let Session {
+            relay,
+            ticket,
+            outbox,
+            peer,
+            docs,
+            denials,
+            ..
+        } = self;
+        outbox.finish().await;
+        if handshake {
+            // Closing handshake: read (and drop) what the peer still sends until its close,
+            // for a bounded time. Dropping a socket with unread data resets the connection,
+            // and the peer would lose the `error` and close frames sent just before.
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                while let Some(Ok(frame)) = incoming.next().await {
+                    if matches!(frame, Frame::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
         }
-        self.save_sync_states().await;
-        tracing::info!(reason, docs = self.docs.len(), "session closed");
+        metrics::counter!(SESSIONS_CLOSED, "reason" => reason).increment(1);
+        for id in docs.keys() {
+            relay.docs().unsubscribe(*id, ticket.id());
+        }
+        save_sync_states(relay.storage(), peer.as_ref(), &docs).await;
+        if let Some((queue, writer)) = denials {
+            // Let queued deny rows reach the audit log before the session is gone.
+            drop(queue);
+            let grace = relay.limits().send_timeout;
+            if tokio::time::timeout(grace, writer).await.is_err() {
+                tracing::warn!("deny rows were still being written when the session closed");
+            }
+        }
+        tracing::info!(reason, docs = docs.len(), "session closed");
+        drop(ticket);
     }
 
-    async fn save_sync_states(&mut self) {
-        let Some(key) = self.peer.as_ref().and_then(|p| p.sync_key.clone()) else {
-            return;
-        };
-        let states: Vec<_> = self
-            .docs
-            .iter()
-            .map(|(id, sync)| (*id, sync.encode()))
-            .collect();
-        if states.is_empty() {
-            return;
-        }
-        // Losing these costs the next connection a few round trips, not data: log and go on.
-        if let Err(e) = self.relay.storage().save_sync_states(key, states).await {
-            tracing::warn!(error = %e, "could not persist sync states");
-        }
+    fn try_send(&self, message: Message) -> bool {
+        let bytes = message.encode();
+        self.outbox.try_send(Frame::Binary(bytes))
     }
 
     async fn send(&mut self, message: Message) -> Result<(), End> {
         let bytes = message.encode();
         metrics::counter!(MESSAGES_SENT, "type" => message.type_name()).increment(1);
         metrics::counter!(BYTES_SENT).increment(bytes.len() as u64);
-        self.sink
-            .send(Frame::Binary(bytes))
-            .await
-            .map_err(|_| End::Disconnected("send_failed"))
+        // Waiting for room in the outbox must not hide a revocation or a shutdown.
+        let (ticket, outbox) = (&mut self.ticket, &self.outbox);
+        tokio::select! {
+            biased;
+            reason = ticket.closed() => Err(End::from_close(reason)),
+            sent = outbox.send(Frame::Binary(bytes)) => match sent {
+                Ok(()) => Ok(()),
+                Err(OutboxError::Closed) => Err(End::Disconnected("send_failed")),
+                Err(OutboxError::SlowReader) => Err(End::Disconnected("slow_reader")),
+            },
+        }
     }
 
     fn peer_id(&self) -> Result<PeerId, End> {
@@ -345,13 +439,33 @@ where
             .ok_or_else(|| End::error("no_join", close_code::PROTOCOL_ERROR, "join first"))
     }
 
+    /// Re-read the device: a revocation or expiry that no other path announced still closes
+    /// the session within `device_recheck_interval`.
+    async fn recheck_device(&mut self) -> Result<(), End> {
+        let device = self
+            .relay
+            .storage()
+            .device(self.principal.device_id.clone())
+            .await?;
+        match device {
+            Some(d) if d.revoked_at.is_none() && d.expires_at > now_ms() => Ok(()),
+            Some(d) if d.revoked_at.is_none() => Err(End::error(
+                "expired",
+                close_code::POLICY,
+                "the device token expired",
+            )),
+            _ => Err(End::from_close(CloseReason::Revoked)),
+        }
+    }
+
     async fn on_frame(&mut self, bytes: Vec<u8>) -> Result<(), End> {
         let started = Instant::now();
         metrics::counter!(BYTES_RECEIVED).increment(bytes.len() as u64);
-        let max = self.relay.limits().max_frame_bytes;
+        let limits = self.relay.limits();
+        let max = limits.max_frame_bytes;
         if bytes.len() > max {
-            return Err(End::error(
-                "frame_too_large",
+            return Err(End::limit(
+                "frame_size",
                 close_code::TOO_BIG,
                 format!(
                     "frame of {} bytes exceeds the limit of {max} bytes",
@@ -359,26 +473,46 @@ where
                 ),
             ));
         }
-        if !self
+        match self
             .relay
             .sessions()
-            .take_message(&self.principal.device_id)
+            .admit_frame(&self.principal.device_id, bytes.len())
         {
-            tracing::warn!("message rate limit exceeded");
-            return Err(End::error(
-                "rate_limited",
-                close_code::POLICY,
-                format!(
-                    "more than {} messages per second from this device",
-                    self.relay.limits().message_rate_per_second
-                ),
-            ));
+            Ok(()) => {}
+            Err(RateLimited::Messages) => {
+                return Err(End::limit(
+                    "message_rate",
+                    close_code::POLICY,
+                    format!(
+                        "more than {} messages per second from this device",
+                        limits.message_rate_per_second
+                    ),
+                ));
+            }
+            Err(RateLimited::Bytes) => {
+                return Err(End::limit(
+                    "byte_rate",
+                    close_code::POLICY,
+                    format!(
+                        "more than {} bytes per second from this device (burst {} bytes)",
+                        limits.byte_rate_per_second, limits.byte_burst
+                    ),
+                ));
+            }
         }
+        // Held until this frame is answered: what the relay is working on, relay-wide.
+        let Some(_in_flight) = self.relay.sessions().in_flight().reserve(bytes.len()) else {
+            return Err(End::limit(
+                "bytes_in_flight",
+                close_code::TRY_AGAIN_LATER,
+                "the relay is busy (too many bytes in flight); reconnect later".to_owned(),
+            ));
+        };
         let message = match Message::decode(&bytes) {
             Ok(message) => message,
             // JS peers log and drop message types they do not know; so do we.
             Err(ProtocolError::UnknownType(kind)) => {
-                tracing::debug!(%kind, "ignoring message of unknown type");
+                tracing::debug!(kind = %loggable(&kind), "ignoring message of unknown type");
                 return Ok(());
             }
             Err(e) => {
@@ -389,6 +523,7 @@ where
                 ));
             }
         };
+        drop(bytes);
         metrics::counter!(MESSAGES_RECEIVED, "type" => message.type_name()).increment(1);
 
         let Some(peer) = &self.peer else {
@@ -410,19 +545,19 @@ where
             Message::Request {
                 document_id, data, ..
             } => {
-                self.on_sync(document_id, &data, true).await?;
+                self.on_sync(document_id, data, true).await?;
                 metrics::histogram!(SYNC_LATENCY).record(started.elapsed().as_secs_f64());
                 Ok(())
             }
             Message::Sync {
                 document_id, data, ..
             } => {
-                self.on_sync(document_id, &data, false).await?;
+                self.on_sync(document_id, data, false).await?;
                 metrics::histogram!(SYNC_LATENCY).record(started.elapsed().as_secs_f64());
                 Ok(())
             }
             Message::Error { message } => {
-                tracing::info!(%message, "peer reported an error");
+                tracing::info!(message = %loggable(&message), "peer reported an error");
                 Err(End::quiet("peer_error", close_code::NORMAL))
             }
             Message::Peer { .. } => Err(End::error(
@@ -470,7 +605,7 @@ where
             _ => None,
         };
         self.relay.sessions().joined(self.ticket.id(), &sender_id);
-        tracing::info!(peer = %sender_id, persistent = sync_key.is_some(), "peer joined");
+        tracing::info!(peer = %loggable(sender_id.as_str()), persistent = sync_key.is_some(), "peer joined");
         self.peer = Some(Peer {
             id: sender_id.clone(),
             sync_key,
@@ -487,14 +622,33 @@ where
         .await
     }
 
-    async fn on_sync(&mut self, id: DocumentId, data: &[u8], is_request: bool) -> Result<(), End> {
+    /// A `sync` or `request`. Access is decided from the stored row before anything is
+    /// loaded; a document the device may not see is answered exactly as an unknown one: a
+    /// `request` gets `doc-unavailable`, a `sync` takes the new-document path, in isolation
+    /// (the stored document is never touched).
+    async fn on_sync(
+        &mut self,
+        id: DocumentId,
+        data: Vec<u8>,
+        is_request: bool,
+    ) -> Result<(), End> {
         if self.pending.contains_key(&id) {
             return self.on_pending(id, data).await;
         }
-        match self.relay.docs().open(id).await? {
-            Some(guard) => self.on_stored(guard, data).await,
-            None if is_request => self.send_unavailable(id).await,
-            None => self.on_new(id, data).await,
+        let row = self.relay.storage().document_row(id).await?;
+        if let Some(row) = row {
+            if access::may_access(self.relay.storage(), &self.principal, &row.meta).await? {
+                return self.on_stored(id, &row, data).await;
+            }
+            self.untrack(id);
+            let patient = (row.meta.agency_id == *self.principal.agency_id())
+                .then(|| row.meta.patient_id.clone());
+            self.record_denial(id, patient, None, row.heads.clone());
+        }
+        if is_request {
+            self.send_unavailable(id).await
+        } else {
+            self.on_new(id, data).await
         }
     }
 
@@ -531,18 +685,49 @@ where
         }
     }
 
-    async fn on_stored(&mut self, mut guard: DocGuard, data: &[u8]) -> Result<(), End> {
-        let id = guard.id();
-        let meta = guard.meta().clone();
-        if !access::may_access(self.relay.storage(), &self.principal, &meta).await? {
-            let heads = guard.heads();
-            drop(guard);
-            self.untrack(id);
-            return self.deny(id, &meta, heads).await;
+    /// A message for a stored document this device may access.
+    async fn on_stored(
+        &mut self,
+        id: DocumentId,
+        row: &DocumentRow,
+        data: Vec<u8>,
+    ) -> Result<(), End> {
+        let incoming = change_bytes(id, &data)?;
+        let quota = self.relay.limits().max_document_bytes;
+        let size = usize::try_from(row.stored_bytes).unwrap_or(usize::MAX);
+        if incoming > 0 && size.saturating_add(incoming) > quota {
+            return Err(End::limit(
+                "document_size",
+                close_code::POLICY,
+                format!("document {id} would exceed the per-document quota of {quota} bytes"),
+            ));
         }
-        let mut sync = self.sync_state(id).await?;
-        let outcome = match sync.receive(guard.doc_mut(), data) {
-            Ok(outcome) => outcome,
+        let meta = row.meta.clone();
+        let sync = self.sync_state(id).await?;
+        let Some(guard) = self.relay.docs().open(id).await? else {
+            // Gone since its row was read (never happens today: documents are not deleted).
+            return self.refuse(id).await;
+        };
+        // Apply, check, and (when nothing changed) answer, on the blocking pool.
+        let checked_meta = meta.clone();
+        let (guard, applied) = self
+            .relay
+            .docs()
+            .blocking(guard, move |guard| {
+                let mut sync = sync;
+                let outcome = sync.receive(guard.doc_mut(), &data)?;
+                // The one place changes from a device are checked before they are committed.
+                let verdict = validate_write(&checked_meta, guard.doc(), &outcome.new_changes);
+                let reply = if outcome.new_changes.is_empty() {
+                    sync.generate(guard.doc())
+                } else {
+                    None
+                };
+                Ok::<_, ProtocolError>((sync, outcome, verdict, reply))
+            })
+            .await?;
+        let (mut sync, outcome, verdict, reply) = match applied {
+            Ok(applied) => applied,
             Err(e) => {
                 // Automerge may have applied part of a rejected message: drop the copy.
                 self.relay.docs().discard(guard);
@@ -554,20 +739,16 @@ where
                 ));
             }
         };
-        let guard = if outcome.new_changes.is_empty() {
-            guard
+        let (guard, reply) = if outcome.new_changes.is_empty() {
+            (guard, reply)
         } else {
-            // A document's owner is fixed when it is first stored; a change that moves it to
-            // another patient or agency is refused like any unauthorized write.
-            let fields = classify(guard.doc());
-            if fields.agency_id.as_deref() != Some(meta.agency_id.as_str())
-                || fields.patient_id.as_deref() != Some(meta.patient_id.as_str())
-            {
-                let heads = outcome.heads_after.clone();
+            if let Err(refusal) = verdict {
                 self.relay.docs().discard(guard);
                 self.untrack(id);
-                tracing::warn!(doc = %id, "refused changes that would move the document to another patient or agency");
-                return self.deny(id, &meta, heads).await;
+                tracing::warn!(doc = %id, %refusal, "refused changes from a device");
+                let patient = Some(meta.patient_id.clone());
+                self.record_denial(id, patient, None, outcome.heads_after.clone());
+                return self.refuse(id).await;
             }
             let audit = self.audit_event(
                 id,
@@ -581,9 +762,17 @@ where
                 .docs()
                 .commit(guard, &outcome.new_changes, audit, self.ticket.id())
                 .await?;
-            guard
+            let (guard, (state, reply)) = self
+                .relay
+                .docs()
+                .blocking(guard, move |guard| {
+                    let reply = sync.generate(guard.doc());
+                    (sync, reply)
+                })
+                .await?;
+            sync = state;
+            (guard, reply)
         };
-        let reply = sync.generate(guard.doc());
         let heads = guard.heads();
         drop(guard);
         self.track(id, sync);
@@ -593,22 +782,23 @@ where
         }
     }
 
-    /// A `sync` for a document the relay does not hold: a new document.
-    async fn on_new(&mut self, id: DocumentId, data: &[u8]) -> Result<(), End> {
+    /// A `sync` for a document the relay does not hold (or may not show this device): a new
+    /// document.
+    async fn on_new(&mut self, id: DocumentId, data: Vec<u8>) -> Result<(), End> {
         let fresh = PendingDoc {
             doc: Automerge::new(),
             sync: DocSync::new(),
-            bytes: 0,
+            held: None,
             since: Instant::now(),
         };
         self.on_unclassified(id, fresh, data).await
     }
 
-    async fn on_pending(&mut self, id: DocumentId, data: &[u8]) -> Result<(), End> {
+    async fn on_pending(&mut self, id: DocumentId, data: Vec<u8>) -> Result<(), End> {
         let Some(pending) = self.pending.remove(&id) else {
             return Ok(());
         };
-        self.pending_bytes -= pending.bytes;
+        self.pending_bytes -= pending.bytes();
         self.on_unclassified(id, pending, data).await
     }
 
@@ -618,79 +808,166 @@ where
         &mut self,
         id: DocumentId,
         mut pending: PendingDoc,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> Result<(), End> {
-        if let Err(e) = pending.sync.receive(&mut pending.doc, data) {
-            return Err(End::error(
-                "bad_sync",
-                close_code::PROTOCOL_ERROR,
-                format!("sync message for {id} refused: {e}"),
-            ));
+        // Bounds first, on the decoded size of the changes, before anything is applied.
+        let incoming = change_bytes(id, &data)?;
+        if incoming > 0 {
+            let limits = self.relay.limits();
+            let total = pending.bytes() + incoming;
+            if total > limits.max_document_bytes {
+                return Err(End::limit(
+                    "document_size",
+                    close_code::POLICY,
+                    format!(
+                        "document {id} would exceed the per-document quota of {} bytes",
+                        limits.max_document_bytes
+                    ),
+                ));
+            }
+            if self.pending_bytes + total > limits.max_pending_bytes {
+                metrics::counter!(LIMIT_HITS, "limit" => "held_bytes").increment(1);
+                tracing::warn!(doc = %id, bytes = total, "this session holds too many unclassified bytes; dropping one");
+                return self.refuse(id).await;
+            }
+            let held = match pending.held.take() {
+                Some(mut held) => held.resize(total).then_some(held),
+                None => self.relay.sessions().held().reserve(total),
+            };
+            let Some(held) = held else {
+                metrics::counter!(LIMIT_HITS, "limit" => "held_bytes").increment(1);
+                tracing::warn!(doc = %id, bytes = total, "the relay holds too many unclassified bytes; dropping one");
+                return self.refuse(id).await;
+            };
+            pending.held = Some(held);
         }
-        if pending.doc.get_heads().is_empty() {
-            // A first announcement carries only heads. Ask for everything without keeping any
-            // state: announcing many new documents at once costs the relay no memory, and the
-            // answer claims nothing.
-            return match pending.sync.generate(&pending.doc) {
+        let (pending, received) = tokio::task::spawn_blocking(move || {
+            let mut pending = pending;
+            let received = pending.sync.receive(&mut pending.doc, &data).map(|_| ());
+            let empty = pending.doc.get_heads().is_empty();
+            // A first announcement carries only heads: answer it (asking for everything)
+            // without keeping any state, so announcing many new documents costs no memory and
+            // the answer claims nothing.
+            let reply = if empty {
+                pending.sync.generate(&pending.doc)
+            } else {
+                None
+            };
+            (pending, received.map(|()| (empty, reply)))
+        })
+        .await
+        .map_err(Error::from)?;
+        let (empty, reply) = match received {
+            Ok(done) => done,
+            Err(e) => {
+                return Err(End::error(
+                    "bad_sync",
+                    close_code::PROTOCOL_ERROR,
+                    format!("sync message for {id} refused: {e}"),
+                ));
+            }
+        };
+        if empty {
+            return match reply {
                 Some(reply) => self.send_sync_unaudited(id, reply).await,
                 None => Ok(()),
             };
         }
-        pending.bytes += data.len();
         let fields = classify(&pending.doc);
         let (Some(agency), Some(patient)) = (fields.agency_id, fields.patient_id) else {
             // Content, but no owner yet: hold it, silently (any answer would claim changes that
             // are not on disk), within this session's bounds.
-            let limits = self.relay.limits();
-            if self.pending.len() >= limits.max_pending_docs
-                || self.pending_bytes + pending.bytes > limits.max_pending_bytes
-            {
-                tracing::warn!(doc = %id, bytes = pending.bytes, "too many unclassified documents; dropping one");
-                return self.send_unavailable(id).await;
+            if self.pending.len() >= self.relay.limits().max_pending_docs {
+                metrics::counter!(LIMIT_HITS, "limit" => "held_documents").increment(1);
+                tracing::warn!(doc = %id, bytes = pending.bytes(), "too many unclassified documents; dropping one");
+                return self.refuse(id).await;
             }
-            self.pending_bytes += pending.bytes;
+            self.pending_bytes += pending.bytes();
             self.pending.insert(id, pending);
             return Ok(());
         };
-        let meta = DocMeta {
+        let heads = pending.doc.get_heads();
+        let claimed = DocMeta {
             agency_id: AgencyId::new(agency),
             patient_id: PatientId::new(patient),
             kind: fields.kind.unwrap_or_default(),
         };
-        let heads = pending.doc.get_heads();
-        if !access::may_create(self.relay.storage(), &self.principal, &meta).await? {
-            tracing::warn!(doc = %id, "refused a new document for a patient this user may not touch");
-            return self.deny(id, &meta, heads).await;
+        if claimed.agency_id.as_str().len() > MAX_CLAIMED_ID_BYTES
+            || claimed.patient_id.as_str().len() > MAX_CLAIMED_ID_BYTES
+        {
+            tracing::warn!(doc = %id, "refused a new document with an oversized owner id");
+            self.record_denial(id, None, None, heads);
+            return self.refuse(id).await;
+        }
+        // The id may be taken by a document this device may not see: it is refused like any
+        // document the device may not create, and the stored one is never loaded.
+        if let Some(row) = self.relay.storage().document_row(id).await? {
+            if access::may_access(self.relay.storage(), &self.principal, &row.meta).await? {
+                // Stored meanwhile by this user's other session: sync against that copy.
+                return self.on_stored(id, &row, data_for_resync(&pending)).await;
+            }
+            tracing::info!(doc = %id, "refused a new document whose id is taken");
+            self.record_denial(id, None, Some(claimed.patient_id), heads);
+            return self.refuse(id).await;
+        }
+        if !access::may_create(self.relay.storage(), &self.principal, &claimed).await? {
+            tracing::warn!(doc = %id, kind = %loggable(&claimed.kind), "refused a new document this user may not create");
+            self.record_denial(id, None, Some(claimed.patient_id), heads);
+            return self.refuse(id).await;
         }
         let audit = self.audit_event(
             id,
-            meta.agency_id.clone(),
-            Some(meta.patient_id.clone()),
+            claimed.agency_id.clone(),
+            Some(claimed.patient_id.clone()),
             AuditAction::Write,
             heads,
         );
-        let PendingDoc { doc, mut sync, .. } = pending;
-        match self
+        let PendingDoc {
+            doc, sync, held, ..
+        } = pending;
+        let (doc, snapshot, resync) = tokio::task::spawn_blocking(move || {
+            let snapshot = doc.save();
+            let resync = DocSync::new().generate(&doc).unwrap_or_default();
+            (doc, snapshot, resync)
+        })
+        .await
+        .map_err(Error::from)?;
+        let created = self
             .relay
             .docs()
-            .create(id, doc, meta.clone(), audit)
-            .await?
-        {
+            .create(id, doc, snapshot, claimed.clone(), audit)
+            .await?;
+        drop(held);
+        match created {
             Created::Stored(guard) => {
-                tracing::info!(doc = %id, kind = %meta.kind, "stored a new document");
-                let reply = sync.generate(guard.doc());
+                tracing::info!(doc = %id, kind = %loggable(&claimed.kind), "stored a new document");
+                let (guard, (sync, reply)) = self
+                    .relay
+                    .docs()
+                    .blocking(guard, move |guard| {
+                        let mut sync = sync;
+                        let reply = sync.generate(guard.doc());
+                        (sync, reply)
+                    })
+                    .await?;
                 let heads = guard.heads();
                 drop(guard);
                 self.track(id, sync);
                 match reply {
-                    Some(data) => self.send_sync(id, &meta, heads, data).await,
+                    Some(data) => self.send_sync(id, &claimed, heads, data).await,
                     None => Ok(()),
                 }
             }
-            // Stored meanwhile by another session: sync against that copy from a fresh state.
-            Created::Exists => match self.relay.docs().open(id).await? {
-                Some(guard) => self.on_stored(guard, data).await,
-                None => self.send_unavailable(id).await,
+            // Stored meanwhile by another session: sync against that copy if this device may
+            // see it, from a fresh announcement of what it holds.
+            Created::Exists => match self.relay.storage().document_row(id).await? {
+                Some(row)
+                    if access::may_access(self.relay.storage(), &self.principal, &row.meta)
+                        .await? =>
+                {
+                    self.on_stored(id, &row, resync).await
+                }
+                _ => self.refuse(id).await,
             },
         }
     }
@@ -698,26 +975,36 @@ where
     /// Other sessions changed documents this session syncs: send what the device lacks.
     async fn on_changed(&mut self) -> Result<(), End> {
         for id in self.inbox.take() {
-            let Some(mut sync) = self.docs.remove(&id) else {
+            let Some(sync) = self.docs.remove(&id) else {
                 continue;
             };
+            let Some(row) = self.relay.storage().document_row(id).await? else {
+                self.relay.docs().unsubscribe(id, self.ticket.id());
+                continue;
+            };
+            if !access::may_access(self.relay.storage(), &self.principal, &row.meta).await? {
+                // Access was withdrawn since the device started syncing it.
+                self.relay.docs().unsubscribe(id, self.ticket.id());
+                continue;
+            }
             let Some(guard) = self.relay.docs().open(id).await? else {
                 self.relay.docs().unsubscribe(id, self.ticket.id());
                 continue;
             };
-            let meta = guard.meta().clone();
-            if !access::may_access(self.relay.storage(), &self.principal, &meta).await? {
-                // Access was withdrawn since the device started syncing it.
-                drop(guard);
-                self.relay.docs().unsubscribe(id, self.ticket.id());
-                continue;
-            }
-            let reply = sync.generate(guard.doc());
+            let (guard, (sync, reply)) = self
+                .relay
+                .docs()
+                .blocking(guard, move |guard| {
+                    let mut sync = sync;
+                    let reply = sync.generate(guard.doc());
+                    (sync, reply)
+                })
+                .await?;
             let heads = guard.heads();
             drop(guard);
             self.docs.insert(id, sync);
             if let Some(data) = reply {
-                self.send_sync(id, &meta, heads, data).await?;
+                self.send_sync(id, &row.meta, heads, data).await?;
             }
         }
         Ok(())
@@ -733,15 +1020,17 @@ where
             .collect();
         for id in expired {
             if let Some(pending) = self.pending.remove(&id) {
-                self.pending_bytes -= pending.bytes;
+                self.pending_bytes -= pending.bytes();
                 tracing::info!(doc = %id, "dropping a document that never got its agencyId and patientId");
                 self.send_unavailable(id).await?;
             }
         }
-        self.sink
-            .send(Frame::Ping(Vec::new()))
-            .await
-            .map_err(|_| End::Disconnected("send_failed"))
+        let (ticket, outbox) = (&mut self.ticket, &self.outbox);
+        tokio::select! {
+            biased;
+            reason = ticket.closed() => Err(End::from_close(reason)),
+            sent = outbox.send(Frame::Ping(Vec::new())) => sent.map_err(|_| End::Disconnected("send_failed")),
+        }
     }
 
     fn audit_event(
@@ -764,32 +1053,71 @@ where
         }
     }
 
-    /// Refuse a document: a `deny` row (once per document per session) and the same
-    /// `doc-unavailable` an unknown document gets.
-    async fn deny(
+    /// Queue a `deny` row (once per document per session, at most `max_denials_per_session`):
+    /// always in the principal's own agency; with `patient` (a trusted id, from a stored row in
+    /// the principal's agency) or `claimed` (from the client's document, recorded only if that
+    /// patient exists in the principal's agency); at most [`MAX_AUDIT_HEADS`] heads. The row is
+    /// written by the session's audit writer, in order, after the device has its answer.
+    fn record_denial(
         &mut self,
         id: DocumentId,
-        meta: &DocMeta,
-        heads: Vec<ChangeHash>,
-    ) -> Result<(), End> {
-        if self.denied.len() >= MAX_DENIALS_REMEMBERED {
-            self.denied.clear();
+        patient: Option<PatientId>,
+        claimed: Option<PatientId>,
+        mut heads: Vec<ChangeHash>,
+    ) {
+        let max = self.relay.limits().max_denials_per_session;
+        if self.audited.contains(&id) {
+            return;
         }
-        if self.denied.insert(id) {
-            tracing::info!(doc = %id, kind = %meta.kind, "access denied");
-            let event = self.audit_event(
-                id,
-                meta.agency_id.clone(),
-                Some(meta.patient_id.clone()),
-                AuditAction::Deny,
-                heads,
-            );
-            self.relay.audit().record(event).await?;
+        if self.audited.len() >= max {
+            metrics::counter!(LIMIT_HITS, "limit" => "denials").increment(1);
+            tracing::warn!(doc = %id, "deny rows for this session reached their limit; not recorded");
+            return;
         }
+        self.audited.insert(id);
+        tracing::info!(doc = %id, "access denied");
+        heads.truncate(MAX_AUDIT_HEADS);
+        let event = self.audit_event(
+            id,
+            self.principal.agency_id().clone(),
+            patient,
+            AuditAction::Deny,
+            heads,
+        );
+        let denial = Denial {
+            event,
+            claimed_patient: claimed.filter(|p| p.as_str().len() <= MAX_CLAIMED_ID_BYTES),
+        };
+        let (queue, _) = self.denials.get_or_insert_with(|| {
+            let (queue, rx) = mpsc::channel(max.max(1));
+            let writer = tokio::spawn(write_denials(
+                self.relay.clone(),
+                self.relay.audit().clone(),
+                rx,
+            ));
+            (queue, writer)
+        });
+        // Room for every row this session may queue: `audited` is bounded by the capacity.
+        if queue.try_send(denial).is_err() {
+            tracing::error!(doc = %id, "the deny-row queue is full; row dropped");
+        }
+    }
+
+    /// Answer `doc-unavailable` for a document refused or unknown; a session refused more
+    /// than `max_denials_per_session` distinct documents is closed.
+    async fn refuse(&mut self, id: DocumentId) -> Result<(), End> {
         self.send_unavailable(id).await
     }
 
     async fn send_unavailable(&mut self, id: DocumentId) -> Result<(), End> {
+        let max = self.relay.limits().max_denials_per_session;
+        if self.refused.insert(id) && self.refused.len() > max {
+            return Err(End::limit(
+                "denials",
+                close_code::POLICY,
+                format!("more than {max} documents refused or unavailable on this connection"),
+            ));
+        }
         let target_id = self.peer_id()?;
         self.send(Message::DocUnavailable {
             sender_id: self.relay.peer_id().clone(),
@@ -831,6 +1159,105 @@ where
         })
         .await
     }
+}
+
+/// Persist the device's sync states, so its next connection resumes.
+async fn save_sync_states(
+    storage: &dyn Storage,
+    peer: Option<&Peer>,
+    docs: &HashMap<DocumentId, DocSync>,
+) {
+    let Some(key) = peer.and_then(|p| p.sync_key.clone()) else {
+        return;
+    };
+    let states: Vec<_> = docs.iter().map(|(id, sync)| (*id, sync.encode())).collect();
+    if states.is_empty() {
+        return;
+    }
+    // Losing these costs the next connection a few round trips, not data: log and go on.
+    if let Err(e) = storage.save_sync_states(key, states).await {
+        tracing::warn!(error = %e, "could not persist sync states");
+    }
+}
+
+/// The session's audit writer for `deny` rows: resolves each claimed patient (kept only if it
+/// is a patient of the principal's agency) and stores the rows one by one, in order.
+async fn write_denials(relay: AppState, audit: AuditLog, mut rx: mpsc::Receiver<Denial>) {
+    while let Some(Denial {
+        mut event,
+        claimed_patient,
+    }) = rx.recv().await
+    {
+        if let Some(claimed) = claimed_patient {
+            match relay.storage().patient(claimed).await {
+                Ok(Some(patient)) if patient.agency_id == event.agency_id => {
+                    event.patient_id = Some(patient.id);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot look up a claimed patient"),
+            }
+        }
+        if let Err(e) = audit.record(event).await {
+            tracing::error!(error = %e, "a deny row could not be stored");
+        }
+    }
+}
+
+/// Decoded bytes of the changes a sync message carries (what automerge would load), without
+/// applying it; a payload that is not a sync message is a protocol error.
+fn change_bytes(id: DocumentId, data: &[u8]) -> Result<usize, End> {
+    automerge::sync::Message::decode(data)
+        .map(|m| m.changes.iter().map(<[u8]>::len).sum())
+        .map_err(|e| {
+            End::error(
+                "bad_sync",
+                close_code::PROTOCOL_ERROR,
+                format!("sync message for {id} refused: {e}"),
+            )
+        })
+}
+
+/// A sync message re-announcing `pending`'s heads, to start over against a stored copy.
+fn data_for_resync(pending: &PendingDoc) -> Vec<u8> {
+    DocSync::new().generate(&pending.doc).unwrap_or_default()
+}
+
+/// A transport error: an oversize message (cut off by the transport) is reported as such.
+fn transport_error(text: &str) -> End {
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("too long") || lower.contains("space limit") || lower.contains("too big") {
+        return End::limit(
+            "frame_size",
+            close_code::TOO_BIG,
+            format!("cannot read frame: {}", loggable(text)),
+        );
+    }
+    End::error(
+        "transport_error",
+        close_code::PROTOCOL_ERROR,
+        format!("cannot read frame: {}", loggable(text)),
+    )
+}
+
+/// Client-supplied text made safe for a log line: control characters escaped, at most
+/// [`MAX_LOGGED_CLIENT_TEXT`] characters (longer text is cut and marked).
+pub fn loggable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_LOGGED_CLIENT_TEXT + 8));
+    let mut written = 0;
+    for c in text.chars() {
+        let escaped: Vec<char> = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            vec![c]
+        };
+        if written + escaped.len() > MAX_LOGGED_CLIENT_TEXT {
+            out.push_str("…[cut]");
+            break;
+        }
+        written += escaped.len();
+        out.extend(escaped);
+    }
+    out
 }
 
 /// Whether a sync message we generated carries document changes (not just heads and filters).

@@ -41,11 +41,7 @@ impl AppState {
                 limits.max_docs_in_memory,
                 limits.compact_after_chunks,
             ),
-            sessions: Arc::new(SessionRegistry::new(
-                limits.max_sessions,
-                limits.message_rate_per_second,
-                limits.message_burst,
-            )),
+            sessions: Arc::new(SessionRegistry::new(&limits)),
             audit: AuditLog::start(Arc::clone(&storage)),
             // The peer id names this process; the storage id names the data, and stays.
             peer_id: PeerId::random("fieldchart-relay"),

@@ -347,6 +347,22 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
 
     /// Audit rows matching a query, oldest first.
     fn query_audit(&self, query: AuditQuery) -> StorageFuture<'_, Vec<AuditRecord>>;
+
+    /// Who a stored document belongs to and how many bytes it takes, without reading its
+    /// bytes: what the relay authorizes from before it loads anything. `None` if the relay
+    /// does not hold it.
+    fn document_row(&self, id: DocumentId) -> StorageFuture<'_, Option<DocumentRow>>;
+}
+
+/// A stored document's row, without its contents ([`Storage::document_row`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentRow {
+    /// Who it belongs to.
+    pub meta: DocMeta,
+    /// Bytes of its stored snapshot plus chunks.
+    pub stored_bytes: u64,
+    /// Heads of everything stored.
+    pub heads: Vec<ChangeHash>,
 }
 
 /// Concatenated 32-byte hashes: how heads are stored.

@@ -2,7 +2,12 @@
 //!
 //! Everything that can refuse a client happens before the upgrade, as a plain HTTP answer: a
 //! missing, unknown, expired or revoked token is `401` (no protocol message is ever exchanged
-//! with an unauthenticated client), a full relay is `503`.
+//! with an unauthenticated client), a full relay or a device over its session cap is `503`.
+//!
+//! # No revocation gap
+//! The token is checked, the session registered, and the token checked *again*. A revocation
+//! committed before the second check is seen by it; one committed after it finds the session
+//! already registered, where the admin API's revocation and the revocation poller reach it.
 
 use axum::extract::State;
 use axum::extract::ws::{
@@ -13,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 
 use crate::auth::{authenticate, bearer_token, query_token};
+use crate::config::OVERSIZE_FRAME_GRACE_BYTES;
 use crate::error::Error;
 use crate::session::{self, Frame};
 use crate::state::AppState;
@@ -39,7 +45,18 @@ pub async fn sync_endpoint(
         Ok(ticket) => ticket,
         Err(e) => return e.into_response(),
     };
-    let max = relay.limits().max_frame_bytes;
+    // Registered: re-check, so a revocation committed since the first check is not missed.
+    let principal = match authenticate(relay.storage(), token).await {
+        Ok(again) if again.device_id == principal.device_id => again,
+        Ok(_) | Err(Error::Unauthorized) => return Error::Unauthorized.into_response(),
+        Err(e) => return e.into_response(),
+    };
+    // The transport reads a little past the limit so the session can refuse an oversize
+    // frame with a clear error; beyond that the transport cuts the connection.
+    let max = relay
+        .limits()
+        .max_frame_bytes
+        .saturating_add(OVERSIZE_FRAME_GRACE_BYTES);
     upgrade
         .max_message_size(max)
         .max_frame_size(max)

@@ -1,16 +1,34 @@
 //! Who may see a patient's note, through the real relay process: every outcome of the access
 //! matrix, and the audit row each one leaves, read back through the admin CLI and the admin
-//! HTTP API.
+//! HTTP API; which kinds of document each role may create; and a device that still holds a
+//! note it may no longer see.
+//!
+//! `deny` rows are written just after the device has its answer, so tests read them back with
+//! a bounded number of CLI runs ([`audit_until`]).
 
 use std::time::{Duration, Instant};
 
 use fieldchart_tests::relay_process::{
-    Admin, ConnectError, RelayProcess, SyncOutcome, TestPeer, visit_note,
+    Admin, ConnectError, RelayProcess, SyncOutcome, TestPeer, set, visit_note,
 };
 use serde_json::Value;
 
 /// Revoking a device must close its open session within this (DESIGN §5, DOMAIN "lost devices").
 const REVOCATION_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The `audit` CLI's rows for `args`, re-run (a bounded number of times) until `done` holds.
+fn audit_until(admin: &Admin, args: &[&str], done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    for _ in 0..100 {
+        let rows = admin.run(args)["rows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if done(&rows) {
+            return rows;
+        }
+    }
+    panic!("the expected audit rows never appeared");
+}
 
 fn rows_of<'a>(rows: &'a [Value], user: &str, action: &str) -> Vec<&'a Value> {
     rows.iter()
@@ -82,8 +100,11 @@ async fn the_access_matrix_with_its_audit_rows() {
         Some(ConnectError::Status(401))
     );
 
-    let rows = admin.audit_for_patient(&patient);
     let note_id = note.to_string();
+    let rows = audit_until(&admin, &["audit", "--patient", &patient], |rows| {
+        rows.iter()
+            .any(|r| r["userId"] == outsider.as_str() && r["action"] == "deny")
+    });
     let about_note: Vec<Value> = rows
         .into_iter()
         .filter(|r| r["documentId"] == note_id)
@@ -103,14 +124,26 @@ async fn the_access_matrix_with_its_audit_rows() {
         );
         assert_eq!(reads[0]["patientId"], patient.as_str());
     }
-    for denied in [&outsider, &stranger] {
-        assert_eq!(
-            rows_of(&about_note, denied, "deny").len(),
-            1,
-            "{denied}: {about_note:#?}"
-        );
-        assert!(rows_of(&about_note, denied, "read").is_empty());
-    }
+    assert_eq!(
+        rows_of(&about_note, &outsider, "deny").len(),
+        1,
+        "{about_note:#?}"
+    );
+    // A user of another agency is denied in *their* agency's trail, naming no patient of ours.
+    assert!(
+        about_note.iter().all(|r| r["userId"] != stranger.as_str()),
+        "{about_note:#?}"
+    );
+    let theirs = audit_until(&admin, &["audit", "--user", &stranger], |rows| {
+        rows.iter().any(|r| r["documentId"] == note_id.as_str())
+    });
+    let denial = theirs
+        .iter()
+        .find(|r| r["documentId"] == note_id.as_str())
+        .expect("the stranger's deny row");
+    assert_eq!(denial["action"], "deny");
+    assert_eq!(denial["agencyId"], other_agency.as_str());
+    assert_eq!(denial["patientId"], Value::Null);
     assert!(
         about_note.iter().all(|r| r["userId"] != late.as_str()),
         "a refused token leaves no document row"
@@ -132,8 +165,9 @@ async fn the_access_matrix_with_its_audit_rows() {
     assert_eq!(status, 200, "{body}");
     let api_rows = body["rows"].as_array().expect("rows");
     assert!(api_rows.iter().any(|r| r["documentId"] == note_id
-        && r["userId"] == stranger.as_str()
+        && r["userId"] == outsider.as_str()
         && r["action"] == "deny"));
+    assert!(api_rows.iter().all(|r| r["userId"] != stranger.as_str()));
     let (status, _) = relay.get(&url, &tokens[4]).await;
     assert_eq!(
         status, 403,
@@ -219,9 +253,100 @@ async fn a_new_note_for_a_patient_off_the_care_team_is_refused_and_nothing_is_st
         .expect("connect");
     assert_eq!(desk.fetch(refused).await, SyncOutcome::Unavailable);
 
-    let rows = admin.audit_for_patient(&not_mine);
+    let rows = audit_until(&admin, &["audit", "--patient", &not_mine], |rows| {
+        !rows_of(rows, &nurse, "deny").is_empty()
+    });
     let denials = rows_of(&rows, &nurse, "deny");
     assert_eq!(denials.len(), 1, "{rows:#?}");
     assert_eq!(denials[0]["documentId"], refused.to_string());
     assert!(rows.iter().all(|r| r["action"] != "write"));
+}
+
+#[tokio::test]
+async fn each_role_creates_only_the_kinds_it_may() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = Admin::new(dir.path());
+    let agency = admin.create_agency("Riverside");
+    let nurse = admin.create_user(&agency, "Maria", "clinician");
+    let office = admin.create_user(&agency, "Sam", "office");
+    let agency_admin = admin.create_user(&agency, "Alex", "admin");
+    let (patient, _) = admin.create_patient(&agency, "Ada");
+    admin.assign(&nurse, &patient);
+    let tokens: Vec<String> = [&nurse, &office, &agency_admin]
+        .iter()
+        .map(|u| admin.issue_token(u, "device").token)
+        .collect();
+    let relay = RelayProcess::start(dir.path());
+
+    // (who, kind, may create): patient charts come only with their patient (admin CLI/API).
+    let cases = [
+        (0, "patient", false),
+        (0, "schedule", false),
+        (0, "visit-note", true),
+        (1, "patient", false),
+        (1, "schedule", true),
+        (1, "visit-note", true),
+        (2, "patient", false),
+        (2, "visit-note", true),
+    ];
+    for (who, kind, allowed) in cases {
+        let mut peer = TestPeer::connect(&relay.ws_url(&tokens[who]), None)
+            .await
+            .expect("connect");
+        let mut doc = visit_note(&agency, &patient, "someone");
+        set(&mut doc, "kind", kind);
+        let id = peer.create(doc);
+        let outcome = peer.sync(id).await;
+        assert_eq!(
+            matches!(outcome, SyncOutcome::InSync(_)),
+            allowed,
+            "user {who} creating {kind}: {outcome:?}"
+        );
+        peer.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_device_holding_a_note_it_may_no_longer_see_gets_what_an_unknown_id_gets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = Admin::new(dir.path());
+    let agency = admin.create_agency("Riverside");
+    let nurse = admin.create_user(&agency, "Maria", "clinician");
+    let leaver = admin.create_user(&agency, "Jo", "clinician");
+    let (patient, _) = admin.create_patient(&agency, "Ada");
+    admin.assign(&nurse, &patient);
+    admin.assign(&leaver, &patient);
+    let nurse_token = admin.issue_token(&nurse, "phone").token;
+    let leaver_token = admin.issue_token(&leaver, "phone").token;
+    let relay = RelayProcess::start(dir.path());
+
+    let mut phone = TestPeer::connect(&relay.ws_url(&nurse_token), None)
+        .await
+        .expect("connect");
+    let note = phone.create(visit_note(&agency, &patient, &nurse));
+    let SyncOutcome::InSync(heads) = phone.sync(note).await else {
+        panic!("refused")
+    };
+    let mut old_phone = TestPeer::connect(&relay.ws_url(&leaver_token), Some("old"))
+        .await
+        .expect("connect");
+    assert_eq!(
+        old_phone.fetch(note).await,
+        SyncOutcome::InSync(heads.clone())
+    );
+
+    // Taken off the care team; she edits her copy offline and syncs it.
+    admin.run(&["unassign", "--user", &leaver, "--patient", &patient]);
+    set(
+        old_phone.doc_mut(note).expect("copy"),
+        "assessment",
+        "written after losing access",
+    );
+    assert_eq!(old_phone.sync(note).await, SyncOutcome::Unavailable);
+    // The stored note is untouched.
+    assert!(matches!(phone.fetch(note).await, SyncOutcome::InSync(h) if h == heads));
+    let rows = audit_until(&admin, &["audit", "--patient", &patient], |rows| {
+        !rows_of(rows, &leaver, "deny").is_empty()
+    });
+    assert!(rows_of(&rows, &leaver, "write").is_empty(), "{rows:#?}");
 }

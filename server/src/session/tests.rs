@@ -226,6 +226,8 @@ impl Client {
             Some(Frame::Close(Some((code, _)))) => code,
             other => panic!("expected a close frame, got {other:?}"),
         };
+        // Complete the closing handshake, as a WebSocket client does.
+        self.send_frame(Frame::Close(None));
         assert_eq!(self.frame().await, None, "nothing after the close");
         (message, code)
     }
@@ -327,6 +329,12 @@ impl Client {
             }
         }
         panic!("fetch did not finish");
+    }
+
+    /// Close from our side and wait until the session has finished (its deny rows written).
+    async fn hang_up(mut self) {
+        self.send_frame(Frame::Close(None));
+        self.ended().await;
     }
 
     async fn ended(self) {
@@ -546,6 +554,7 @@ async fn unknown_and_denied_documents_get_the_same_prompt_doc_unavailable() {
         }
     }
     assert_eq!(answers[0], answers[1], "denied looks exactly like unknown");
+    outsider.hang_up().await;
     let denied = rows_for(&w.storage, note, AuditAction::Deny).await;
     assert_eq!(denied.len(), 1);
     assert_eq!(denied[0].event.user_id, *w.other_nurse.user_id());
@@ -589,6 +598,7 @@ async fn care_team_office_and_other_agency_access() {
                 Message::DocUnavailable { .. }
             ));
         }
+        client.hang_up().await;
     }
     let reads = rows_for(&w.storage, note, AuditAction::Read).await;
     assert!(
@@ -642,12 +652,22 @@ async fn a_new_document_is_stored_with_a_write_row_before_it_is_acknowledged() {
 #[tokio::test]
 async fn a_new_document_for_a_patient_off_the_care_team_is_refused_and_nothing_stored() {
     let w = world().await;
+    // (claimed patient, claimed agency, patient recorded in the deny row)
+    let unknown = PatientId::random();
     let cases = [
-        (w.other_patient.clone(), w.agency.clone()),
-        (PatientId::random(), w.agency.clone()),
-        (w.patient.clone(), AgencyId::random()),
+        (
+            w.other_patient.clone(),
+            w.agency.clone(),
+            Some(w.other_patient.clone()),
+        ),
+        (unknown, w.agency.clone(), None),
+        (
+            w.patient.clone(),
+            AgencyId::random(),
+            Some(w.patient.clone()),
+        ),
     ];
-    for (patient, agency) in cases {
+    for (patient, agency, recorded) in cases {
         let mut nurse = Client::connect(&w, &w.nurse);
         nurse.join().await;
         let id = DocumentId::random();
@@ -672,10 +692,17 @@ async fn a_new_document_for_a_patient_off_the_care_team_is_refused_and_nothing_s
         }
         assert!(refused, "refused");
         assert!(!sync.in_sync(&doc), "the relay never claimed the document");
+        // The deny row is written after the answer; a closed session has written its rows.
+        nurse.send_frame(Frame::Close(None));
+        nurse.ended().await;
         assert_eq!(w.storage.load_document(id).await.expect("load"), None);
         let denied = rows_for(&w.storage, id, AuditAction::Deny).await;
         assert_eq!(denied.len(), 1);
-        assert_eq!(denied[0].event.patient_id.as_ref(), Some(&patient));
+        assert_eq!(
+            denied[0].event.agency_id, w.agency,
+            "always the nurse's agency"
+        );
+        assert_eq!(denied[0].event.patient_id, recorded);
     }
 }
 
@@ -921,6 +948,7 @@ async fn a_change_moving_a_document_to_another_patient_is_refused() {
             other => panic!("unexpected {other:?}"),
         }
     }
+    office.hang_up().await;
     assert_eq!(
         w.storage
             .load_document(id)
@@ -1078,4 +1106,550 @@ async fn ephemeral_messages_are_dropped_not_forwarded() {
         office.message().await,
         Message::DocUnavailable { .. }
     ));
+}
+
+// --- issue 9: tenant-safe denials, no existence oracle, bounds, revocation ------------------
+
+/// `len` pseudo-random letters (automerge compresses large columns; these stay ~60% of
+/// their length).
+fn noise(len: usize) -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// A note with `text_bytes` bytes of narrative, for size limits.
+fn big_note(agency: &str, patient: &str, text_bytes: usize) -> Automerge {
+    let mut doc = note_doc(agency, patient);
+    edit(&mut doc, "assessment", &noise(text_bytes));
+    doc
+}
+
+#[tokio::test]
+async fn a_forged_owner_writes_a_deny_row_only_into_the_principals_agency() {
+    let w = world().await;
+    let other_agency = w.stranger.agency_id().clone();
+    let their_patient = patient(&w.storage, &other_agency).await;
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    let mut forged = Vec::new();
+    for _ in 0..5 {
+        let id = DocumentId::random();
+        let doc = note_doc(other_agency.as_str(), their_patient.as_str());
+        nurse.sync(id, DocSync::new().generate(&doc).expect("first"));
+        let Message::Sync { data, .. } = nurse.message().await else {
+            panic!("expected the relay to ask for the changes")
+        };
+        let mut sync = DocSync::new();
+        let mut mine = doc.clone();
+        sync.generate(&mine);
+        sync.receive(&mut mine, &data).expect("apply");
+        nurse.sync(id, sync.generate(&mine).expect("changes"));
+        assert!(matches!(
+            nurse.message().await,
+            Message::DocUnavailable { document_id, .. } if document_id == id
+        ));
+        forged.push(id);
+    }
+    nurse.hang_up().await;
+    let rows = audit_rows(&w.storage).await;
+    for id in forged {
+        let denied: Vec<_> = rows.iter().filter(|r| r.event.document_id == id).collect();
+        assert_eq!(denied.len(), 1);
+        assert_eq!(denied[0].event.action, AuditAction::Deny);
+        assert_eq!(denied[0].event.agency_id, w.agency);
+        assert_eq!(
+            denied[0].event.patient_id, None,
+            "another agency's patient is never named in this agency's trail"
+        );
+    }
+    assert!(
+        rows.iter().all(|r| r.event.agency_id != other_agency
+            && r.event.patient_id.as_ref() != Some(&their_patient)),
+        "nothing was written into the other agency's trail"
+    );
+}
+
+/// The relay's answer to one message about `id`, with `id` blanked so answers about two ids
+/// compare equal exactly when they are the same answer.
+async fn answer_about(client: &mut Client, id: DocumentId) -> Vec<u8> {
+    let message = client.message().await;
+    assert_eq!(message.document_id(), Some(id), "{message:?}");
+    let blank = DocumentId::from_bytes([0; 16]);
+    let blanked = match message {
+        Message::Sync {
+            sender_id,
+            target_id,
+            data,
+            ..
+        } => Message::Sync {
+            sender_id,
+            target_id,
+            document_id: blank,
+            data,
+        },
+        Message::DocUnavailable {
+            sender_id,
+            target_id,
+            ..
+        } => Message::DocUnavailable {
+            sender_id,
+            target_id,
+            document_id: blank,
+        },
+        other => panic!("unexpected {other:?}"),
+    };
+    blanked.encode()
+}
+
+#[tokio::test]
+async fn an_existing_document_the_device_may_not_see_is_answered_exactly_as_an_unknown_one() {
+    let w = world().await;
+    let (note, note_doc_copy) = stored_note(&w).await;
+    let mut outsider = Client::connect(&w, &w.other_nurse);
+    outsider.join().await;
+    // `request` with an empty document, and `sync` announcing a document the device holds
+    // (here: a copy of the note itself, as a device that once had it would send).
+    let empty = DocSync::new().generate(&Automerge::new()).expect("first");
+    let holding = DocSync::new().generate(&note_doc_copy).expect("first");
+    for is_request in [true, false] {
+        let data = if is_request { &empty } else { &holding };
+        let mut answers = Vec::new();
+        for id in [DocumentId::random(), note] {
+            if is_request {
+                outsider.request(id, data.clone());
+            } else {
+                outsider.sync(id, data.clone());
+            }
+            answers.push(answer_about(&mut outsider, id).await);
+        }
+        assert_eq!(
+            answers[0], answers[1],
+            "request={is_request}: the denied document's answer differs from an unknown one's"
+        );
+    }
+    outsider.hang_up().await;
+    // Audited once, in the outsider's own agency, naming the patient (same agency).
+    let denied = rows_for(&w.storage, note, AuditAction::Deny).await;
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].event.user_id, *w.other_nurse.user_id());
+}
+
+#[tokio::test]
+async fn a_denied_or_probing_device_never_forces_a_document_load() {
+    let w = world_with(Limits {
+        max_docs_in_memory: 1,
+        ..Limits::default()
+    })
+    .await;
+    let (note, _) = stored_note(&w).await;
+    // Push the note out of memory by loading another document.
+    let (_other, _) = stored_note(&w).await;
+    let mut office = Client::connect(&w, &w.office);
+    office.join().await;
+    let _ = office.fetch(_other).await;
+    office.hang_up().await;
+    assert!(!w.state.docs().is_loaded(note), "evicted");
+    let mut outsider = Client::connect(&w, &w.stranger);
+    outsider.join().await;
+    outsider.request(
+        note,
+        DocSync::new().generate(&Automerge::new()).expect("first"),
+    );
+    assert!(matches!(
+        outsider.message().await,
+        Message::DocUnavailable { .. }
+    ));
+    assert!(
+        !w.state.docs().is_loaded(note),
+        "a denied request loaded the document"
+    );
+}
+
+#[tokio::test]
+async fn a_session_that_keeps_being_refused_is_closed() {
+    let w = world_with(Limits {
+        max_denials_per_session: 3,
+        ..Limits::default()
+    })
+    .await;
+    let mut client = Client::connect(&w, &w.nurse);
+    client.join().await;
+    let first = DocSync::new().generate(&Automerge::new()).expect("first");
+    let repeated = DocumentId::random();
+    for _ in 0..5 {
+        // Asking again for the same document does not count twice.
+        client.request(repeated, first.clone());
+        assert!(matches!(
+            client.message().await,
+            Message::DocUnavailable { .. }
+        ));
+    }
+    for _ in 0..2 {
+        client.request(DocumentId::random(), first.clone());
+        assert!(matches!(
+            client.message().await,
+            Message::DocUnavailable { .. }
+        ));
+    }
+    client.request(DocumentId::random(), first);
+    let (message, code) = client.closed_with_error().await;
+    assert!(message.contains("refused or unavailable"), "{message}");
+    assert_eq!(code, close_code::POLICY);
+}
+
+#[tokio::test]
+async fn a_clinician_cannot_create_a_patient_chart_and_the_office_can_create_a_note() {
+    let w = world().await;
+    for (who, kind, allowed) in [
+        (&w.nurse, "patient", false),
+        (&w.office, "patient", false),
+        (&w.office, "visit-note", true),
+        (&w.nurse, "visit-note", true),
+    ] {
+        let mut client = Client::connect(&w, who);
+        client.join().await;
+        let id = DocumentId::random();
+        let mut doc = note_doc(w.agency.as_str(), w.patient.as_str());
+        edit(&mut doc, "kind", kind);
+        let mut sync = DocSync::new();
+        let mut refused = false;
+        if let Some(data) = sync.generate(&doc) {
+            client.sync(id, data);
+        }
+        for _ in 0..20 {
+            if sync.in_sync(&doc) {
+                break;
+            }
+            match client.message().await {
+                Message::Sync { data, .. } => {
+                    sync.receive(&mut doc, &data).expect("apply");
+                    if let Some(data) = sync.generate(&doc) {
+                        client.sync(id, data);
+                    }
+                }
+                Message::DocUnavailable { .. } => {
+                    refused = true;
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(!refused, allowed, "{kind} by {:?}", who.role());
+        assert_eq!(
+            w.storage.load_document(id).await.expect("load").is_some(),
+            allowed
+        );
+        client.hang_up().await;
+    }
+}
+
+#[tokio::test]
+async fn a_document_over_its_quota_is_refused_with_a_clear_error_and_not_stored() {
+    let w = world_with(Limits {
+        max_document_bytes: 4096,
+        ..Limits::default()
+    })
+    .await;
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    let id = DocumentId::random();
+    let mut doc = big_note(w.agency.as_str(), w.patient.as_str(), 16_384);
+    let mut sync = DocSync::new();
+    nurse.sync(id, sync.generate(&doc).expect("first"));
+    let Message::Sync { data, .. } = nurse.message().await else {
+        panic!("expected sync")
+    };
+    sync.receive(&mut doc, &data).expect("apply");
+    nurse.sync(id, sync.generate(&doc).expect("changes"));
+    let (message, code) = nurse.closed_with_error().await;
+    assert!(
+        message.contains("per-document quota of 4096 bytes"),
+        "{message}"
+    );
+    assert_eq!(code, close_code::POLICY);
+    assert_eq!(w.storage.load_document(id).await.expect("load"), None);
+}
+
+#[tokio::test]
+async fn held_documents_are_bounded_relay_wide_on_decoded_size() {
+    let w = world_with(Limits {
+        max_held_bytes: 7000,
+        ..Limits::default()
+    })
+    .await;
+    let mut refused = 0;
+    let mut clients = Vec::new();
+    // Two sessions (two devices) each hold a ~5 KB unclassified document: the second does
+    // not fit the relay-wide budget, though it fits its own session's.
+    for who in [&w.nurse, &w.office] {
+        let mut client = Client::connect(&w, who);
+        client.join().await;
+        let id = DocumentId::random();
+        let mut doc = Automerge::new();
+        edit(&mut doc, "assessment", &noise(8000));
+        let mut sync = DocSync::new();
+        client.sync(id, sync.generate(&doc).expect("first"));
+        let Message::Sync { data, .. } = client.message().await else {
+            panic!("expected sync")
+        };
+        sync.receive(&mut doc, &data).expect("apply");
+        client.sync(id, sync.generate(&doc).expect("changes"));
+        // A request for an unknown id marks the point where the previous message was handled.
+        client.request(
+            DocumentId::random(),
+            DocSync::new().generate(&Automerge::new()).expect("first"),
+        );
+        match client.message().await {
+            Message::DocUnavailable { document_id, .. } if document_id == id => {
+                refused += 1;
+                assert!(matches!(
+                    client.message().await,
+                    Message::DocUnavailable { .. }
+                ));
+            }
+            Message::DocUnavailable { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        clients.push(client);
+    }
+    assert_eq!(
+        refused, 1,
+        "exactly the document over the budget was refused"
+    );
+    assert!(w.state.sessions().held().used() <= 7000);
+    for client in clients {
+        client.hang_up().await;
+    }
+    assert_eq!(
+        w.state.sessions().held().used(),
+        0,
+        "held bytes are given back"
+    );
+}
+
+#[tokio::test]
+async fn a_byte_flood_closes_the_session_on_the_byte_rate() {
+    let w = world_with(Limits {
+        byte_rate_per_second: 1,
+        byte_burst: 20_000,
+        ..Limits::default()
+    })
+    .await;
+    let mut client = Client::connect(&w, &w.nurse);
+    client.join().await;
+    // Requests for unknown documents with 4 KiB payloads: cheap for the relay to answer, so
+    // only the byte budget can end this.
+    for _ in 0..10 {
+        client.request(DocumentId::random(), vec![0x42; 4096]);
+    }
+    let mut answered = 0;
+    let message = loop {
+        match client.message().await {
+            Message::DocUnavailable { .. } => answered += 1,
+            Message::Error { message } => break message,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(message.contains("bytes per second"), "{message}");
+    let metrics = w.state.metrics().render();
+    assert!(
+        metrics.contains("fieldchart_limit_hits_total{limit=\"byte_rate\"}"),
+        "the limit hit is counted: {metrics}"
+    );
+    assert!(
+        (3..=5).contains(&answered),
+        "{answered} frames fit a 20,000-byte burst"
+    );
+    assert!(matches!(
+        client.frame().await,
+        Some(Frame::Close(Some((close_code::POLICY, _))))
+    ));
+}
+
+#[tokio::test]
+async fn bytes_in_flight_are_bounded_relay_wide() {
+    let w = world_with(Limits {
+        max_bytes_in_flight: 64,
+        ..Limits::default()
+    })
+    .await;
+    let mut client = Client::connect(&w, &w.nurse);
+    client.join_with(&["1"], Some(&"s".repeat(200)));
+    let (message, code) = client.closed_with_error().await;
+    assert!(message.contains("too many bytes in flight"), "{message}");
+    assert_eq!(code, close_code::TRY_AGAIN_LATER);
+}
+
+/// A sink that never accepts a frame: a client that never reads, once its buffers are full.
+struct StuckSink;
+
+impl futures::Sink<Frame> for StuckSink {
+    type Error = Infallible;
+
+    fn poll_ready(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Pending
+    }
+
+    fn start_send(self: std::pin::Pin<&mut Self>, _: Frame) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Pending
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// A session whose peer never reads; returns the sender of its frames and the session task.
+fn connect_stuck(
+    world: &World,
+    principal: &Principal,
+) -> (
+    mpsc::UnboundedSender<Result<Frame, Infallible>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let ticket = world
+        .state
+        .sessions()
+        .register(principal.device_id.clone())
+        .expect("admitted");
+    let (to_relay, incoming) = mpsc::unbounded();
+    let session = tokio::spawn(super::run(
+        world.state.clone(),
+        principal.clone(),
+        ticket,
+        incoming,
+        StuckSink,
+    ));
+    (to_relay, session)
+}
+
+fn join_frame() -> Frame {
+    Frame::Binary(
+        Message::Join {
+            sender_id: PeerId::random("stuck"),
+            peer_metadata: PeerMetadata::default(),
+            supported_protocol_versions: vec!["1".into()],
+        }
+        .encode(),
+    )
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_and_blocks_nobody() {
+    let w = world_with(Limits {
+        send_timeout: Duration::from_millis(200),
+        outbox_frames: 2,
+        ..Limits::default()
+    })
+    .await;
+    let (to_relay, stuck) = connect_stuck(&w, &w.office);
+    to_relay.unbounded_send(Ok(join_frame())).expect("send");
+    let probe = DocSync::new().generate(&Automerge::new()).expect("first");
+    for _ in 0..10 {
+        let _ = to_relay.unbounded_send(Ok(Frame::Binary(
+            Message::Request {
+                sender_id: PeerId::new("x".into()),
+                target_id: w.state.peer_id().clone(),
+                document_id: DocumentId::random(),
+                data: probe.clone(),
+            }
+            .encode(),
+        )));
+    }
+    // Meanwhile another device syncs normally.
+    let (id, _) = stored_note(&w).await;
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    let _ = nurse.fetch(id).await;
+    tokio::time::timeout(WAIT, stuck)
+        .await
+        .expect("the slow reader was disconnected")
+        .expect("no panic");
+    assert_eq!(
+        w.state.sessions().len(),
+        1,
+        "only the nurse's session is left"
+    );
+}
+
+#[tokio::test]
+async fn revocation_and_shutdown_reach_a_session_whose_peer_never_reads() {
+    // A send timeout far longer than the test: only the revocation can end the session.
+    let w = world_with(Limits {
+        send_timeout: Duration::from_secs(3600),
+        outbox_frames: 1,
+        ..Limits::default()
+    })
+    .await;
+    let (to_relay, stuck) = connect_stuck(&w, &w.nurse);
+    to_relay.unbounded_send(Ok(join_frame())).expect("send");
+    for _ in 0..5 {
+        let _ = to_relay.unbounded_send(Ok(Frame::Ping(vec![])));
+    }
+    let (to_relay_2, stuck_2) = connect_stuck(&w, &w.office);
+    to_relay_2.unbounded_send(Ok(join_frame())).expect("send");
+    w.state.sessions().revoke_device(&w.nurse.device_id);
+    w.state.sessions().shut_down();
+    for session in [stuck, stuck_2] {
+        let finished = tokio::time::timeout(WAIT, session).await;
+        assert!(
+            finished.is_ok(),
+            "a stuck session ignored revocation or shutdown"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_device_revoked_behind_the_relays_back_is_closed_by_the_periodic_check() {
+    let w = world_with(Limits {
+        device_recheck_interval: Duration::from_millis(50),
+        ..Limits::default()
+    })
+    .await;
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    // Revoked in storage only: no registry call, no poller.
+    w.storage
+        .revoke_device(w.nurse.device_id.clone(), crate::clock::now_ms())
+        .await
+        .expect("revoke");
+    let (message, code) = nurse.closed_with_error().await;
+    assert!(message.contains("revoked"), "{message}");
+    assert_eq!(code, close_code::POLICY);
+}
+
+#[test]
+fn client_text_is_bounded_and_escaped_for_logs() {
+    let raw = format!(
+        "evil\n{{\"level\":\"ERROR\"}}\u{1b}[31m{}",
+        "x".repeat(1000)
+    );
+    let logged = super::loggable(&raw);
+    assert!(
+        !logged.contains('\n') && !logged.contains('\u{1b}'),
+        "{logged}"
+    );
+    assert!(logged.contains("\\n"));
+    assert!(logged.chars().count() <= crate::config::MAX_LOGGED_CLIENT_TEXT + 8);
+    assert_eq!(super::loggable("visit-note"), "visit-note");
 }

@@ -56,6 +56,7 @@ conformance_suite!(
     agency_feed_pages_in_sequence_order_and_sees_only_its_agency,
     care_team_feed_shows_a_new_assignment_after_the_cursor_and_pages_within_one_seq,
     audit_rows_are_appended_with_writes_and_queried_by_patient_user_and_time,
+    a_document_row_names_its_owner_and_stored_size_without_loading,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -761,4 +762,24 @@ async fn audit_rows_are_appended_with_writes_and_queried_by_patient_user_and_tim
         .await
         .expect("query");
     assert_eq!(actions(limited), vec![(AuditAction::Read, 100)]);
+}
+
+async fn a_document_row_names_its_owner_and_stored_size_without_loading(s: &dyn Storage) {
+    let w = world(s).await;
+    let (pid, _) = patient(s, &w.agency).await;
+    assert_eq!(
+        s.document_row(DocumentId::random()).await.expect("row"),
+        None
+    );
+    let (id, mut doc) = store_doc(s, &w.agency, &pid).await;
+    let m = meta(&w.agency, &pid, "visit-note");
+    edit(s, id, &mut doc, &m, None).await;
+    let row = s.document_row(id).await.expect("row").expect("exists");
+    assert_eq!(row.meta, m);
+    let stored = s.load_document(id).await.expect("load").expect("exists");
+    let expected = stored.snapshot.as_ref().map_or(0, Vec::len)
+        + stored.chunks.iter().map(Vec::len).sum::<usize>();
+    assert_eq!(row.stored_bytes, expected as u64);
+    assert_eq!(row.heads, doc.get_heads());
+    assert!(!stored.chunks.is_empty(), "the size counts chunks too");
 }

@@ -9,8 +9,9 @@ use std::sync::{Mutex, PoisonError};
 use fieldchart_core::protocol::{DocumentId, StorageId};
 
 use super::{
-    AuditEvent, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentWrite, FeedEntry, FeedPage,
-    FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture, StoredDocument,
+    AuditEvent, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentRow, DocumentWrite,
+    FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture,
+    StoredDocument,
 };
 use crate::error::{Error, Result};
 use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, User, UserId};
@@ -411,6 +412,18 @@ impl Storage for MemoryStorage {
             rows.sort_by_key(|r| (r.event.at_ms, r.id));
             rows.truncate(query.limit);
             Ok(rows)
+        })
+    }
+
+    fn document_row(&self, id: DocumentId) -> StorageFuture<'_, Option<DocumentRow>> {
+        self.with(move |s| {
+            Ok(s.documents.get(&id).map(|d| DocumentRow {
+                meta: d.meta.clone(),
+                stored_bytes: (d.snapshot.as_ref().map_or(0, Vec::len)
+                    + d.chunks.iter().map(Vec::len).sum::<usize>())
+                    as u64,
+                heads: d.heads.clone(),
+            }))
         })
     }
 }

@@ -20,8 +20,8 @@ use fieldchart_core::protocol::{DocumentId, StorageId};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{
-    AuditAction, AuditEvent, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentWrite,
-    FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture,
+    AuditAction, AuditEvent, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentRow,
+    DocumentWrite, FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture,
     StoredDocument, heads_from_bytes, heads_to_bytes,
 };
 use crate::clock::now_ms;
@@ -813,6 +813,35 @@ impl Storage for SqliteStorage {
                 })
             })
             .collect()
+        })
+    }
+
+    fn document_row(&self, id: DocumentId) -> StorageFuture<'_, Option<DocumentRow>> {
+        self.read(move |tx| {
+            let key = id.as_bytes().as_slice();
+            type Row = (String, String, String, i64, Vec<u8>);
+            let row: Option<Row> = tx
+                .prepare_cached(
+                    "SELECT agency_id, patient_id, kind,
+                            COALESCE(length(snapshot), 0)
+                            + (SELECT COALESCE(SUM(length(bytes)), 0) FROM document_chunks WHERE document_id = ?1),
+                            heads
+                     FROM documents WHERE id = ?1",
+                )?
+                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+                .optional()?;
+            let Some((agency_id, patient_id, kind, bytes, heads)) = row else {
+                return Ok(None);
+            };
+            Ok(Some(DocumentRow {
+                meta: DocMeta {
+                    agency_id: AgencyId::new(agency_id),
+                    patient_id: PatientId::new(patient_id),
+                    kind,
+                },
+                stored_bytes: u64::try_from(bytes).unwrap_or(0),
+                heads: heads_from_bytes(&heads)?,
+            }))
         })
     }
 }
