@@ -36,6 +36,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use automerge::{Automerge, Change, ChangeHash};
+use fieldchart_core::model::NoteLedger;
 use fieldchart_core::protocol::DocumentId;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
@@ -66,6 +67,9 @@ struct LoadedDoc {
     meta: DocMeta,
     /// Chunks stored since the last snapshot.
     chunks: u32,
+    /// Signatures and identity fields seen in the stored history (built on first write; see
+    /// `crate::signatures`).
+    ledger: Option<NoteLedger>,
 }
 
 struct Slot {
@@ -140,6 +144,14 @@ impl DocGuard {
     /// [`DocHub::commit`] or thrown away with [`DocHub::discard`] before the guard is dropped.
     pub fn doc_mut(&mut self) -> &mut Automerge {
         &mut self.loaded_mut().doc
+    }
+
+    /// The document with its signature ledger, built from the stored history on first use.
+    /// Call it before applying a device's changes, so the ledger trusts only what is stored.
+    pub fn doc_and_ledger(&mut self) -> (&Automerge, &mut NoteLedger) {
+        let LoadedDoc { doc, ledger, .. } = self.loaded_mut();
+        let ledger = ledger.get_or_insert_with(|| crate::signatures::trusted_ledger(doc));
+        (doc, ledger)
     }
 
     /// Who the document belongs to.
@@ -374,6 +386,7 @@ impl DocHub {
                         doc,
                         meta,
                         chunks: 0,
+                        ledger: None,
                     }));
                     Ok(Created::Stored(DocGuard { id, guard }))
                 }
@@ -488,6 +501,8 @@ pub enum WriteRefusal {
     /// The changes move the document to another patient or agency; a document's owner is
     /// fixed when it is first stored.
     MovesOwner,
+    /// The changes tamper with a signed note (see `crate::signatures`).
+    Signatures(crate::signatures::Refusal),
 }
 
 impl std::fmt::Display for WriteRefusal {
@@ -496,6 +511,7 @@ impl std::fmt::Display for WriteRefusal {
             WriteRefusal::MovesOwner => {
                 f.write_str("the changes would move the document to another patient or agency")
             }
+            WriteRefusal::Signatures(r) => write!(f, "the changes {r}"),
         }
     }
 }
@@ -548,6 +564,7 @@ fn build(stored: StoredDocument) -> Result<LoadedDoc> {
         doc,
         meta: stored.meta,
         chunks,
+        ledger: None,
     })
 }
 

@@ -77,7 +77,8 @@ use crate::audit::AuditLog;
 use crate::auth::Principal;
 use crate::clock::now_ms;
 use crate::config::{CLOSE_GRACE, MAX_AUDIT_HEADS, MAX_CLAIMED_ID_BYTES, MAX_LOGGED_CLIENT_TEXT};
-use crate::docs::{Created, Inbox, validate_write};
+use crate::docs::{Created, DocGuard, Inbox, WriteRefusal, validate_write};
+use crate::signatures;
 use crate::error::Error;
 use crate::identity::{AgencyId, PatientId};
 use crate::metrics::{
@@ -715,9 +716,16 @@ impl Session {
             .docs()
             .blocking(guard, move |guard| {
                 let mut sync = sync;
+                // The ledger reads the stored history before anything new is applied.
+                guard.doc_and_ledger();
                 let outcome = sync.receive(guard.doc_mut(), &data)?;
                 // The one place changes from a device are checked before they are committed.
-                let verdict = validate_write(&checked_meta, guard.doc(), &outcome.new_changes);
+                let verdict = validate_write(&checked_meta, guard.doc(), &outcome.new_changes)
+                    .and_then(|()| {
+                        let (doc, ledger) = guard.doc_and_ledger();
+                        signatures::scan(ledger, doc, &outcome.new_changes)
+                            .map_err(WriteRefusal::Signatures)
+                    });
                 let reply = if outcome.new_changes.is_empty() {
                     sync.generate(guard.doc())
                 } else {
@@ -742,12 +750,24 @@ impl Session {
         let (guard, reply) = if outcome.new_changes.is_empty() {
             (guard, reply)
         } else {
+            let (guard, verdict) = match verdict {
+                Ok(new_signatures) if !new_signatures.is_empty() => {
+                    self.verify_signatures(guard, id, &meta, new_signatures)
+                        .await?
+                }
+                Ok(_) => (guard, Ok(())),
+                Err(refusal) => (guard, Err(refusal)),
+            };
             if let Err(refusal) = verdict {
                 self.relay.docs().discard(guard);
                 self.untrack(id);
                 tracing::warn!(doc = %id, %refusal, "refused changes from a device");
                 let patient = Some(meta.patient_id.clone());
-                self.record_denial(id, patient, None, outcome.heads_after.clone());
+                let heads = outcome.heads_after.clone();
+                match refusal {
+                    WriteRefusal::Signatures(_) => self.record_tamper(id, &meta, heads).await?,
+                    WriteRefusal::MovesOwner => self.record_denial(id, patient, None, heads),
+                }
                 return self.refuse(id).await;
             }
             let audit = self.audit_event(
@@ -915,6 +935,40 @@ impl Session {
             self.record_denial(id, None, Some(claimed.patient_id), heads);
             return self.refuse(id).await;
         }
+        let PendingDoc {
+            doc, sync, held, ..
+        } = pending;
+        // A new note may arrive signed (charted and signed offline): its signatures are
+        // checked like any other write before anything of it is stored.
+        let (doc, scanned) = tokio::task::spawn_blocking(move || {
+            let mut ledger = fieldchart_core::model::NoteLedger::default();
+            let scanned = signatures::scan(&mut ledger, &doc, &doc.get_changes(&[]))
+                .map(|entries| (ledger, entries));
+            (doc, scanned)
+        })
+        .await
+        .map_err(Error::from)?;
+        let (doc, refused) = match scanned {
+            Err(refusal) => (doc, Some(refusal)),
+            Ok((_, entries)) if entries.is_empty() => (doc, None),
+            Ok((mut ledger, entries)) => {
+                let signers = signatures::lookup(self.relay.storage(), &claimed, &entries).await?;
+                let now = now_ms();
+                tokio::task::spawn_blocking(move || {
+                    let verdict =
+                        signatures::verify_new(&mut ledger, &doc, id, &entries, &signers, now);
+                    (doc, verdict.err())
+                })
+                .await
+                .map_err(Error::from)?
+            }
+        };
+        if let Some(refusal) = refused {
+            tracing::warn!(doc = %id, %refusal, "refused a new document");
+            self.record_tamper(id, &claimed, heads.clone()).await?;
+            drop(held);
+            return self.refuse(id).await;
+        }
         let audit = self.audit_event(
             id,
             claimed.agency_id.clone(),
@@ -922,9 +976,6 @@ impl Session {
             AuditAction::Write,
             heads,
         );
-        let PendingDoc {
-            doc, sync, held, ..
-        } = pending;
         let (doc, snapshot, resync) = tokio::task::spawn_blocking(move || {
             let snapshot = doc.save();
             let resync = DocSync::new().generate(&doc).unwrap_or_default();
@@ -1058,6 +1109,55 @@ impl Session {
     /// the principal's agency) or `claimed` (from the client's document, recorded only if that
     /// patient exists in the principal's agency); at most [`MAX_AUDIT_HEADS`] heads. The row is
     /// written by the session's audit writer, in order, after the device has its answer.
+    /// Steps 2 and 3 of `crate::signatures`: look the signers up, then verify on the blocking
+    /// pool with the document still locked.
+    async fn verify_signatures(
+        &mut self,
+        guard: DocGuard,
+        id: DocumentId,
+        meta: &DocMeta,
+        entries: Vec<fieldchart_core::model::signing::SignatureEntry>,
+    ) -> Result<(DocGuard, std::result::Result<(), WriteRefusal>), End> {
+        let signers = match signatures::lookup(self.relay.storage(), meta, &entries).await {
+            Ok(signers) => signers,
+            Err(e) => {
+                self.relay.docs().discard(guard);
+                return Err(e.into());
+            }
+        };
+        let now = now_ms();
+        Ok(self
+            .relay
+            .docs()
+            .blocking(guard, move |guard| {
+                let (doc, ledger) = guard.doc_and_ledger();
+                signatures::verify_new(ledger, doc, id, &entries, &signers, now)
+                    .map_err(WriteRefusal::Signatures)
+            })
+            .await?)
+    }
+
+    /// A `tamper` audit row: the device sent changes that tamper with a signed note; they
+    /// were not stored. Written before the device is answered (it is rare and it matters).
+    async fn record_tamper(
+        &mut self,
+        id: DocumentId,
+        meta: &DocMeta,
+        mut heads: Vec<ChangeHash>,
+    ) -> Result<(), End> {
+        heads.truncate(MAX_AUDIT_HEADS);
+        let event = self.audit_event(
+            id,
+            meta.agency_id.clone(),
+            Some(meta.patient_id.clone()),
+            AuditAction::Tamper,
+            heads,
+        );
+        metrics::counter!(TAMPER_REFUSALS).increment(1);
+        self.relay.storage().append_audit(vec![event]).await?;
+        Ok(())
+    }
+
     fn record_denial(
         &mut self,
         id: DocumentId,

@@ -1,0 +1,169 @@
+//! Signed notes on the relay: changes from a device that tamper with a note's signatures or
+//! identity fields are refused before they are stored.
+//!
+//! The checks are core's (`fieldchart_core::model::signing`), the same the devices run; here
+//! they decide what is stored. In three steps, because the keys live in async storage and the
+//! automerge work belongs on the blocking pool:
+//! 1. [`scan`] (blocking): the document's [`NoteLedger`] looks at the new changes. Deleting or
+//!    altering a signature entry, replacing the list, writing `kind`/`patientId`/`agencyId`
+//!    after they were set (a concurrent, losing value too), or editing the body of a note
+//!    already signed (causally after the signature) is refused outright. New signature
+//!    entries are handed back.
+//! 2. [`lookup`] (async): the keys of the devices those entries name, from storage, and
+//!    whether each signer is on the patient's care team.
+//! 3. [`verify_new`] (blocking): each new entry must verify — key of that device and user, not
+//!    revoked before the signing time, role and care team allow it, signed time not in the
+//!    future, hash equal to the rendering at the signed heads. Valid ones join the ledger.
+//!
+//! A refusal discards the in-memory copy, answers the device `doc-unavailable` for that
+//! document, and writes a `tamper` audit row; everyone else keeps the unchanged document.
+//! Legitimate late edits (concurrent with the signing) are accepted: devices list them for
+//! review.
+
+use std::collections::{HashMap, HashSet};
+
+use automerge::{Automerge, Change};
+use fieldchart_core::model::signing::{
+    self, DirectoryKey, InvalidSignature, KeyDirectory, NoteLedger, SignatureEntry,
+    SigningPolicy, Tamper, Verdict, Verification,
+};
+use fieldchart_core::protocol::DocumentId;
+
+use crate::error::Result;
+use crate::identity::DeviceId;
+use crate::storage::{DocMeta, Storage};
+
+/// Why changes were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The changes tamper with signatures or identity fields.
+    Tampered(Tamper),
+    /// The changes edit the body of a signed note.
+    BodyEditAfterSignature,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Tampered(Tamper::SignatureDeleted) => f.write_str("deletes a signature"),
+            Refusal::Tampered(Tamper::SignatureAltered) => f.write_str("alters a signature"),
+            Refusal::Tampered(Tamper::SignaturesReplaced) => {
+                f.write_str("replaces the signature list")
+            }
+            Refusal::Tampered(Tamper::IdentityChanged { field }) => {
+                write!(f, "rewrites the identity field {field}")
+            }
+            Refusal::Tampered(Tamper::InvalidSignature { reason }) => {
+                write!(f, "carries a signature that does not verify ({reason:?})")
+            }
+            Refusal::BodyEditAfterSignature => f.write_str("edits the body of a signed note"),
+        }
+    }
+}
+
+/// The ledger of a stored document: its stored signatures were verified when accepted.
+pub fn trusted_ledger(doc: &Automerge) -> NoteLedger {
+    NoteLedger::build_with(doc, Verification::Trust)
+}
+
+/// Step 1: look at the new changes; refuse tampering, return new signature entries.
+pub fn scan(
+    ledger: &mut NoteLedger,
+    doc: &Automerge,
+    changes: &[Change],
+) -> std::result::Result<Vec<SignatureEntry>, Refusal> {
+    let observed = ledger.observe_with(doc, changes, Verification::Defer);
+    if let Some((_, tamper)) = observed.tampers.into_iter().next() {
+        return Err(Refusal::Tampered(tamper));
+    }
+    if observed.body_after_signature {
+        return Err(Refusal::BodyEditAfterSignature);
+    }
+    Ok(observed.new_signatures)
+}
+
+/// What [`verify_new`] needs from storage.
+#[derive(Debug, Default)]
+pub struct Signers {
+    keys: KeyDirectory,
+    on_care_team: HashSet<String>,
+}
+
+impl SigningPolicy for Signers {
+    fn may_sign(&self, user_id: &str, _role: &str, _patient_id: &str) -> Option<bool> {
+        Some(self.on_care_team.contains(user_id))
+    }
+}
+
+/// Step 2: the keys (of the document's own agency only) and care-team membership of the
+/// signers the new entries name.
+pub async fn lookup(
+    storage: &dyn Storage,
+    meta: &DocMeta,
+    entries: &[SignatureEntry],
+) -> Result<Signers> {
+    let mut signers = Signers::default();
+    let mut seen: HashMap<String, ()> = HashMap::new();
+    for entry in entries {
+        let Some(payload) = &entry.payload else {
+            continue;
+        };
+        if seen.insert(payload.device_id.clone(), ()).is_some() {
+            continue;
+        }
+        let Some(key) = storage
+            .device_key(DeviceId::new(payload.device_id.as_str()))
+            .await?
+        else {
+            continue;
+        };
+        if key.agency_id != meta.agency_id {
+            continue;
+        }
+        if storage
+            .on_care_team(key.user_id.clone(), meta.patient_id.clone())
+            .await?
+        {
+            signers.on_care_team.insert(key.user_id.as_str().to_owned());
+        }
+        signers.keys.keys.push(DirectoryKey {
+            user_id: key.user_id.as_str().to_owned(),
+            role: key.role.as_str().to_owned(),
+            device_id: key.device_id.as_str().to_owned(),
+            public_key: hex::encode(key.public_key),
+            enrolled_at_ms: key.enrolled_at_ms,
+            revoked_at_ms: key.revoked_at_ms,
+        });
+    }
+    signers.keys.agency_id = meta.agency_id.as_str().to_owned();
+    Ok(signers)
+}
+
+/// Step 3: every new signature must verify; the valid ones become part of the ledger.
+pub fn verify_new(
+    ledger: &mut NoteLedger,
+    doc: &Automerge,
+    id: DocumentId,
+    entries: &[SignatureEntry],
+    signers: &Signers,
+    now_ms: i64,
+) -> std::result::Result<(), Refusal> {
+    for entry in entries {
+        let refuse = |reason| Err(Refusal::Tampered(Tamper::InvalidSignature { reason }));
+        if entry
+            .payload
+            .as_ref()
+            .is_some_and(|p| signing::signed_in_future(p, now_ms))
+        {
+            return refuse(InvalidSignature::BadTime);
+        }
+        match signing::verify(doc, id, entry, &signers.keys, signers) {
+            Verdict::Valid => ledger.admit_trusted(doc, entry),
+            // The signed heads are ancestors of the change carrying the entry: they are here.
+            Verdict::HeadsMissing => return refuse(InvalidSignature::Malformed),
+            Verdict::Invalid(reason) => return refuse(reason),
+        }
+    }
+    Ok(())
+}
+
