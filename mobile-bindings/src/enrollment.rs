@@ -101,7 +101,7 @@ pub async fn enroll(
     public_key: [u8; 32],
     tls: &TlsConfig,
 ) -> Result<Enrollment, DriverError> {
-    let http = http_client(&client_config_with(tls)?)?;
+    let http = http_client(&*client_config_with(tls)?)?;
     let mut body = serde_json::json!({ "code": code.trim(), "publicKey": hex(&public_key) });
     if let Some(name) = device_name {
         body["deviceName"] = serde_json::Value::String(name.to_owned());
@@ -127,7 +127,7 @@ pub async fn fetch_device_keys(
     token: &str,
     tls: &TlsConfig,
 ) -> Result<String, DriverError> {
-    let http = http_client(&client_config_with(tls)?)?;
+    let http = http_client(&*client_config_with(tls)?)?;
     let response = http
         .get(format!("{}/v1/keys", base(base_url)?))
         .bearer_auth(token)

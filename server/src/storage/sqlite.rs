@@ -1341,6 +1341,74 @@ mod tests {
         assert_eq!(mode, "wal");
     }
 
+    /// The schema as `sqlite_master` lists it, without the order of creation.
+    fn schema(conn: &Connection) -> Vec<(String, String)> {
+        let mut stmt = conn
+            .prepare("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
+            .expect("schema");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("schema rows")
+    }
+
+    #[test]
+    fn every_upgrade_path_ends_equal_to_a_fresh_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fresh = dir.path().join("fresh.sqlite3");
+        drop(SqliteStorage::open(&fresh).expect("fresh"));
+        for start in 1..SCHEMA_VERSION {
+            let path = dir.path().join(format!("from-{start}.sqlite3"));
+            let mut conn = Connection::open(&path).expect("raw open");
+            let tx = conn.transaction().expect("tx");
+            for version in 0..start {
+                migrate_step(&tx, version).expect("old step");
+            }
+            tx.pragma_update(None, "user_version", start).expect("version");
+            tx.commit().expect("commit");
+            drop(conn);
+            drop(SqliteStorage::open(&path).expect("upgrade"));
+            let upgraded = Connection::open(&path).expect("raw open");
+            assert_eq!(schema_version(&upgraded).expect("version"), SCHEMA_VERSION);
+            assert_eq!(
+                schema(&upgraded),
+                schema(&Connection::open(&fresh).expect("raw open")),
+                "from version {start}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_encrypted_database_opens_with_its_key_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.sqlite3");
+        let key = DatabaseKey::random();
+        drop(SqliteStorage::open_encrypted(&path, &key).expect("create"));
+        let bytes = std::fs::read(&path).expect("read");
+        assert!(!bytes.starts_with(b"SQLite format 3"), "the header is encrypted too");
+        assert!(matches!(
+            SqliteStorage::open_encrypted(&path, &DatabaseKey::random()),
+            Err(Error::CannotDecrypt)
+        ));
+        assert!(SqliteStorage::open(&path).is_err(), "no key, no database");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes, "failed opens touch nothing");
+        let new = DatabaseKey::random();
+        SqliteStorage::rekey(&path, &key, &new).expect("rekey");
+        assert!(matches!(
+            SqliteStorage::open_encrypted(&path, &key),
+            Err(Error::CannotDecrypt)
+        ));
+        drop(SqliteStorage::open_encrypted(&path, &new).expect("new key"));
+        assert!(matches!(
+            DatabaseKey::from_hex("abc"),
+            Err(Error::BadRequest(_))
+        ));
+        assert_eq!(
+            DatabaseKey::from_hex(&format!("{}\n", key.to_hex())).expect("hex"),
+            key
+        );
+    }
+
     #[test]
     fn the_audit_log_refuses_updates_and_deletes() {
         let dir = tempfile::tempdir().expect("tempdir");
