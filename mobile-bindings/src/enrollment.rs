@@ -159,7 +159,10 @@ mod tests {
 
     #[test]
     fn refusals_carry_the_relays_message() {
-        match refusal(409, r#"{"error":"conflict: the enrollment code was already used"}"#) {
+        match refusal(
+            409,
+            r#"{"error":"conflict: the enrollment code was already used"}"#,
+        ) {
             DriverError::Refused { status, message } => {
                 assert_eq!(status, 409);
                 assert!(message.contains("already used"));

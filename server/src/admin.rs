@@ -211,7 +211,11 @@ async fn existing_user(storage: &dyn Storage, user_id: &UserId) -> Result<User> 
 }
 
 /// Create an agency.
-pub async fn create_agency(storage: &dyn Storage, ctx: &AdminContext, name: &str) -> Result<Agency> {
+pub async fn create_agency(
+    storage: &dyn Storage,
+    ctx: &AdminContext,
+    name: &str,
+) -> Result<Agency> {
     if ctx.is_http() {
         return Err(Error::Forbidden("agencies are created on the CLI only"));
     }
@@ -504,7 +508,11 @@ pub async fn enroll(
     let user = existing_user(storage, user_id).await?;
     check_may_provision(storage, ctx, &user).await?;
     let minutes = match ttl_minutes.unwrap_or(DEFAULT_ENROLLMENT_TTL_MINUTES) {
-        0 => return Err(Error::BadRequest("the code must live at least 1 minute".into())),
+        0 => {
+            return Err(Error::BadRequest(
+                "the code must live at least 1 minute".into(),
+            ));
+        }
         m if m > MAX_ENROLLMENT_TTL_MINUTES => {
             return Err(Error::BadRequest(format!(
                 "an enrollment code lives at most {MAX_ENROLLMENT_TTL_MINUTES} minutes"
@@ -610,7 +618,12 @@ pub async fn list_devices(
     user_id: &UserId,
 ) -> Result<(User, Option<i64>, Vec<DeviceInfo>)> {
     let user = existing_user(storage, user_id).await?;
-    let event = ctx.event(Some(&user.agency_id), "list-devices", user.id.as_str(), json!({}));
+    let event = ctx.event(
+        Some(&user.agency_id),
+        "list-devices",
+        user.id.as_str(),
+        json!({}),
+    );
     storage.admin_change(AdminChange::Record, event).await?;
     let disabled = storage.user_disabled_at(user.id.clone()).await?;
     let devices = storage.user_devices(user.id.clone()).await?;
@@ -684,8 +697,7 @@ pub async fn audit(
         .await?;
     let next = if rows.len() > limit {
         rows.truncate(limit);
-        rows.last()
-            .map(|r| format!("{}.{}", r.event.at_ms, r.id))
+        rows.last().map(|r| format!("{}.{}", r.event.at_ms, r.id))
     } else {
         None
     };
@@ -876,7 +888,14 @@ async fn http_create_user(
 ) -> Result<Response> {
     let role = parse_role(&body.role)
         .ok_or_else(|| Error::BadRequest("role must be clinician, office or admin".into()))?;
-    let user = create_user(relay.storage(), &admin.ctx, admin.agency(), &body.name, role).await?;
+    let user = create_user(
+        relay.storage(),
+        &admin.ctx,
+        admin.agency(),
+        &body.name,
+        role,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(user_json(&user))).into_response())
 }
 
@@ -1013,7 +1032,9 @@ async fn http_disable_user(
 ) -> Result<Json<Value>> {
     let user = admin.user(relay.storage(), &user_id).await?;
     if user.id == *admin.principal.user_id() {
-        return Err(Error::BadRequest("an admin cannot disable themselves".into()));
+        return Err(Error::BadRequest(
+            "an admin cannot disable themselves".into(),
+        ));
     }
     let revoked = disable_user(relay.storage(), &admin.ctx, &user.id).await?;
     let closed: usize = revoked

@@ -157,7 +157,10 @@ mod tests {
     fn public_keys_are_64_hex_digits() {
         assert_eq!(parse_public_key(&"ab".repeat(32)).expect("key"), [0xab; 32]);
         for bad in ["", "zz", &"ab".repeat(31), &"ab".repeat(33)] {
-            assert!(matches!(parse_public_key(bad), Err(Error::BadRequest(_))), "{bad}");
+            assert!(
+                matches!(parse_public_key(bad), Err(Error::BadRequest(_))),
+                "{bad}"
+            );
         }
     }
 }

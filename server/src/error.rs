@@ -44,7 +44,9 @@ pub enum Error {
     },
     /// The database cannot be read with the key given: a wrong key, an unencrypted database
     /// opened with a key, or a file that is not a relay database.
-    #[error("the relay database cannot be decrypted with this key (wrong key, or not an encrypted relay database)")]
+    #[error(
+        "the relay database cannot be decrypted with this key (wrong key, or not an encrypted relay database)"
+    )]
     CannotDecrypt,
     /// A stored row could not be decoded, or a storage backend failed in a way that has no
     /// more specific variant.

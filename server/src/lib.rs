@@ -148,7 +148,8 @@ async fn serve_on<L>(
 ) -> Result<()>
 where
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
-    admin::RemoteAddr: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+    admin::RemoteAddr:
+        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
     let revocations = tokio::spawn(watch_revocations(state.clone()));
     let upkeep = tokio::spawn(metrics_upkeep(state.clone()));

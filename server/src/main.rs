@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fieldchart_server::admin;
-use fieldchart_server::clock::parse_time;
 use fieldchart_server::admin::AdminContext;
+use fieldchart_server::clock::parse_time;
 use fieldchart_server::config::{
     DEFAULT_AUDIT_PAGE, DEFAULT_DATA_DIR, DEFAULT_KEY_FILE, DEFAULT_LISTEN, KEY_ENV, KEY_FILE_ENV,
     Limits, MAX_AUDIT_ROWS, database_path,
@@ -244,7 +244,14 @@ async fn main() -> ExitCode {
             metrics_addr,
         } => {
             let tls = tls_cert.zip(tls_key);
-            serve(&cli.data_dir, cli.key_file.as_deref(), listen, tls, metrics_addr).await
+            serve(
+                &cli.data_dir,
+                cli.key_file.as_deref(),
+                listen,
+                tls,
+                metrics_addr,
+            )
+            .await
         }
         Command::Admin(AdminCommand::Rekey { new_key_file }) => {
             rekey(&cli.data_dir, cli.key_file.as_deref(), &new_key_file)
@@ -296,7 +303,13 @@ fn operator(actor: Option<&str>) -> String {
         .map(str::to_owned)
         .or_else(|| std::env::var("USER").ok())
         .or_else(|| std::env::var("LOGNAME").ok())
-        .map(|name| name.trim().chars().filter(|c| !c.is_control()).take(100).collect::<String>())
+        .map(|name| {
+            name.trim()
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(100)
+                .collect::<String>()
+        })
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "unknown".into())
 }
@@ -452,9 +465,13 @@ async fn serve(
     }));
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = metrics.map(|listener| {
-        tokio::spawn(fieldchart_server::run_metrics(listener, state.clone(), async {
-            let _ = metrics_stopped.await;
-        }))
+        tokio::spawn(fieldchart_server::run_metrics(
+            listener,
+            state.clone(),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ))
     });
     let served = match tls {
         Some(files) => fieldchart_server::run_tls(listener, files, state, shutdown_signal()).await,
@@ -602,7 +619,9 @@ async fn run_admin(
             })
         }
         AdminCommand::Rekey { .. } => {
-            return Err(Error::BadRequest("rekey runs without an open database".into()));
+            return Err(Error::BadRequest(
+                "rekey runs without an open database".into(),
+            ));
         }
         AdminCommand::Audit {
             patient,

@@ -32,9 +32,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::identity::{
-    Agency, AgencyId, Device, DeviceId, Patient, PatientId, Role, User, UserId,
-};
+use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, Role, User, UserId};
 
 pub use memory::MemoryStorage;
 pub use sqlite::{DatabaseKey, SqliteStorage};
@@ -517,8 +515,11 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
 
     /// Apply an administrative change and append its audit row, in one transaction: if either
     /// fails, neither is stored.
-    fn admin_change(&self, change: AdminChange, event: AdminEvent)
-    -> StorageFuture<'_, AdminOutcome>;
+    fn admin_change(
+        &self,
+        change: AdminChange,
+        event: AdminEvent,
+    ) -> StorageFuture<'_, AdminOutcome>;
 
     /// A page of the admin log.
     fn admin_log(&self, query: AdminLogQuery) -> StorageFuture<'_, Vec<AdminRecord>>;
@@ -588,7 +589,12 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
 }
 
 /// The admin log row of a redemption: the user enrolled a device, provisioned by `created_by`.
-pub(crate) fn enrollment_event(r: &Redemption, user: &User, device: &Device, created_by: &str) -> AdminEvent {
+pub(crate) fn enrollment_event(
+    r: &Redemption,
+    user: &User,
+    device: &Device,
+    created_by: &str,
+) -> AdminEvent {
     AdminEvent {
         at_ms: r.at_ms,
         agency_id: Some(user.agency_id.clone()),

@@ -106,7 +106,11 @@ impl RelayProcess {
         Self::start_on(data_dir, "127.0.0.1:0", serve_args)
     }
 
-    fn start_on(data_dir: &Path, listen: &str, serve_args: &[String]) -> Result<RelayProcess, String> {
+    fn start_on(
+        data_dir: &Path,
+        listen: &str,
+        serve_args: &[String],
+    ) -> Result<RelayProcess, String> {
         let mut child = Command::new(Self::binary())
             .arg("--data-dir")
             .arg(data_dir)

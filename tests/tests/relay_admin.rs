@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fieldchart_mobile::{DriverError, TlsConfig, enroll, fetch_device_keys};
-use fieldchart_tests::relay_process::{Admin, RelayProcess, SyncOutcome, TestPeer, set, visit_note};
+use fieldchart_tests::relay_process::{
+    Admin, RelayProcess, SyncOutcome, TestPeer, set, visit_note,
+};
 use serde_json::Value;
 
 /// A name no chart would have by chance.
@@ -44,7 +46,10 @@ async fn patient_data_is_in_neither_the_database_nor_its_wal() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&key_file).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(&key_file)
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "key file mode {mode:o}");
     }
 
@@ -57,7 +62,10 @@ async fn patient_data_is_in_neither_the_database_nor_its_wal() {
     // The stored form is plain enough that an unencrypted file would show the name: what
     // makes this test able to fail.
     let saved = peer.doc(chart).expect("chart").save();
-    assert!(contains(&saved, PATIENT_NAME), "the chart's bytes carry the name in clear");
+    assert!(
+        contains(&saved, PATIENT_NAME),
+        "the chart's bytes carry the name in clear"
+    );
     let mut note = visit_note(&agency, &patient, &nurse);
     set(&mut note, "narrative", NARRATIVE);
     assert!(contains(&note.save(), NARRATIVE));
@@ -74,8 +82,14 @@ async fn patient_data_is_in_neither_the_database_nor_its_wal() {
         let (db_bytes, wal_bytes) = (file_bytes(&db), file_bytes(&wal));
         assert!(!db_bytes.is_empty(), "{moment}: database missing");
         for needle in [PATIENT_NAME, NARRATIVE, "Quixotic", "SQLite format 3"] {
-            assert!(!contains(&db_bytes, needle), "{moment}: {needle:?} in the database");
-            assert!(!contains(&wal_bytes, needle), "{moment}: {needle:?} in the WAL");
+            assert!(
+                !contains(&db_bytes, needle),
+                "{moment}: {needle:?} in the database"
+            );
+            assert!(
+                !contains(&wal_bytes, needle),
+                "{moment}: {needle:?} in the WAL"
+            );
         }
     }
 
@@ -129,7 +143,11 @@ async fn disabling_a_user_on_the_cli_closes_her_live_session_and_is_logged() {
 
     let out = admin.run(&["--actor", "dana", "disable-user", "--user", &nurse]);
     let disabled_at = Instant::now();
-    assert_eq!(out["devicesRevoked"], serde_json::json!([issued.device_id]), "{out}");
+    assert_eq!(
+        out["devicesRevoked"],
+        serde_json::json!([issued.device_id]),
+        "{out}"
+    );
     let reason = tokio::time::timeout(Duration::from_secs(5), peer.closed())
         .await
         .expect("the session closed");
@@ -140,16 +158,27 @@ async fn disabling_a_user_on_the_cli_closes_her_live_session_and_is_logged() {
         "closed after {:?} ({reason:?})",
         disabled_at.elapsed()
     );
-    assert!(TestPeer::connect(&relay.ws_url(&issued.token), None).await.is_err());
-    let refused = RelayProcess::try_admin(dir.path(), &["issue-token", "--user", &nurse, "--device", "new"]);
+    assert!(
+        TestPeer::connect(&relay.ws_url(&issued.token), None)
+            .await
+            .is_err()
+    );
+    let refused = RelayProcess::try_admin(
+        dir.path(),
+        &["issue-token", "--user", &nurse, "--device", "new"],
+    );
     assert!(refused.is_err(), "{refused:?}");
-    let refused = RelayProcess::try_admin(dir.path(), &["enroll", "--user", &nurse, "--device", "new"]);
+    let refused =
+        RelayProcess::try_admin(dir.path(), &["enroll", "--user", &nurse, "--device", "new"]);
     assert!(refused.is_err(), "{refused:?}");
 
     let listed = admin.run(&["list-devices", "--user", &nurse]);
     assert!(listed["disabledAt"].is_string(), "{listed}");
     assert!(listed["devices"][0]["revokedAt"].is_string(), "{listed}");
-    assert!(listed["devices"][0]["lastSeenAt"].is_string(), "seen when it connected: {listed}");
+    assert!(
+        listed["devices"][0]["lastSeenAt"].is_string(),
+        "seen when it connected: {listed}"
+    );
 
     let rows = admin.admin_log();
     let row = rows
@@ -161,8 +190,16 @@ async fn disabling_a_user_on_the_cli_closes_her_live_session_and_is_logged() {
     assert_eq!(row["target"], Value::String(nurse.clone()));
     assert_eq!(row["agencyId"], Value::String(agency.clone()));
     assert!(row["atMs"].as_i64().unwrap_or(0) > 0);
-    for action in ["create-agency", "create-user", "issue-token", "list-devices"] {
-        assert!(rows.iter().any(|r| r["action"] == action), "no {action} row in {rows:#?}");
+    for action in [
+        "create-agency",
+        "create-user",
+        "issue-token",
+        "list-devices",
+    ] {
+        assert!(
+            rows.iter().any(|r| r["action"] == action),
+            "no {action} row in {rows:#?}"
+        );
     }
 }
 
@@ -180,7 +217,10 @@ async fn a_device_enrolls_with_a_code_and_reads_its_agencys_keys() {
     let enrolled = enroll(&relay.http_base(), &code, Some("Pixel"), key, &tls)
         .await
         .expect("enrolled");
-    assert_eq!((enrolled.user_id.as_str(), enrolled.agency_id.as_str()), (nurse.as_str(), agency.as_str()));
+    assert_eq!(
+        (enrolled.user_id.as_str(), enrolled.agency_id.as_str()),
+        (nurse.as_str(), agency.as_str())
+    );
     assert_eq!(enrolled.role, "clinician");
     match enroll(&relay.http_base(), &code, None, [43; 32], &tls).await {
         Err(DriverError::Refused { status: 409, .. }) => {}
@@ -194,7 +234,10 @@ async fn a_device_enrolls_with_a_code_and_reads_its_agencys_keys() {
     )
     .expect("json");
     assert_eq!(keys["agencyId"], Value::String(agency.clone()));
-    assert_eq!(keys["keys"][0]["deviceId"], Value::String(enrolled.device_id.clone()));
+    assert_eq!(
+        keys["keys"][0]["deviceId"],
+        Value::String(enrolled.device_id.clone())
+    );
     assert_eq!(keys["keys"][0]["publicKey"], Value::String("2a".repeat(32)));
     assert_eq!(keys["keys"][0]["revokedAtMs"], Value::Null);
 

@@ -105,6 +105,9 @@ async fn a_device_syncs_over_tls_with_the_pinned_ca_and_refuses_any_other() {
             ),
             other => panic!("{name}: expected a certificate failure, got {other:?}"),
         }
-        assert!(store.patient_chart(chart).is_err(), "{name}: nothing synced");
+        assert!(
+            store.patient_chart(chart).is_err(),
+            "{name}: nothing synced"
+        );
     }
 }

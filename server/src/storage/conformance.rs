@@ -822,7 +822,10 @@ async fn admin_changes_and_their_log_rows_commit_together(s: &dyn Storage) {
     )
     .await
     .expect("create");
-    assert_eq!(s.user(user.id.clone()).await.expect("get"), Some(user.clone()));
+    assert_eq!(
+        s.user(user.id.clone()).await.expect("get"),
+        Some(user.clone())
+    );
     // A change that fails leaves no row.
     assert!(matches!(
         s.admin_change(
@@ -853,7 +856,10 @@ async fn admin_changes_and_their_log_rows_commit_together(s: &dyn Storage) {
         ]
     );
     assert!(rows[0].id < rows[1].id);
-    assert_eq!(rows[0].event, admin_event(&w.agency, "create-user", user.id.as_str()));
+    assert_eq!(
+        rows[0].event,
+        admin_event(&w.agency, "create-user", user.id.as_str())
+    );
     let after_first = s
         .admin_log(AdminLogQuery {
             agency_id: None,
@@ -870,10 +876,16 @@ async fn admin_changes_and_their_log_rows_commit_together(s: &dyn Storage) {
     assert_eq!(devices[0].enrolled_by.as_deref(), Some("usr_admin"));
     assert_eq!(devices[0].public_key, None);
     assert_eq!(devices[0].last_seen_at, None);
-    s.touch_device(device.id.clone(), 1_000_000).await.expect("touch");
+    s.touch_device(device.id.clone(), 1_000_000)
+        .await
+        .expect("touch");
     let devices = s.user_devices(user.id.clone()).await.expect("devices");
     assert_eq!(devices[0].last_seen_at, Some(1_000_000));
-    assert_eq!(s.device_key(device.id).await.expect("key"), None, "no key, no entry");
+    assert_eq!(
+        s.device_key(device.id).await.expect("key"),
+        None,
+        "no key, no entry"
+    );
 }
 
 fn redemption(code: &str, key: u8, token: u8, at_ms: i64) -> Redemption {
@@ -913,7 +925,10 @@ async fn enrollment_codes_are_consumed_once_and_bind_a_key(s: &dyn Storage) {
         .redeem_enrollment(redemption("fce_a", 7, 70, 500))
         .await
         .expect("redeem");
-    assert_eq!((user.id.clone(), device.name.as_str()), (w.nurse.clone(), "phone"));
+    assert_eq!(
+        (user.id.clone(), device.name.as_str()),
+        (w.nurse.clone(), "phone")
+    );
     assert!(matches!(
         s.redeem_enrollment(redemption("fce_a", 8, 71, 501)).await,
         Err(Error::Conflict(_))
@@ -923,7 +938,8 @@ async fn enrollment_codes_are_consumed_once_and_bind_a_key(s: &dyn Storage) {
         Err(Error::Expired(_))
     ));
     assert!(matches!(
-        s.redeem_enrollment(redemption("fce_none", 8, 73, 501)).await,
+        s.redeem_enrollment(redemption("fce_none", 8, 73, 501))
+            .await,
         Err(Error::NotFound(_))
     ));
     let devices = s.user_devices(w.nurse.clone()).await.expect("devices");
@@ -960,12 +976,21 @@ async fn enrollment_codes_are_consumed_once_and_bind_a_key(s: &dyn Storage) {
     let rows = log(s, &w.agency).await;
     let last = rows.last().expect("rows");
     assert_eq!(
-        (last.event.action.as_str(), last.event.actor.as_str(), last.event.target.as_str()),
+        (
+            last.event.action.as_str(),
+            last.event.actor.as_str(),
+            last.event.target.as_str()
+        ),
         ("enroll-device", w.nurse.as_str(), device.id.as_str())
     );
-    s.revoke_device(device.id.clone(), 600).await.expect("revoke");
+    s.revoke_device(device.id.clone(), 600)
+        .await
+        .expect("revoke");
     assert_eq!(
-        s.device_key(device.id).await.expect("key").map(|k| k.revoked_at_ms),
+        s.device_key(device.id)
+            .await
+            .expect("key")
+            .map(|k| k.revoked_at_ms),
         Some(Some(600))
     );
 }
@@ -991,35 +1016,60 @@ async fn disabling_a_user_revokes_every_device_at_a_sequence_position(s: &dyn St
         .await
         .expect("disable");
     assert_eq!(outcome, AdminOutcome::Revoked(vec![b.id.clone()]));
-    assert_eq!(s.user_disabled_at(w.nurse.clone()).await.expect("get"), Some(50));
-    assert_eq!(s.user_disabled_at(w.office.clone()).await.expect("get"), None);
+    assert_eq!(
+        s.user_disabled_at(w.nurse.clone()).await.expect("get"),
+        Some(50)
+    );
+    assert_eq!(
+        s.user_disabled_at(w.office.clone()).await.expect("get"),
+        None
+    );
     let revoked = s.revoked_devices_since(before).await.expect("since");
-    assert_eq!(revoked.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(), vec![b.id.clone()]);
+    assert_eq!(
+        revoked.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+        vec![b.id.clone()]
+    );
     // Nothing new for a disabled user: no device, no code, and a pending code is dead.
     assert!(matches!(
         s.admin_change(
-            AdminChange::InsertDevice { device: bare_device(&w.nurse, 13), issued_by: "x".into() },
+            AdminChange::InsertDevice {
+                device: bare_device(&w.nurse, 13),
+                issued_by: "x".into()
+            },
             admin_event(&w.agency, "issue-token", "x"),
         )
         .await,
         Err(Error::Forbidden(_))
     ));
     assert!(matches!(
-        s.redeem_enrollment(redemption("fce_pending", 1, 14, 60)).await,
+        s.redeem_enrollment(redemption("fce_pending", 1, 14, 60))
+            .await,
         Err(Error::Expired(_) | Error::Forbidden(_))
     ));
-    assert_eq!(s.user_devices(w.nurse.clone()).await.expect("devices").len(), 2);
+    assert_eq!(
+        s.user_devices(w.nurse.clone())
+            .await
+            .expect("devices")
+            .len(),
+        2
+    );
     // Idempotent.
     assert_eq!(
         s.admin_change(
-            AdminChange::DisableUser { user_id: w.nurse.clone(), at_ms: 70 },
+            AdminChange::DisableUser {
+                user_id: w.nurse.clone(),
+                at_ms: 70
+            },
             admin_event(&w.agency, "disable-user", w.nurse.as_str()),
         )
         .await
         .expect("again"),
         AdminOutcome::Revoked(vec![])
     );
-    assert_eq!(s.user_disabled_at(w.nurse.clone()).await.expect("get"), Some(50));
+    assert_eq!(
+        s.user_disabled_at(w.nurse.clone()).await.expect("get"),
+        Some(50)
+    );
 }
 
 async fn audit_pages_resume_after_a_cursor(s: &dyn Storage) {
@@ -1047,5 +1097,10 @@ async fn audit_pages_resume_after_a_cursor(s: &dyn Storage) {
         all.extend(page);
     }
     assert_eq!(all.len(), 7);
-    assert_eq!(all, s.query_audit(AuditQuery { limit: 100, ..q }).await.expect("all"));
+    assert_eq!(
+        all,
+        s.query_audit(AuditQuery { limit: 100, ..q })
+            .await
+            .expect("all")
+    );
 }

@@ -306,7 +306,8 @@ impl State {
                 last_seen_at: None,
             },
         )?;
-        self.codes.insert(r.code_hash, (code.clone(), Some(r.at_ms)));
+        self.codes
+            .insert(r.code_hash, (code.clone(), Some(r.at_ms)));
         let event = super::enrollment_event(&r, &user, &device, &code.created_by);
         self.push_admin(event);
         Ok((device, user))

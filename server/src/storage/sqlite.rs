@@ -259,16 +259,20 @@ fn key_connection(conn: &Connection, key: &DatabaseKey) -> Result<()> {
         let keep = Connection::open_in_memory()?;
         keep.execute_batch("PRAGMA cipher_log_level = NONE;")?;
         keep.execute_batch(&DatabaseKey([7; 32]).pragma("key"))?;
-        keep.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?;
+        keep.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
         *anchor = Some(keep);
     }
     conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
     conn.execute_batch(&key.pragma("key"))?;
-    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
-        .map_err(|e| match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::NotADatabase) => Error::CannotDecrypt,
-            _ => Error::Sqlite(e),
-        })?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => Error::CannotDecrypt,
+        _ => Error::Sqlite(e),
+    })?;
     Ok(())
 }
 
@@ -453,7 +457,11 @@ fn insert_audit(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
 }
 
 fn insert_agency_tx(tx: &Transaction<'_>, agency: &Agency) -> Result<()> {
-    if exists(tx, "SELECT 1 FROM agencies WHERE id = ?1", agency.id.as_str())? {
+    if exists(
+        tx,
+        "SELECT 1 FROM agencies WHERE id = ?1",
+        agency.id.as_str(),
+    )? {
         return Err(Error::Conflict(format!("agency {} exists", agency.id)));
     }
     tx.execute(
@@ -464,7 +472,11 @@ fn insert_agency_tx(tx: &Transaction<'_>, agency: &Agency) -> Result<()> {
 }
 
 fn insert_user_tx(tx: &Transaction<'_>, user: &User) -> Result<()> {
-    if !exists(tx, "SELECT 1 FROM agencies WHERE id = ?1", user.agency_id.as_str())? {
+    if !exists(
+        tx,
+        "SELECT 1 FROM agencies WHERE id = ?1",
+        user.agency_id.as_str(),
+    )? {
         return Err(Error::NotFound("agency"));
     }
     if exists(tx, "SELECT 1 FROM users WHERE id = ?1", user.id.as_str())? {
@@ -483,11 +495,23 @@ fn insert_user_tx(tx: &Transaction<'_>, user: &User) -> Result<()> {
     Ok(())
 }
 
-fn insert_patient_tx(tx: &Transaction<'_>, patient: &Patient, chart: &DocumentWrite) -> Result<Seq> {
-    if !exists(tx, "SELECT 1 FROM agencies WHERE id = ?1", patient.agency_id.as_str())? {
+fn insert_patient_tx(
+    tx: &Transaction<'_>,
+    patient: &Patient,
+    chart: &DocumentWrite,
+) -> Result<Seq> {
+    if !exists(
+        tx,
+        "SELECT 1 FROM agencies WHERE id = ?1",
+        patient.agency_id.as_str(),
+    )? {
         return Err(Error::NotFound("agency"));
     }
-    if exists(tx, "SELECT 1 FROM patients WHERE id = ?1", patient.id.as_str())? {
+    if exists(
+        tx,
+        "SELECT 1 FROM patients WHERE id = ?1",
+        patient.id.as_str(),
+    )? {
         return Err(Error::Conflict(format!("patient {} exists", patient.id)));
     }
     tx.execute(
@@ -502,11 +526,20 @@ fn insert_patient_tx(tx: &Transaction<'_>, patient: &Patient, chart: &DocumentWr
     write_document_tx(tx, chart)
 }
 
-fn assign_tx(tx: &Transaction<'_>, user_id: &UserId, patient_id: &PatientId, at_ms: i64) -> Result<Seq> {
+fn assign_tx(
+    tx: &Transaction<'_>,
+    user_id: &UserId,
+    patient_id: &PatientId,
+    at_ms: i64,
+) -> Result<Seq> {
     if !exists(tx, "SELECT 1 FROM users WHERE id = ?1", user_id.as_str())? {
         return Err(Error::NotFound("user"));
     }
-    if !exists(tx, "SELECT 1 FROM patients WHERE id = ?1", patient_id.as_str())? {
+    if !exists(
+        tx,
+        "SELECT 1 FROM patients WHERE id = ?1",
+        patient_id.as_str(),
+    )? {
         return Err(Error::NotFound("patient"));
     }
     let existing: Option<i64> = tx
@@ -557,7 +590,11 @@ fn insert_device_tx(
     enrolled_by: Option<&str>,
     public_key: Option<&[u8; 32]>,
 ) -> Result<()> {
-    if !exists(tx, "SELECT 1 FROM users WHERE id = ?1", device.user_id.as_str())? {
+    if !exists(
+        tx,
+        "SELECT 1 FROM users WHERE id = ?1",
+        device.user_id.as_str(),
+    )? {
         return Err(Error::NotFound("user"));
     }
     let clash: Option<i64> = tx
@@ -568,7 +605,10 @@ fn insert_device_tx(
         )
         .optional()?;
     if clash.is_some() {
-        return Err(Error::Conflict(format!("device {} or its token exists", device.id)));
+        return Err(Error::Conflict(format!(
+            "device {} or its token exists",
+            device.id
+        )));
     }
     tx.execute(
         "INSERT INTO devices (id, user_id, name, token_hash, created_at, expires_at, revoked_at, enrolled_by, public_key)
@@ -686,12 +726,15 @@ fn admin_change_tx(tx: &Transaction<'_>, change: &AdminChange) -> Result<AdminOu
         AdminChange::InsertPatient(patient, chart) => {
             AdminOutcome::Seq(insert_patient_tx(tx, patient, chart)?)
         }
-        AdminChange::Assign { user_id, patient_id, at_ms } => {
-            AdminOutcome::Seq(assign_tx(tx, user_id, patient_id, *at_ms)?)
-        }
-        AdminChange::Unassign { user_id, patient_id } => {
-            AdminOutcome::Changed(unassign_tx(tx, user_id, patient_id)?)
-        }
+        AdminChange::Assign {
+            user_id,
+            patient_id,
+            at_ms,
+        } => AdminOutcome::Seq(assign_tx(tx, user_id, patient_id, *at_ms)?),
+        AdminChange::Unassign {
+            user_id,
+            patient_id,
+        } => AdminOutcome::Changed(unassign_tx(tx, user_id, patient_id)?),
         AdminChange::InsertDevice { device, issued_by } => {
             check_user_enabled(tx, &device.user_id)?;
             insert_device_tx(tx, device, Some(issued_by), None)?;
@@ -723,7 +766,9 @@ fn redeem_tx(tx: &Transaction<'_>, r: &Redemption) -> Result<(Device, User)> {
         return Err(Error::NotFound("enrollment code"));
     };
     if used_at.is_some() {
-        return Err(Error::Conflict("the enrollment code was already used".into()));
+        return Err(Error::Conflict(
+            "the enrollment code was already used".into(),
+        ));
     }
     if expires_at <= r.at_ms {
         return Err(Error::Expired("enrollment code"));
@@ -734,7 +779,15 @@ fn redeem_tx(tx: &Transaction<'_>, r: &Redemption) -> Result<(Device, User)> {
         .query_row(
             "SELECT id, agency_id, name, role, created_at FROM users WHERE id = ?1",
             [user_id.as_str()],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
         )
         .map(user_from_row)??;
     let device = Device {
@@ -751,17 +804,20 @@ fn redeem_tx(tx: &Transaction<'_>, r: &Redemption) -> Result<(Device, User)> {
         params![r.code_hash.as_slice(), r.at_ms, device.id.as_str()],
     )?;
     if consumed != 1 {
-        return Err(Error::Conflict("the enrollment code was already used".into()));
+        return Err(Error::Conflict(
+            "the enrollment code was already used".into(),
+        ));
     }
     insert_device_tx(tx, &device, Some(&created_by), Some(&r.public_key))?;
     insert_admin_event(tx, &super::enrollment_event(r, &user, &device, &created_by))?;
     Ok((device, user))
 }
 
-
 type KeyRow = (String, String, String, String, Vec<u8>, i64, Option<i64>);
 
-fn key_from_row((device_id, user_id, agency_id, role, key, enrolled, revoked): KeyRow) -> Result<DeviceKey> {
+fn key_from_row(
+    (device_id, user_id, agency_id, role, key, enrolled, revoked): KeyRow,
+) -> Result<DeviceKey> {
     Ok(DeviceKey {
         device_id: DeviceId::new(device_id),
         user_id: UserId::new(user_id),
@@ -776,7 +832,8 @@ fn key_from_row((device_id, user_id, agency_id, role, key, enrolled, revoked): K
     })
 }
 
-const KEY_COLUMNS: &str = "SELECT d.id, d.user_id, u.agency_id, u.role, d.public_key, d.created_at, d.revoked_at
+const KEY_COLUMNS: &str =
+    "SELECT d.id, d.user_id, u.agency_id, u.role, d.public_key, d.created_at, d.revoked_at
      FROM devices d JOIN users u ON u.id = d.user_id";
 
 fn query_audit_tx(
@@ -784,58 +841,69 @@ fn query_audit_tx(
     query: &AuditQuery,
     after: Option<(i64, i64)>,
 ) -> Result<Vec<AuditRecord>> {
-            let mut stmt = tx.prepare_cached(
-                "SELECT id, at, agency_id, user_id, device_id, document_id, patient_id, action, heads
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, at, agency_id, user_id, device_id, document_id, patient_id, action, heads
                  FROM audit_log
                  WHERE at >= ?1 AND at < ?2
                    AND (?3 IS NULL OR patient_id = ?3) AND (?4 IS NULL OR user_id = ?4)
                    AND (?6 IS NULL OR at > ?6 OR (at = ?6 AND id > ?7))
                  ORDER BY at, id LIMIT ?5",
-            )?;
-            type Row = (i64, i64, String, String, String, Vec<u8>, Option<String>, String, Vec<u8>);
-            let rows = stmt.query_map(
-                params![
-                    query.from_ms,
-                    query.to_ms,
-                    query.patient_id.as_ref().map(PatientId::as_str),
-                    query.user_id.as_ref().map(UserId::as_str),
-                    i64::try_from(query.limit).unwrap_or(i64::MAX),
-                    after.map(|(at, _)| at),
-                    after.map(|(_, id)| id)
-                ],
-                |r| -> rusqlite::Result<Row> {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                    ))
-                },
-            )?;
-            rows.map(|row| {
-                let (id, at_ms, agency_id, user_id, device_id, document_id, patient_id, action, heads) = row?;
-                Ok(AuditRecord {
-                    id,
-                    event: AuditEvent {
-                        at_ms,
-                        agency_id: AgencyId::new(agency_id),
-                        user_id: UserId::new(user_id),
-                        device_id: DeviceId::new(device_id),
-                        document_id: doc_id_from(&document_id)?,
-                        patient_id: patient_id.map(PatientId::new),
-                        action: AuditAction::parse(&action)
-                            .ok_or_else(|| Error::Storage(format!("stored audit action {action:?}")))?,
-                        heads: heads_from_bytes(&heads)?,
-                    },
-                })
-            })
-            .collect()
-        }
+    )?;
+    type Row = (
+        i64,
+        i64,
+        String,
+        String,
+        String,
+        Vec<u8>,
+        Option<String>,
+        String,
+        Vec<u8>,
+    );
+    let rows = stmt.query_map(
+        params![
+            query.from_ms,
+            query.to_ms,
+            query.patient_id.as_ref().map(PatientId::as_str),
+            query.user_id.as_ref().map(UserId::as_str),
+            i64::try_from(query.limit).unwrap_or(i64::MAX),
+            after.map(|(at, _)| at),
+            after.map(|(_, id)| id)
+        ],
+        |r| -> rusqlite::Result<Row> {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+            ))
+        },
+    )?;
+    rows.map(|row| {
+        let (id, at_ms, agency_id, user_id, device_id, document_id, patient_id, action, heads) =
+            row?;
+        Ok(AuditRecord {
+            id,
+            event: AuditEvent {
+                at_ms,
+                agency_id: AgencyId::new(agency_id),
+                user_id: UserId::new(user_id),
+                device_id: DeviceId::new(device_id),
+                document_id: doc_id_from(&document_id)?,
+                patient_id: patient_id.map(PatientId::new),
+                action: AuditAction::parse(&action)
+                    .ok_or_else(|| Error::Storage(format!("stored audit action {action:?}")))?,
+                heads: heads_from_bytes(&heads)?,
+            },
+        })
+    })
+    .collect()
+}
 
 type FeedRow = (Vec<u8>, String, String, String, Vec<u8>, i64);
 
@@ -1073,7 +1141,11 @@ impl Storage for SqliteStorage {
     fn user_disabled_at(&self, id: UserId) -> StorageFuture<'_, Option<i64>> {
         self.read(move |tx| {
             Ok(tx
-                .query_row("SELECT disabled_at FROM users WHERE id = ?1", [id.as_str()], |r| r.get::<_, Option<i64>>(0))
+                .query_row(
+                    "SELECT disabled_at FROM users WHERE id = ?1",
+                    [id.as_str()],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
                 .optional()?
                 .flatten())
         })
@@ -1115,8 +1187,15 @@ impl Storage for SqliteStorage {
     fn touch_device(&self, id: DeviceId, at_ms: i64) -> StorageFuture<'_, ()> {
         // Most authentications are within a minute of the last: answered from memory, no write.
         {
-            let seen = self.inner.last_seen.lock().unwrap_or_else(PoisonError::into_inner);
-            if seen.get(&id).is_some_and(|last| at_ms - last < LAST_SEEN_RESOLUTION_MS) {
+            let seen = self
+                .inner
+                .last_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if seen
+                .get(&id)
+                .is_some_and(|last| at_ms - last < LAST_SEEN_RESOLUTION_MS)
+            {
                 return Box::pin(std::future::ready(Ok(())));
             }
         }
@@ -1134,7 +1213,10 @@ impl Storage for SqliteStorage {
                 }
             })
             .await?;
-            let mut seen = inner.last_seen.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut seen = inner
+                .last_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if seen.len() >= MAX_LAST_SEEN_ENTRIES {
                 seen.clear();
             }
@@ -1145,13 +1227,23 @@ impl Storage for SqliteStorage {
 
     fn device_key(&self, id: DeviceId) -> StorageFuture<'_, Option<DeviceKey>> {
         self.read(move |tx| {
-            tx.prepare_cached(&format!("{KEY_COLUMNS} WHERE d.id = ?1 AND d.public_key IS NOT NULL"))?
-                .query_row([id.as_str()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
-                })
-                .optional()?
-                .map(key_from_row)
-                .transpose()
+            tx.prepare_cached(&format!(
+                "{KEY_COLUMNS} WHERE d.id = ?1 AND d.public_key IS NOT NULL"
+            ))?
+            .query_row([id.as_str()], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .optional()?
+            .map(key_from_row)
+            .transpose()
         })
     }
 
@@ -1364,7 +1456,8 @@ mod tests {
             for version in 0..start {
                 migrate_step(&tx, version).expect("old step");
             }
-            tx.pragma_update(None, "user_version", start).expect("version");
+            tx.pragma_update(None, "user_version", start)
+                .expect("version");
             tx.commit().expect("commit");
             drop(conn);
             drop(SqliteStorage::open(&path).expect("upgrade"));
@@ -1385,13 +1478,20 @@ mod tests {
         let key = DatabaseKey::random();
         drop(SqliteStorage::open_encrypted(&path, &key).expect("create"));
         let bytes = std::fs::read(&path).expect("read");
-        assert!(!bytes.starts_with(b"SQLite format 3"), "the header is encrypted too");
+        assert!(
+            !bytes.starts_with(b"SQLite format 3"),
+            "the header is encrypted too"
+        );
         assert!(matches!(
             SqliteStorage::open_encrypted(&path, &DatabaseKey::random()),
             Err(Error::CannotDecrypt)
         ));
         assert!(SqliteStorage::open(&path).is_err(), "no key, no database");
-        assert_eq!(std::fs::read(&path).expect("read"), bytes, "failed opens touch nothing");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            bytes,
+            "failed opens touch nothing"
+        );
         let new = DatabaseKey::random();
         SqliteStorage::rekey(&path, &key, &new).expect("rekey");
         assert!(matches!(
