@@ -212,6 +212,17 @@ pub enum DriverError {
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(String),
+    /// The relay could not be reached or its answer not read (TLS failures say so here).
+    #[error("network: {0}")]
+    Network(String),
+    /// The relay answered with an error status.
+    #[error("relay refused ({status}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The relay's message.
+        message: String,
+    },
 }
 
 /// Network counters of one pass.
@@ -321,6 +332,15 @@ enum Wake {
 impl SyncClient {
     /// A client for `store` and the relay at `relay.base_url`.
     pub fn new(store: Arc<Store>, relay: RelayConfig) -> Result<SyncClient, DriverError> {
+        SyncClient::with_tls(store, relay, &crate::tls::TlsConfig::default())
+    }
+
+    /// Like [`SyncClient::new`], trusting what `tls` says (e.g. only the agency's pinned CA).
+    pub fn with_tls(
+        store: Arc<Store>,
+        relay: RelayConfig,
+        tls: &crate::tls::TlsConfig,
+    ) -> Result<SyncClient, DriverError> {
         let http_base = relay.base_url.trim_end_matches('/').to_owned();
         let ws_base = if let Some(rest) = http_base.strip_prefix("https://") {
             format!("wss://{rest}")
@@ -331,13 +351,8 @@ impl SyncClient {
                 "the relay URL must start with https:// (or http:// for a local relay)".into(),
             ));
         };
-        let tls = crate::tls::client_config()?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls((*tls).clone())
-            .timeout(HTTP_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| DriverError::Http(e.to_string()))?;
+        let tls = crate::tls::client_config_with(tls)?;
+        let http = crate::tls::http_client(&tls)?;
         let (local_tx, local_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(SyncClient {
@@ -655,7 +670,7 @@ impl SyncClient {
             Ok(response) => response,
             Err(e) => {
                 return PassEvent::FeedUnreachable {
-                    error: e.without_url().to_string(),
+                    error: crate::tls::error_chain(&e.without_url()),
                 };
             }
         };
@@ -710,7 +725,7 @@ impl SyncClient {
             Ok(Err(WsError::Http(response))) => Err(PassEvent::ConnectRefused {
                 status: response.status().as_u16(),
             }),
-            Ok(Err(e)) => Err(failed(e.to_string())),
+            Ok(Err(e)) => Err(failed(crate::tls::error_chain(&e))),
         }
     }
 }

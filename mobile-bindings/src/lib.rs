@@ -4,6 +4,8 @@
 //! [`SyncPass`](fieldchart_core::sync::SyncPass) over a WebSocket to the relay's `/v1/sync`
 //! (tokio-tungstenite) and reads its change feed (reqwest), both over rustls — no OpenSSL on
 //! the device's network path. The uniffi bindings (a later issue) wrap [`SyncClient`].
+//! A device joins a relay with [`enroll`] (a one-time code and its public key) and can pin its
+//! agency's CA ([`TlsConfig`]).
 //!
 //! The driver only moves bytes and keeps time: what to ask, what to send and what to store
 //! is decided by the core. Store calls run on tokio's blocking pool, never on the async
@@ -29,6 +31,7 @@
 
 pub mod backoff;
 pub mod driver;
+pub mod enrollment;
 pub mod tls;
 
 pub use backoff::Backoff;
@@ -36,4 +39,6 @@ pub use driver::{
     DriverError, PassOptions, PassReport, Progress, ProgressCallback, RelayConfig, SyncClient,
     SyncEvent, run_pass,
 };
+pub use enrollment::{Enrollment, enroll, fetch_device_keys};
 pub use fieldchart_core::sync::{PassStats, PassStatus};
+pub use tls::TlsConfig;

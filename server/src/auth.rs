@@ -6,6 +6,9 @@
 //! bits; the hash only keeps a stolen database from containing usable tokens. A token is
 //! refused after its expiry or once its device is revoked.
 //!
+//! Each successful authentication records the device's last-seen time (to within
+//! [`crate::storage::LAST_SEEN_RESOLUTION_MS`]).
+//!
 //! HTTP endpoints take the token from `Authorization: Bearer`; the WebSocket endpoint also
 //! accepts `?token=` because browsers cannot set headers on a WebSocket (the request log
 //! never records query strings: see [`crate::http_log`]).
@@ -36,7 +39,12 @@ pub fn new_token() -> (String, [u8; 32]) {
 
 /// The stored form of a token.
 pub fn hash_token(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+    hash_secret(token)
+}
+
+/// The stored form of a high-entropy secret (a token or an enrollment code): SHA-256.
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
 }
 
 /// An authenticated device of a user: who is calling.
@@ -76,8 +84,14 @@ pub async fn authenticate(storage: &dyn Storage, token: &str) -> Result<Principa
     let Some((device, user)) = storage.device_by_token_hash(hash_token(token)).await? else {
         return Err(Error::Unauthorized);
     };
-    if device.revoked_at.is_some() || device.expires_at <= now_ms() {
+    let now = now_ms();
+    if device.revoked_at.is_some() || device.expires_at <= now {
         return Err(Error::Unauthorized);
+    }
+    // Last seen, for the admin's device list; at most one write a minute per device (the
+    // backend skips the rest). Failing to record it does not refuse the device.
+    if let Err(e) = storage.touch_device(device.id.clone(), now).await {
+        tracing::warn!(error = %e, device = %device.id, "cannot record last-seen time");
     }
     Ok(Principal {
         user,

@@ -72,7 +72,7 @@ pub const MAX_FEED_PAGE: usize = 1_000;
 /// Default change-feed page, in entries.
 pub const DEFAULT_FEED_PAGE: usize = 500;
 
-/// Largest audit query answer, in rows.
+/// Largest audit query page, in rows (answers page with a cursor; nothing is cut off).
 pub const MAX_AUDIT_ROWS: usize = 100_000;
 
 /// Default lifetime of a device token, in days.
@@ -137,6 +137,41 @@ pub const MAX_CLAIMED_ID_BYTES: usize = 128;
 
 /// Heads recorded in one `deny` audit row (a refused document's heads come from the client).
 pub const MAX_AUDIT_HEADS: usize = 16;
+// --- Administration, enrollment, encryption at rest, TLS (issue 9 / issue 7) ----------------
+
+/// Longest device-token lifetime anyone may ask for (HTTP `ttlDays`, CLI `--ttl-days` and
+/// `--expires-at`), in days.
+pub const MAX_TOKEN_TTL_DAYS: u32 = 365;
+
+/// Lifetime of an enrollment code when the admin does not say, in minutes.
+pub const DEFAULT_ENROLLMENT_TTL_MINUTES: u32 = 15;
+
+/// Longest enrollment-code lifetime, in minutes (a day: long enough to hand a phone over the
+/// next morning, short enough that a forgotten code dies).
+pub const MAX_ENROLLMENT_TTL_MINUTES: u32 = 24 * 60;
+
+/// Audit rows per page when the caller does not say.
+pub const DEFAULT_AUDIT_PAGE: usize = 1_000;
+
+/// File name of the generated database key inside the data directory, used when no key is
+/// given (`--key-file`, `FIELDCHART_DB_KEY_FILE`, `FIELDCHART_DB_KEY`).
+pub const DEFAULT_KEY_FILE: &str = "relay.key";
+
+/// Environment variable naming a key file.
+pub const KEY_FILE_ENV: &str = "FIELDCHART_DB_KEY_FILE";
+
+/// Environment variable holding the key itself (64 hex digits).
+pub const KEY_ENV: &str = "FIELDCHART_DB_KEY";
+
+/// How often the TLS certificate and key files are checked for changes (they are also
+/// reloaded on SIGHUP).
+pub const TLS_RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a client may take to finish its TLS handshake before the connection is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS handshakes in progress at once; further connections wait to be accepted.
+pub const MAX_TLS_HANDSHAKES: usize = 256;
 
 /// The limits a running relay enforces. `Default` is the constants above.
 #[derive(Debug, Clone)]

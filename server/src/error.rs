@@ -28,6 +28,9 @@ pub enum Error {
     /// The request conflicts with existing state (e.g. a document id already stored).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A one-time credential (an enrollment code) is past its expiry.
+    #[error("{0} expired")]
+    Expired(&'static str),
     /// A bounded resource is exhausted (sessions); retry later.
     #[error("server busy: {0}")]
     Busy(&'static str),
@@ -39,6 +42,12 @@ pub enum Error {
         /// Newest version this build knows.
         supported: u32,
     },
+    /// The database cannot be read with the key given: a wrong key, an unencrypted database
+    /// opened with a key, or a file that is not a relay database.
+    #[error(
+        "the relay database cannot be decrypted with this key (wrong key, or not an encrypted relay database)"
+    )]
+    CannotDecrypt,
     /// A stored row could not be decoded, or a storage backend failed in a way that has no
     /// more specific variant.
     #[error("storage: {0}")]
@@ -76,6 +85,7 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Expired(_) => StatusCode::GONE,
             Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }

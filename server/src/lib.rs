@@ -8,7 +8,11 @@
 //!   bearer token in `Authorization` or `?token=` ([`auth`]).
 //! - `GET /v1/changes?since=CURSOR` — which documents the caller may see changed ([`feed`]).
 //! - `/v1/admin/...` — users, patients, care teams, tokens, audit ([`admin`]).
-//! - `GET /healthz`, `GET /metrics` (Prometheus).
+//! - `POST /v1/enroll`, `GET /v1/keys` — device enrollment and the agency's device keys
+//!   ([`enroll`]).
+//! - `GET /healthz`; `GET /metrics` (Prometheus) with an admin token, or open on the separate
+//!   `--metrics-addr` listener ([`run_metrics`]).
+//! - TLS: [`run_tls`] ([`tls`]).
 //!
 //! The binary (`fieldchart-server serve`, `fieldchart-server admin ...`) is a thin shell over
 //! [`app`] and [`run`]; tests use them directly.
@@ -39,14 +43,17 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod docs;
+pub mod enroll;
 pub mod error;
 pub mod feed;
 pub mod http_log;
 pub mod identity;
 pub mod metrics;
 pub mod session;
+pub mod signatures;
 pub mod state;
 pub mod storage;
+pub mod tls;
 pub mod websocket;
 
 use std::future::Future;
@@ -55,7 +62,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 pub use error::{Error, Result};
 pub use state::AppState;
@@ -65,9 +72,11 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/sync", get(websocket::sync_endpoint))
         .route("/v1/changes", get(feed::changes))
+        .route("/v1/enroll", post(enroll::enroll_endpoint))
+        .route("/v1/keys", get(enroll::keys_endpoint))
         .nest("/v1/admin", admin::routes())
         .route("/healthz", get(healthz))
-        .route("/metrics", get(render_metrics))
+        .route("/metrics", get(admin_metrics))
         .layer(axum::middleware::from_fn(http_log::log_request))
         .with_state(state)
 }
@@ -78,6 +87,12 @@ async fn healthz(State(state): State<AppState>) -> Result<impl IntoResponse> {
     Ok(axum::Json(
         serde_json::json!({ "status": "ok", "sessions": state.sessions().len() }),
     ))
+}
+
+/// `/metrics` on the public listener: an agency admin's token is required (relay-wide counters
+/// are no business of devices). Scrapers use `serve --metrics-addr` instead.
+async fn admin_metrics(_admin: admin::AgencyAdmin, state: State<AppState>) -> impl IntoResponse {
+    render_metrics(state).await
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -95,6 +110,48 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve_on(listener, state, shutdown).await
+}
+
+/// Like [`run`], over TLS with the certificate `files` hold (reloaded on SIGHUP and on file
+/// change, see [`tls`]).
+pub async fn run_tls(
+    listener: tokio::net::TcpListener,
+    files: tls::TlsFiles,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let reload = tokio::spawn(files.clone().watch());
+    let served = serve_on(tls::TlsListener::new(listener, files)?, state, shutdown).await;
+    reload.abort();
+    served
+}
+
+/// Serve `/metrics` alone on `listener` (`serve --metrics-addr`), so the scrape endpoint can sit
+/// on a private interface while the main listener faces devices.
+pub async fn run_metrics(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let router = Router::new()
+        .route("/metrics", get(render_metrics))
+        .with_state(state);
+    Ok(axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?)
+}
+
+async fn serve_on<L>(
+    listener: L,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+    admin::RemoteAddr:
+        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
     let revocations = tokio::spawn(watch_revocations(state.clone()));
     let upkeep = tokio::spawn(metrics_upkeep(state.clone()));
     let sessions = state.sessions().clone();
@@ -103,9 +160,12 @@ pub async fn run(
         tracing::info!("shutting down: closing sessions");
         sessions.shut_down();
     };
-    let served = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(signal)
-        .await;
+    let served = axum::serve(
+        listener,
+        app(state.clone()).into_make_service_with_connect_info::<admin::RemoteAddr>(),
+    )
+    .with_graceful_shutdown(signal)
+    .await;
     // Sessions live on after their HTTP connection was upgraded; wait for them here.
     state.sessions().shut_down();
     let grace = state.limits().shutdown_grace;

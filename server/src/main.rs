@@ -3,6 +3,19 @@
 //! Every command prints exactly one JSON object on stdout (`serve` prints it once it listens:
 //! `{"listening":"127.0.0.1:3030",...}`); logs go to stderr. Errors print `{"error": "..."}`
 //! and exit with status 1.
+//!
+//! # The database key
+//! The relay database is SQLCipher-encrypted. Its key (64 hex digits) comes from, in order:
+//! `--key-file PATH`, `FIELDCHART_DB_KEY_FILE`, `FIELDCHART_DB_KEY`, or `<data-dir>/relay.key`.
+//! When none exists and the data directory holds no database yet, a random key is written to
+//! `<data-dir>/relay.key` (mode 0600) and a warning says so: the zero-setup start keeps working,
+//! and the file is encrypted from its first byte. A key beside the database only protects a
+//! copied database file, not a stolen disk: production keeps the key elsewhere (a secrets
+//! manager writing `FIELDCHART_DB_KEY_FILE` on a tmpfs). `admin rekey --new-key-file` rotates it.
+//!
+//! # The operator
+//! Admin commands record `cli:<operator>` as the actor of their admin log row: `--actor NAME`,
+//! else the OS user (`$USER`/`$LOGNAME`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,12 +25,14 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fieldchart_server::admin;
+use fieldchart_server::admin::AdminContext;
 use fieldchart_server::clock::parse_time;
 use fieldchart_server::config::{
-    DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_TOKEN_TTL_DAYS, Limits, database_path,
+    DEFAULT_AUDIT_PAGE, DEFAULT_DATA_DIR, DEFAULT_KEY_FILE, DEFAULT_LISTEN, KEY_ENV, KEY_FILE_ENV,
+    Limits, MAX_AUDIT_ROWS, database_path,
 };
 use fieldchart_server::identity::{AgencyId, DeviceId, PatientId, UserId, parse_role};
-use fieldchart_server::storage::SqliteStorage;
+use fieldchart_server::storage::{AdminLogQuery, DatabaseKey, SqliteStorage, Storage};
 use fieldchart_server::{AppState, Error, Result, audit};
 use serde_json::{Value, json};
 
@@ -37,6 +52,13 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// File holding the database key (64 hex digits). Also `FIELDCHART_DB_KEY_FILE`, or the key
+    /// itself in `FIELDCHART_DB_KEY`; default `<data-dir>/relay.key`, generated on first use.
+    #[arg(long, global = true)]
+    key_file: Option<PathBuf>,
+    /// Operator name recorded as the actor of admin commands (default: the OS user).
+    #[arg(long, global = true)]
+    actor: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,6 +76,17 @@ enum Command {
         /// Address to listen on (port 0 picks a free port; the chosen address is printed).
         #[arg(long, default_value = DEFAULT_LISTEN)]
         listen: SocketAddr,
+        /// PEM certificate chain: serve HTTPS/WSS (needs --tls-key). Reloaded on SIGHUP and
+        /// when the file changes.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve `/metrics` without a token on this separate address (keep it private). On the
+        /// main listener `/metrics` needs an admin token.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
     },
     /// Administer agencies, users, patients, devices and the audit log.
     #[command(subcommand)]
@@ -112,10 +145,59 @@ enum AdminCommand {
         #[arg(long)]
         expires_at: Option<String>,
     },
+    /// Issue a one-time enrollment code for a new device of a user (printed once, with a QR
+    /// payload; stored only as a hash).
+    Enroll {
+        #[arg(long)]
+        user: String,
+        /// A name for the device ("Maria's phone"); the device may send its own.
+        #[arg(long)]
+        device: String,
+        /// Lifetime of the code in minutes (default 15, at most a day).
+        #[arg(long)]
+        ttl_minutes: Option<u32>,
+        /// The relay's public URL, put into the QR payload.
+        #[arg(long)]
+        relay_url: Option<String>,
+    },
     /// Revoke a device: its token stops working and its open sessions close within a second.
     RevokeDevice {
         #[arg(long)]
         device: String,
+    },
+    /// Offboard a user: every device revoked (open sessions close within a second), future
+    /// tokens and enrollments refused.
+    DisableUser {
+        #[arg(long)]
+        user: String,
+    },
+    /// A user's devices, with last-seen times.
+    ListDevices {
+        #[arg(long)]
+        user: String,
+    },
+    /// The admin log (who administered what, when, from where), a page at a time.
+    AdminLog {
+        #[arg(long)]
+        agency: Option<String>,
+        /// Only rows acting on this id.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only rows of this actor (`usr_…` or `cli:<name>`).
+        #[arg(long)]
+        by: Option<String>,
+        /// Rows after this cursor (the `next` of the previous page).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = DEFAULT_AUDIT_PAGE)]
+        limit: usize,
+    },
+    /// Re-encrypt the database under a new key (the relay must be stopped). If the current key
+    /// is the generated `<data-dir>/relay.key`, that file is replaced by the new key.
+    Rekey {
+        /// File holding the new key (64 hex digits).
+        #[arg(long)]
+        new_key_file: PathBuf,
     },
     /// Query the audit log by patient and/or user over a time range.
     Audit {
@@ -131,9 +213,16 @@ enum AdminCommand {
         to: Option<String>,
         #[arg(long, value_enum, default_value_t = AuditFormat::Json)]
         format: AuditFormat,
-        /// Write the rows (JSON or CSV) to this file instead of into the printed object.
+        /// Write every matching row (all pages, JSON or CSV) to this file instead of printing
+        /// one page.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Rows after this cursor (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Rows per page.
+        #[arg(long, default_value_t = DEFAULT_AUDIT_PAGE)]
+        limit: usize,
     },
 }
 
@@ -148,13 +237,35 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format, matches!(cli.command, Command::Serve { .. }));
     let result = match cli.command {
-        Command::Serve { listen } => serve(&cli.data_dir, listen).await,
-        Command::Admin(command) => match open_storage(&cli.data_dir).await {
-            Ok(storage) => run_admin(&storage, command)
-                .await
-                .map(|output| print_json(&output)),
-            Err(e) => Err(e),
-        },
+        Command::Serve {
+            listen,
+            tls_cert,
+            tls_key,
+            metrics_addr,
+        } => {
+            let tls = tls_cert.zip(tls_key);
+            serve(
+                &cli.data_dir,
+                cli.key_file.as_deref(),
+                listen,
+                tls,
+                metrics_addr,
+            )
+            .await
+        }
+        Command::Admin(AdminCommand::Rekey { new_key_file }) => {
+            rekey(&cli.data_dir, cli.key_file.as_deref(), &new_key_file)
+                .map(|output| print_json(&output))
+        }
+        Command::Admin(command) => {
+            let ctx = AdminContext::cli(&operator(cli.actor.as_deref()));
+            match open_storage(&cli.data_dir, cli.key_file.as_deref()).await {
+                Ok(storage) => run_admin(&storage, &ctx, command)
+                    .await
+                    .map(|output| print_json(&output)),
+                Err(e) => Err(e),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,14 +297,107 @@ fn print_json(value: &Value) {
     let _ = out.flush();
 }
 
-async fn open_storage(data_dir: &Path) -> Result<SqliteStorage> {
-    let path = database_path(data_dir);
-    tokio::task::spawn_blocking(move || SqliteStorage::open(&path)).await?
+/// The operator recorded on admin log rows: `--actor`, else the OS user.
+fn operator(actor: Option<&str>) -> String {
+    actor
+        .map(str::to_owned)
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("LOGNAME").ok())
+        .map(|name| {
+            name.trim()
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(100)
+                .collect::<String>()
+        })
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
-async fn serve(data_dir: &Path, listen: SocketAddr) -> Result<()> {
-    // One relay process per data directory: each keeps documents in memory and relies on being
-    // their only writer. (The admin CLI may run alongside; it never touches a loaded document.)
+/// Where the database key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeySource {
+    File(PathBuf),
+    Env,
+    /// `<data-dir>/relay.key`; `true` when it was generated just now.
+    Default(PathBuf, bool),
+}
+
+fn read_key_file(path: &Path) -> Result<DatabaseKey> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::BadRequest(format!("cannot read the key file {}: {e}", path.display()))
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(path = %path.display(), "the database key file is readable by other users; chmod 600 it");
+        }
+    }
+    DatabaseKey::from_hex(&text)
+}
+
+/// The database key, from the options, the environment, or the data directory's key file
+/// (generated when there is neither a key file nor a database yet).
+fn resolve_key(data_dir: &Path, key_file: Option<&Path>) -> Result<(DatabaseKey, KeySource)> {
+    if let Some(path) = key_file {
+        return Ok((read_key_file(path)?, KeySource::File(path.to_owned())));
+    }
+    if let Some(path) = std::env::var_os(KEY_FILE_ENV) {
+        let path = PathBuf::from(path);
+        return Ok((read_key_file(&path)?, KeySource::File(path)));
+    }
+    if let Ok(hex) = std::env::var(KEY_ENV) {
+        return Ok((DatabaseKey::from_hex(&hex)?, KeySource::Env));
+    }
+    let path = data_dir.join(DEFAULT_KEY_FILE);
+    if path.exists() {
+        return Ok((read_key_file(&path)?, KeySource::Default(path, false)));
+    }
+    if database_path(data_dir).exists() {
+        return Err(Error::BadRequest(format!(
+            "{} exists but no key was given and {} is missing: pass --key-file, {KEY_FILE_ENV} or {KEY_ENV}",
+            database_path(data_dir).display(),
+            path.display()
+        )));
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let key = DatabaseKey::random();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(&path) {
+        Ok(mut file) => {
+            writeln!(file, "{}", key.to_hex())?;
+            file.sync_all()?;
+            tracing::warn!(
+                path = %path.display(),
+                "no database key given: generated one beside the database. Keep a copy elsewhere \
+                 (without it the database cannot be read), and in production keep the key off \
+                 the data disk (--key-file / {KEY_FILE_ENV})"
+            );
+            Ok((key, KeySource::Default(path, true)))
+        }
+        // Another process (serve and an admin command at once) made it first.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok((read_key_file(&path)?, KeySource::Default(path, false)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn open_storage(data_dir: &Path, key_file: Option<&Path>) -> Result<SqliteStorage> {
+    let (key, _) = resolve_key(data_dir, key_file)?;
+    let path = database_path(data_dir);
+    tokio::task::spawn_blocking(move || SqliteStorage::open_encrypted(&path, &key)).await?
+}
+
+/// Take the data directory's serve lock: one relay per data directory (and no rekey while one
+/// runs).
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File> {
     std::fs::create_dir_all(data_dir)?;
     let lock = std::fs::File::create(data_dir.join(SERVE_LOCK_FILE))?;
     if lock.try_lock().is_err() {
@@ -202,17 +406,81 @@ async fn serve(data_dir: &Path, listen: SocketAddr) -> Result<()> {
             data_dir.display()
         )));
     }
-    let storage = open_storage(data_dir).await?;
+    Ok(lock)
+}
+
+/// `admin rekey`: re-encrypt under a new key, then (for the generated key file) replace it.
+fn rekey(data_dir: &Path, key_file: Option<&Path>, new_key_file: &Path) -> Result<Value> {
+    let lock = lock_data_dir(data_dir)?;
+    let (old, source) = resolve_key(data_dir, key_file)?;
+    let new = read_key_file(new_key_file)?;
+    SqliteStorage::rekey(&database_path(data_dir), &old, &new)?;
+    let mut replaced = false;
+    if let KeySource::Default(path, _) = &source {
+        // Write-then-rename: the key file is never half written.
+        let tmp = path.with_extension("key.new");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp)?;
+        writeln!(file, "{}", new.to_hex())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        replaced = true;
+    }
+    drop(lock);
+    Ok(json!({ "rekeyed": true, "defaultKeyFileReplaced": replaced }))
+}
+
+async fn serve(
+    data_dir: &Path,
+    key_file: Option<&Path>,
+    listen: SocketAddr,
+    tls: Option<(PathBuf, PathBuf)>,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<()> {
+    // One relay process per data directory: each keeps documents in memory and relies on being
+    // their only writer. (The admin CLI may run alongside; it never touches a loaded document.)
+    let lock = lock_data_dir(data_dir)?;
+    let storage = open_storage(data_dir, key_file).await?;
+    let tls = tls
+        .map(|(cert, key)| fieldchart_server::tls::TlsFiles::load(&cert, &key))
+        .transpose()?;
     let state = AppState::new(Arc::new(storage), Limits::default()).await?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %data_dir.display(), "relay listening");
+    let metrics = match metrics_addr {
+        Some(metrics_addr) => Some(tokio::net::TcpListener::bind(metrics_addr).await?),
+        None => None,
+    };
+    let metrics_local = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
+    tracing::info!(%addr, tls = tls.is_some(), data_dir = %data_dir.display(), "relay listening");
     print_json(&json!({
         "listening": addr.to_string(),
+        "tls": tls.is_some(),
+        "metrics": metrics_local.map(|a| a.to_string()),
         "dataDir": data_dir.display().to_string(),
         "storageId": state.storage_id().as_str(),
     }));
-    let served = fieldchart_server::run(listener, state, shutdown_signal()).await;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics.map(|listener| {
+        tokio::spawn(fieldchart_server::run_metrics(
+            listener,
+            state.clone(),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ))
+    });
+    let served = match tls {
+        Some(files) => fieldchart_server::run_tls(listener, files, state, shutdown_signal()).await,
+        None => fieldchart_server::run(listener, state, shutdown_signal()).await,
+    };
+    let _ = stop_metrics.send(());
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     drop(lock);
     served
 }
@@ -245,10 +513,14 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run_admin(storage: &SqliteStorage, command: AdminCommand) -> Result<Value> {
+async fn run_admin(
+    storage: &SqliteStorage,
+    ctx: &AdminContext,
+    command: AdminCommand,
+) -> Result<Value> {
     Ok(match command {
         AdminCommand::CreateAgency { name } => {
-            let agency = admin::create_agency(storage, &name).await?;
+            let agency = admin::create_agency(storage, ctx, &name).await?;
             json!({ "agencyId": agency.id, "name": agency.name })
         }
         AdminCommand::CreateUser { agency, name, role } => {
@@ -256,22 +528,16 @@ async fn run_admin(storage: &SqliteStorage, command: AdminCommand) -> Result<Val
                 Error::BadRequest("--role must be clinician, office or admin".into())
             })?;
             admin::user_json(
-                &admin::create_user(storage, &AgencyId::new(agency), &name, role).await?,
+                &admin::create_user(storage, ctx, &AgencyId::new(agency), &name, role).await?,
             )
         }
         AdminCommand::CreatePatient { agency, name } => admin::patient_json(
-            &admin::create_patient(
-                storage,
-                &AgencyId::new(agency),
-                &name,
-                &admin::cli_actor(),
-                None,
-            )
-            .await?,
+            &admin::create_patient(storage, ctx, &AgencyId::new(agency), &name).await?,
         ),
         AdminCommand::Assign { user, patient } => {
             let seq = admin::assign(
                 storage,
+                ctx,
                 &UserId::new(user.clone()),
                 &PatientId::new(patient.clone()),
             )
@@ -281,6 +547,7 @@ async fn run_admin(storage: &SqliteStorage, command: AdminCommand) -> Result<Val
         AdminCommand::Unassign { user, patient } => {
             let removed = admin::unassign(
                 storage,
+                ctx,
                 &UserId::new(user.clone()),
                 &PatientId::new(patient.clone()),
             )
@@ -295,18 +562,66 @@ async fn run_admin(storage: &SqliteStorage, command: AdminCommand) -> Result<Val
         } => {
             let expires_at = match expires_at {
                 Some(at) => parse_time(&at)?,
-                None => match ttl_days.unwrap_or(DEFAULT_TOKEN_TTL_DAYS) {
-                    0 => return Err(Error::BadRequest("--ttl-days must be at least 1".into())),
-                    days => admin::expiry_in_days(days),
-                },
+                None => admin::expiry_in_days(admin::token_ttl_days(ttl_days)?),
             };
             let (device, token) =
-                admin::issue_token(storage, &UserId::new(user), &device, expires_at).await?;
+                admin::issue_token(storage, ctx, &UserId::new(user), &device, expires_at).await?;
             admin::token_json(&device, &token)
         }
+        AdminCommand::Enroll {
+            user,
+            device,
+            ttl_minutes,
+            relay_url,
+        } => {
+            let issued =
+                admin::enroll(storage, ctx, &UserId::new(user), &device, ttl_minutes).await?;
+            admin::enrollment_json(&issued, relay_url.as_deref())
+        }
         AdminCommand::RevokeDevice { device } => {
-            let revoked = admin::revoke_device(storage, &DeviceId::new(device.clone())).await?;
+            let revoked =
+                admin::revoke_device(storage, ctx, &DeviceId::new(device.clone())).await?;
             json!({ "deviceId": device, "revoked": revoked })
+        }
+        AdminCommand::DisableUser { user } => {
+            let revoked = admin::disable_user(storage, ctx, &UserId::new(user.clone())).await?;
+            json!({ "userId": user, "disabled": true, "devicesRevoked": revoked })
+        }
+        AdminCommand::ListDevices { user } => {
+            let (user, disabled, devices) =
+                admin::list_devices(storage, ctx, &UserId::new(user)).await?;
+            admin::devices_json(&user, disabled, &devices)
+        }
+        AdminCommand::AdminLog {
+            agency,
+            target,
+            by,
+            after,
+            limit,
+        } => {
+            let (rows, next) = admin::admin_log(
+                storage,
+                ctx,
+                AdminLogQuery {
+                    agency_id: agency.map(AgencyId::new),
+                    target,
+                    actor: by,
+                    after_id: after,
+                    limit,
+                },
+            )
+            .await?;
+            json!({
+                "count": rows.len(),
+                "rows": rows.iter().map(admin::admin_record_json).collect::<Vec<_>>(),
+                "next": next,
+                "more": next.is_some(),
+            })
+        }
+        AdminCommand::Rekey { .. } => {
+            return Err(Error::BadRequest(
+                "rekey runs without an open database".into(),
+            ));
         }
         AdminCommand::Audit {
             patient,
@@ -315,6 +630,8 @@ async fn run_admin(storage: &SqliteStorage, command: AdminCommand) -> Result<Val
             to,
             format,
             output,
+            after,
+            limit,
         } => {
             let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(0);
             let to = to
@@ -322,30 +639,71 @@ async fn run_admin(storage: &SqliteStorage, command: AdminCommand) -> Result<Val
                 .map(parse_time)
                 .transpose()?
                 .unwrap_or(i64::MAX);
-            let rows = admin::audit(
-                storage,
-                patient.map(PatientId::new),
-                user.map(UserId::new),
-                from,
-                to,
-            )
-            .await?;
-            let count = rows.len();
-            let body = match format {
-                AuditFormat::Json => Value::Array(rows.iter().map(audit::to_json).collect()),
-                AuditFormat::Csv => Value::String(audit::to_csv(&rows)),
+            let patient = patient.map(PatientId::new);
+            let user = user.map(UserId::new);
+            let agency = match (&patient, &user) {
+                (Some(p), _) => storage.patient(p.clone()).await?.map(|p| p.agency_id),
+                (None, Some(u)) => storage.user(u.clone()).await?.map(|u| u.agency_id),
+                (None, None) => None,
             };
             match output {
+                // An export: every page, into the file; never cut off.
                 Some(path) => {
-                    let text = match &body {
-                        Value::String(csv) => csv.clone(),
-                        other => serde_json::to_string_pretty(other)
-                            .map_err(|e| Error::Storage(e.to_string()))?,
+                    let mut rows = Vec::new();
+                    let mut cursor = after;
+                    loop {
+                        let page = admin::audit(
+                            storage,
+                            ctx,
+                            agency.as_ref(),
+                            patient.clone(),
+                            user.clone(),
+                            (from, to),
+                            cursor.as_deref(),
+                            Some(MAX_AUDIT_ROWS),
+                        )
+                        .await?;
+                        rows.extend(page.rows);
+                        match page.next {
+                            Some(next) => cursor = Some(next),
+                            None => break,
+                        }
+                    }
+                    let text = match format {
+                        AuditFormat::Csv => audit::to_csv(&rows),
+                        AuditFormat::Json => serde_json::to_string_pretty(&Value::Array(
+                            rows.iter().map(audit::to_json).collect(),
+                        ))
+                        .map_err(|e| Error::Storage(e.to_string()))?,
                     };
                     std::fs::write(&path, text)?;
-                    json!({ "count": count, "output": path.display().to_string() })
+                    json!({ "count": rows.len(), "output": path.display().to_string() })
                 }
-                None => json!({ "count": count, "rows": body }),
+                None => {
+                    let page = admin::audit(
+                        storage,
+                        ctx,
+                        agency.as_ref(),
+                        patient,
+                        user,
+                        (from, to),
+                        after.as_deref(),
+                        Some(limit),
+                    )
+                    .await?;
+                    let body = match format {
+                        AuditFormat::Json => {
+                            Value::Array(page.rows.iter().map(audit::to_json).collect())
+                        }
+                        AuditFormat::Csv => Value::String(audit::to_csv(&page.rows)),
+                    };
+                    json!({
+                        "count": page.rows.len(),
+                        "rows": body,
+                        "next": page.next,
+                        "more": page.next.is_some(),
+                    })
+                }
             }
         }
     })

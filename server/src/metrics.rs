@@ -35,6 +35,9 @@ pub const STORAGE_ERRORS: &str = "fieldchart_storage_errors_total";
 /// `document_size`, `denials`, `slow_reader`).
 pub const LIMIT_HITS: &str = "fieldchart_limit_hits_total";
 
+/// Counter: changes refused because they tamper with a signed note (see `signatures`).
+pub const TAMPER_REFUSALS: &str = "fieldchart_tamper_refusals_total";
+
 /// Upper bounds of the sync latency buckets, in seconds.
 const SYNC_LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -93,6 +96,11 @@ fn describe() {
         STORAGE_ERRORS,
         Unit::Count,
         "Storage failures that ended a session"
+    );
+    describe_counter!(
+        TAMPER_REFUSALS,
+        Unit::Count,
+        "Changes refused because they tamper with a signed note"
     );
     describe_counter!(
         LIMIT_HITS,

@@ -83,7 +83,7 @@ use crate::error::Error;
 use crate::identity::{AgencyId, PatientId};
 use crate::metrics::{
     BYTES_RECEIVED, BYTES_SENT, LIMIT_HITS, MESSAGES_RECEIVED, MESSAGES_SENT, SESSIONS_CLOSED,
-    STORAGE_ERRORS, SYNC_LATENCY,
+    STORAGE_ERRORS, SYNC_LATENCY, TAMPER_REFUSALS,
 };
 use crate::state::AppState;
 use crate::storage::{AuditAction, AuditEvent, DocMeta, DocumentRow, PeerKey, Storage};

@@ -32,10 +32,10 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, User, UserId};
+use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, Role, User, UserId};
 
 pub use memory::MemoryStorage;
-pub use sqlite::SqliteStorage;
+pub use sqlite::{DatabaseKey, SqliteStorage};
 
 /// The future every storage method returns.
 pub type StorageFuture<'a, T> = BoxFuture<'a, Result<T>>;
@@ -121,6 +121,9 @@ pub enum AuditAction {
     Write,
     /// A device asked for or wrote a document it may not touch; nothing was sent or stored.
     Deny,
+    /// A device sent changes that tamper with a signed note (delete, alter or forge a
+    /// signature, move the note); they were refused and not stored.
+    Tamper,
 }
 
 impl AuditAction {
@@ -130,6 +133,7 @@ impl AuditAction {
             AuditAction::Read => "read",
             AuditAction::Write => "write",
             AuditAction::Deny => "deny",
+            AuditAction::Tamper => "tamper",
         }
     }
 
@@ -139,6 +143,7 @@ impl AuditAction {
             "read" => Some(AuditAction::Read),
             "write" => Some(AuditAction::Write),
             "deny" => Some(AuditAction::Deny),
+            "tamper" => Some(AuditAction::Tamper),
             _ => None,
         }
     }
@@ -257,6 +262,200 @@ pub struct FeedPage {
     pub more: bool,
 }
 
+// --- Administration, enrollment, device keys, offboarding ------------------------------------
+
+/// One administrative action, as the audit trail records it (HIPAA "unique identity on every
+/// action"): stored in the same transaction as the change it describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminEvent {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// The agency acted on, when there is one.
+    pub agency_id: Option<AgencyId>,
+    /// Who: `usr_…` (an admin over the HTTP API, or a user redeeming an enrollment code) or
+    /// `cli:<operator>` (the admin CLI).
+    pub actor: String,
+    /// The device the actor used, over HTTP.
+    pub actor_device_id: Option<DeviceId>,
+    /// `cli` or `http`.
+    pub source: String,
+    /// The peer address of an HTTP request.
+    pub remote_addr: Option<String>,
+    /// What (`create-user`, `issue-token`, `enroll`, `disable-user`, ...).
+    pub action: String,
+    /// The id acted on (user, patient, device, agency), or what was queried.
+    pub target: String,
+    /// A JSON object with the rest (names of users and devices, never patient data).
+    pub details: String,
+}
+
+/// A stored [`AdminEvent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminRecord {
+    /// Row id, increasing in insertion order: the paging cursor.
+    pub id: i64,
+    /// The event.
+    pub event: AdminEvent,
+}
+
+/// Which admin log rows to return: all conditions given must hold; rows with `id > after_id`,
+/// in id order, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminLogQuery {
+    /// Only rows about this agency.
+    pub agency_id: Option<AgencyId>,
+    /// Only rows acting on this target.
+    pub target: Option<String>,
+    /// Only rows by this actor.
+    pub actor: Option<String>,
+    /// Rows after this id (0: from the start).
+    pub after_id: i64,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// A one-time enrollment code, as stored (only its hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentCode {
+    /// SHA-256 of the code.
+    pub code_hash: [u8; 32],
+    /// The user the enrolled device will belong to.
+    pub user_id: UserId,
+    /// The device name the admin gave.
+    pub device_name: String,
+    /// Issued at, ms since the epoch.
+    pub created_at: i64,
+    /// Refused from this time on.
+    pub expires_at: i64,
+    /// Who issued it (an [`AdminEvent::actor`]); becomes the device's `enrolled_by`.
+    pub created_by: String,
+}
+
+/// Redeeming an enrollment code: consume it and create the device with its key, in one
+/// transaction, with an `enroll-device` admin log row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redemption {
+    /// SHA-256 of the presented code.
+    pub code_hash: [u8; 32],
+    /// Id of the device to create.
+    pub device_id: DeviceId,
+    /// A name the device gave itself; the admin's name for it when `None`.
+    pub device_name: Option<String>,
+    /// SHA-256 of the device's new token.
+    pub token_hash: [u8; 32],
+    /// Its Ed25519 public key.
+    pub public_key: [u8; 32],
+    /// Now, ms since the epoch.
+    pub at_ms: i64,
+    /// When the token expires.
+    pub token_expires_at: i64,
+    /// The peer address of the request.
+    pub remote_addr: Option<String>,
+}
+
+/// An administrative change, applied by [`Storage::admin_change`] together with its audit row.
+#[derive(Debug, Clone)]
+pub enum AdminChange {
+    /// Nothing changes; only the row is written (audit queries and exports, listings).
+    Record,
+    /// See [`Storage::insert_agency`].
+    InsertAgency(Agency),
+    /// See [`Storage::insert_user`].
+    InsertUser(User),
+    /// See [`Storage::insert_patient`].
+    InsertPatient(Patient, Box<DocumentWrite>),
+    /// See [`Storage::assign`].
+    Assign {
+        /// The user.
+        user_id: UserId,
+        /// The patient.
+        patient_id: PatientId,
+        /// When.
+        at_ms: i64,
+    },
+    /// See [`Storage::unassign`].
+    Unassign {
+        /// The user.
+        user_id: UserId,
+        /// The patient.
+        patient_id: PatientId,
+    },
+    /// A device with a bare token (no key), recording who issued it. Refused for a disabled
+    /// user.
+    InsertDevice {
+        /// The device.
+        device: Device,
+        /// Who issued it (an [`AdminEvent::actor`]).
+        issued_by: String,
+    },
+    /// See [`Storage::revoke_device`].
+    RevokeDevice {
+        /// The device.
+        device_id: DeviceId,
+        /// When.
+        at_ms: i64,
+    },
+    /// Disable a user and revoke every device of theirs (each at its own sequence position,
+    /// so a running relay closes their sessions). Idempotent.
+    DisableUser {
+        /// The user.
+        user_id: UserId,
+        /// When.
+        at_ms: i64,
+    },
+    /// Store a new enrollment code. Refused for a disabled user.
+    InsertEnrollmentCode(EnrollmentCode),
+}
+
+/// What an [`AdminChange`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminOutcome {
+    /// Done; nothing more to say.
+    Done,
+    /// A sequence position (patient chart, assignment).
+    Seq(Seq),
+    /// Whether anything changed (unassign, revoke, disable of an already disabled user).
+    Changed(bool),
+    /// Devices revoked by [`AdminChange::DisableUser`].
+    Revoked(Vec<DeviceId>),
+}
+
+/// A device as the admin listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The device.
+    pub device: Device,
+    /// Its Ed25519 public key, if it enrolled with one.
+    pub public_key: Option<[u8; 32]>,
+    /// Who issued or enrolled it.
+    pub enrolled_by: Option<String>,
+    /// When it last authenticated (to within a minute).
+    pub last_seen_at: Option<i64>,
+}
+
+/// A device's signing key and whose it is: what a signature is verified against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKey {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its user.
+    pub user_id: UserId,
+    /// The user's agency.
+    pub agency_id: AgencyId,
+    /// The user's role.
+    pub role: Role,
+    /// Ed25519 public key.
+    pub public_key: [u8; 32],
+    /// When the device enrolled, ms since the epoch.
+    pub enrolled_at_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// How long a device's `last_seen_at` may lag: authentications within this interval of the
+/// last recorded one are not written (one write a minute per device at most).
+pub const LAST_SEEN_RESOLUTION_MS: i64 = 60_000;
+
 /// The relay's durable state. See the module docs for the contract every backend keeps.
 pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// The relay's stable storage id, advertised to peers in `peerMetadata.storageId`; made on
@@ -317,6 +516,51 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// running relay learns of revocations made by another process.
     fn revoked_devices_since(&self, after: Seq) -> StorageFuture<'_, Vec<(DeviceId, Seq)>>;
 
+    // --- administration, enrollment, device keys, offboarding ---
+
+    /// Apply an administrative change and append its audit row, in one transaction: if either
+    /// fails, neither is stored.
+    fn admin_change(
+        &self,
+        change: AdminChange,
+        event: AdminEvent,
+    ) -> StorageFuture<'_, AdminOutcome>;
+
+    /// A page of the admin log.
+    fn admin_log(&self, query: AdminLogQuery) -> StorageFuture<'_, Vec<AdminRecord>>;
+
+    /// Consume an enrollment code and create its device (see [`Redemption`]). An unknown code
+    /// is [`crate::Error::NotFound`], a used one [`crate::Error::Conflict`], an expired one
+    /// [`crate::Error::Expired`], a disabled user [`crate::Error::Forbidden`]; in every one of
+    /// these cases nothing is written.
+    fn redeem_enrollment(&self, redemption: Redemption) -> StorageFuture<'_, (Device, User)>;
+
+    /// When the user was disabled, if they were (`None` also for an unknown user).
+    fn user_disabled_at(&self, id: UserId) -> StorageFuture<'_, Option<i64>>;
+
+    /// Every device of a user, oldest first.
+    fn user_devices(&self, id: UserId) -> StorageFuture<'_, Vec<DeviceInfo>>;
+
+    /// Record that a device authenticated at `at_ms`. Backends may skip the write when the
+    /// stored time is within [`LAST_SEEN_RESOLUTION_MS`].
+    fn touch_device(&self, id: DeviceId, at_ms: i64) -> StorageFuture<'_, ()>;
+
+    /// The signing key of a device, with its user, agency and role; `None` if the device has
+    /// no key or does not exist.
+    fn device_key(&self, id: DeviceId) -> StorageFuture<'_, Option<DeviceKey>>;
+
+    /// Every device key of an agency (revoked ones too, with their revocation time), by
+    /// enrollment time.
+    fn agency_device_keys(&self, agency_id: AgencyId) -> StorageFuture<'_, Vec<DeviceKey>>;
+
+    /// Like [`Storage::query_audit`], starting after the row `(at_ms, id)`: how audit queries
+    /// page without ever truncating silently.
+    fn audit_page(
+        &self,
+        query: AuditQuery,
+        after: Option<(i64, i64)>,
+    ) -> StorageFuture<'_, Vec<AuditRecord>>;
+
     /// A stored document, or `None` if the relay does not hold it.
     fn load_document(&self, id: DocumentId) -> StorageFuture<'_, Option<StoredDocument>>;
 
@@ -363,6 +607,32 @@ pub struct DocumentRow {
     pub stored_bytes: u64,
     /// Heads of everything stored.
     pub heads: Vec<ChangeHash>,
+}
+
+/// The admin log row of a redemption: the user enrolled a device, provisioned by `created_by`.
+pub(crate) fn enrollment_event(
+    r: &Redemption,
+    user: &User,
+    device: &Device,
+    created_by: &str,
+) -> AdminEvent {
+    AdminEvent {
+        at_ms: r.at_ms,
+        agency_id: Some(user.agency_id.clone()),
+        actor: user.id.to_string(),
+        actor_device_id: Some(device.id.clone()),
+        source: "http".into(),
+        remote_addr: r.remote_addr.clone(),
+        action: "enroll-device".into(),
+        target: device.id.to_string(),
+        details: serde_json::json!({
+            "userId": user.id,
+            "deviceName": device.name,
+            "publicKey": hex::encode(r.public_key),
+            "enrolledBy": created_by,
+        })
+        .to_string(),
+    }
 }
 
 /// Concatenated 32-byte hashes: how heads are stored.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use fieldchart_core::protocol::{Message, PeerId, PeerMetadata};
 use fieldchart_server::config::Limits;
 use fieldchart_server::identity::{AgencyId, Role};
-use fieldchart_server::storage::MemoryStorage;
+use fieldchart_server::storage::{MemoryStorage, Storage};
 use fieldchart_server::{AppState, admin};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -40,10 +40,11 @@ impl Relay {
         let server = tokio::spawn(fieldchart_server::run(listener, state, async {
             let _ = stopped.await;
         }));
-        let agency = admin::create_agency(&*storage, "Riverside")
-            .await
-            .expect("agency")
-            .id;
+        let agency =
+            admin::create_agency(&*storage, &admin::AdminContext::cli("test"), "Riverside")
+                .await
+                .expect("agency")
+                .id;
         Relay {
             addr,
             storage,
@@ -54,13 +55,24 @@ impl Relay {
     }
 
     async fn token(&self, role: Role) -> (String, String) {
-        let user = admin::create_user(&*self.storage, &self.agency, "N", role)
-            .await
-            .expect("user");
-        let (device, token) =
-            admin::issue_token(&*self.storage, &user.id, "phone", admin::expiry_in_days(1))
-                .await
-                .expect("token");
+        let user = admin::create_user(
+            &*self.storage,
+            &admin::AdminContext::cli("test"),
+            &self.agency,
+            "N",
+            role,
+        )
+        .await
+        .expect("user");
+        let (device, token) = admin::issue_token(
+            &*self.storage,
+            &admin::AdminContext::cli("test"),
+            &user.id,
+            "phone",
+            admin::expiry_in_days(1),
+        )
+        .await
+        .expect("token");
         (token, device.id.to_string())
     }
 
@@ -128,6 +140,13 @@ impl Relay {
             .expect("task")
             .expect("served");
     }
+}
+
+/// `token` with its last hex digit replaced by a different one (a near miss that must fail).
+fn with_last_digit_changed(token: &str) -> String {
+    let (head, last) = token.split_at(token.len() - 1);
+    let other = if last == "0" { "1" } else { "0" };
+    format!("{head}{other}")
 }
 
 /// Undo `Transfer-Encoding: chunked` if the body uses it.
@@ -221,21 +240,24 @@ async fn the_sync_endpoint_refuses_bad_expired_and_revoked_tokens_before_upgradi
         Some(401)
     );
     assert_eq!(
-        ws_connect(
-            &relay,
-            None,
-            Some(&format!("{}0", &token[..token.len() - 1]))
-        )
-        .await
-        .err(),
+        ws_connect(&relay, None, Some(&with_last_digit_changed(&token)))
+            .await
+            .err(),
         Some(401)
     );
 
-    let user = admin::create_user(&*relay.storage, &relay.agency, "N", Role::Clinician)
-        .await
-        .expect("user");
+    let user = admin::create_user(
+        &*relay.storage,
+        &admin::AdminContext::cli("test"),
+        &relay.agency,
+        "N",
+        Role::Clinician,
+    )
+    .await
+    .expect("user");
     let (_, expired) = admin::issue_token(
         &*relay.storage,
+        &admin::AdminContext::cli("test"),
         &user.id,
         "old",
         fieldchart_server::clock::now_ms() - 1,
@@ -259,6 +281,7 @@ async fn the_sync_endpoint_refuses_bad_expired_and_revoked_tokens_before_upgradi
 
     admin::revoke_device(
         &*relay.storage,
+        &admin::AdminContext::cli("test"),
         &fieldchart_server::identity::DeviceId::new(device),
     )
     .await
@@ -284,10 +307,9 @@ async fn the_change_feed_needs_a_token_and_lists_the_caseload() {
     );
     let patient = admin::create_patient(
         &*relay.storage,
+        &admin::AdminContext::cli("test"),
         &relay.agency,
         "Ada",
-        &admin::cli_actor(),
-        None,
     )
     .await
     .expect("patient");
@@ -417,12 +439,22 @@ async fn the_admin_api_is_for_admins_of_their_own_agency() {
     assert_eq!(next_message(&mut socket).await, None);
 
     // Another agency's ids look like missing ids.
-    let other = admin::create_agency(&*relay.storage, "Hillside")
-        .await
-        .expect("agency");
-    let stranger = admin::create_user(&*relay.storage, &other.id, "S", Role::Clinician)
-        .await
-        .expect("user");
+    let other = admin::create_agency(
+        &*relay.storage,
+        &admin::AdminContext::cli("test"),
+        "Hillside",
+    )
+    .await
+    .expect("agency");
+    let stranger = admin::create_user(
+        &*relay.storage,
+        &admin::AdminContext::cli("test"),
+        &other.id,
+        "S",
+        Role::Clinician,
+    )
+    .await
+    .expect("user");
     let body = json!({"userId": stranger.id, "patientId": patient["patientId"]});
     assert_eq!(
         relay
@@ -486,7 +518,16 @@ async fn health_and_metrics_answer() {
         .await
         .expect("connect");
     join(&mut socket).await;
-    let (status, metrics) = relay.http("GET", "/metrics", None, None).await;
+    // On the public listener, /metrics is for admins only.
+    assert_eq!(relay.http("GET", "/metrics", None, None).await.0, 401);
+    assert_eq!(
+        relay.http("GET", "/metrics", Some(&token), None).await.0,
+        403
+    );
+    let (admin_token, _) = relay.token(Role::Admin).await;
+    let (status, metrics) = relay
+        .http("GET", "/metrics", Some(&admin_token), None)
+        .await;
     assert_eq!(status, 200);
     for name in [
         "fieldchart_sessions_active",
@@ -523,4 +564,760 @@ async fn shutdown_closes_open_sessions_and_returns() {
             .expect("task"),
         Some(1001)
     );
+}
+
+// --- accountable administration, enrollment, offboarding (issues 9 and 7) --------------------
+
+/// A fresh device key pair's public half, as hex (the relay only stores and lists it).
+fn public_key_hex(seed: u8) -> String {
+    hex_of(&[seed; 32])
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every admin log row of the relay's first agency, via the CLI-side function.
+async fn admin_rows(relay: &Relay) -> Vec<Value> {
+    let (rows, next) = admin::admin_log(
+        &*relay.storage,
+        &admin::AdminContext::cli("test"),
+        fieldchart_server::storage::AdminLogQuery {
+            agency_id: Some(relay.agency.clone()),
+            target: None,
+            actor: None,
+            after_id: 0,
+            limit: 10_000,
+        },
+    )
+    .await
+    .expect("admin log");
+    assert!(next.is_none());
+    rows.iter().map(admin::admin_record_json).collect()
+}
+
+#[tokio::test]
+async fn every_http_admin_operation_writes_a_full_admin_log_row() {
+    let relay = Relay::start().await;
+    let admin_user = admin::create_user(
+        &*relay.storage,
+        &admin::AdminContext::cli("ops"),
+        &relay.agency,
+        "Boss",
+        Role::Admin,
+    )
+    .await
+    .expect("admin");
+    let (admin_device, admin_token) = admin::issue_token(
+        &*relay.storage,
+        &admin::AdminContext::cli("ops"),
+        &admin_user.id,
+        "desk",
+        admin::expiry_in_days(1),
+    )
+    .await
+    .expect("admin token");
+    let t = Some(admin_token.as_str());
+
+    let (_, nurse) = relay
+        .json(
+            "POST",
+            "/v1/admin/users",
+            t,
+            Some(json!({"name": "Maria", "role": "clinician"})),
+        )
+        .await;
+    let nurse_id = nurse["userId"].as_str().expect("user").to_owned();
+    let (_, patient) = relay
+        .json(
+            "POST",
+            "/v1/admin/patients",
+            t,
+            Some(json!({"name": "Ada Lovelace"})),
+        )
+        .await;
+    let patient_id = patient["patientId"].as_str().expect("patient").to_owned();
+    let team = json!({"userId": nurse_id, "patientId": patient_id});
+    assert_eq!(
+        relay
+            .json("POST", "/v1/admin/assign", t, Some(team.clone()))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        relay
+            .json("POST", "/v1/admin/unassign", t, Some(team))
+            .await
+            .0,
+        200
+    );
+    let (status, token) = relay
+        .json(
+            "POST",
+            "/v1/admin/tokens",
+            t,
+            Some(json!({"userId": nurse_id, "deviceName": "phone"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let device_id = token["deviceId"].as_str().expect("device").to_owned();
+    let (status, code) = relay
+        .json(
+            "POST",
+            "/v1/admin/enrollments",
+            t,
+            Some(json!({"userId": nurse_id, "deviceName": "tablet"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{code}");
+    let revoke = format!("/v1/admin/devices/{device_id}/revoke");
+    assert_eq!(relay.json("POST", &revoke, t, None).await.0, 200);
+    let devices = format!("/v1/admin/users/{nurse_id}/devices");
+    assert_eq!(relay.json("GET", &devices, t, None).await.0, 200);
+    let audit = format!("/v1/admin/audit?patient={patient_id}");
+    assert_eq!(relay.json("GET", &audit, t, None).await.0, 200);
+    let disable = format!("/v1/admin/users/{nurse_id}/disable");
+    assert_eq!(relay.json("POST", &disable, t, None).await.0, 200);
+    assert_eq!(relay.json("GET", "/v1/admin/log", t, None).await.0, 200);
+
+    let rows = admin_rows(&relay).await;
+    let http_rows: Vec<&Value> = rows.iter().filter(|r| r["source"] == "http").collect();
+    let expected = [
+        ("create-user", nurse_id.as_str()),
+        ("create-patient", patient_id.as_str()),
+        ("assign", nurse_id.as_str()),
+        ("unassign", nurse_id.as_str()),
+        ("issue-token", device_id.as_str()),
+        ("enroll", nurse_id.as_str()),
+        ("revoke-device", device_id.as_str()),
+        ("list-devices", nurse_id.as_str()),
+        ("audit-query", patient_id.as_str()),
+        ("disable-user", nurse_id.as_str()),
+        ("admin-log-query", "*"),
+    ];
+    assert_eq!(
+        http_rows
+            .iter()
+            .map(|r| (
+                r["action"].as_str().unwrap_or(""),
+                r["target"].as_str().unwrap_or("")
+            ))
+            .collect::<Vec<_>>(),
+        expected.to_vec(),
+        "{rows:#?}"
+    );
+    for row in &http_rows {
+        assert_eq!(row["actor"], json!(admin_user.id), "{row}");
+        assert_eq!(row["actorDeviceId"], json!(admin_device.id), "{row}");
+        assert_eq!(row["agencyId"], json!(relay.agency), "{row}");
+        let remote = row["remoteAddr"].as_str().unwrap_or_default();
+        assert!(remote.starts_with("127.0.0.1:"), "{row}");
+        assert!(
+            row["atMs"].as_i64().unwrap_or(0) > 1_700_000_000_000,
+            "{row}"
+        );
+    }
+    // No patient data in the log: the patient's name is in the chart, not in the row.
+    assert!(!format!("{rows:?}").contains("Lovelace"));
+    // The CLI rows name their operator.
+    let cli: Vec<&Value> = rows.iter().filter(|r| r["source"] == "cli").collect();
+    assert!(
+        cli.iter()
+            .any(|r| r["actor"] == "cli:ops" && r["action"] == "issue-token")
+    );
+    // The device issued over HTTP records who issued it.
+    let (_, listed) = relay.json("GET", &devices, t, None).await;
+    assert_eq!(
+        listed["devices"][0]["enrolledBy"],
+        json!(admin_user.id),
+        "{listed}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn admins_cannot_obtain_credentials_for_admins_over_http() {
+    let relay = Relay::start().await;
+    let (admin_token, _) = relay.token(Role::Admin).await;
+    let other_admin = admin::create_user(
+        &*relay.storage,
+        &admin::AdminContext::cli("ops"),
+        &relay.agency,
+        "Other admin",
+        Role::Admin,
+    )
+    .await
+    .expect("admin");
+    let t = Some(admin_token.as_str());
+    let (status, body) = relay
+        .json(
+            "POST",
+            "/v1/admin/tokens",
+            t,
+            Some(json!({"userId": other_admin.id, "deviceName": "x"})),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = relay
+        .json(
+            "POST",
+            "/v1/admin/enrollments",
+            t,
+            Some(json!({"userId": other_admin.id, "deviceName": "x"})),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    // Nothing was provisioned, and nothing was logged as done.
+    let (_, devices) = relay
+        .json(
+            "GET",
+            &format!("/v1/admin/users/{}/devices", other_admin.id),
+            t,
+            None,
+        )
+        .await;
+    assert_eq!(devices["devices"], json!([]));
+    let rows = admin_rows(&relay).await;
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["source"] == "http"
+                && (r["action"] == "issue-token" || r["action"] == "enroll")),
+        "{rows:#?}"
+    );
+    // Token lifetimes are capped.
+    let (nurse_token_status, body) = relay
+        .json(
+            "POST",
+            "/v1/admin/tokens",
+            t,
+            Some(json!({"userId": other_admin.id, "deviceName": "x", "ttlDays": 100_000})),
+        )
+        .await;
+    assert!(matches!(nurse_token_status, 400 | 403), "{body}");
+    let nurse = admin::create_user(
+        &*relay.storage,
+        &admin::AdminContext::cli("ops"),
+        &relay.agency,
+        "Nurse",
+        Role::Clinician,
+    )
+    .await
+    .expect("nurse");
+    let (status, body) = relay
+        .json(
+            "POST",
+            "/v1/admin/tokens",
+            t,
+            Some(json!({"userId": nurse.id, "deviceName": "x", "ttlDays": 100_000})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    relay.stop().await;
+}
+
+/// Redeem an enrollment code: `(status, body)`.
+async fn redeem(relay: &Relay, code: &str, key: &str) -> (u16, Value) {
+    relay
+        .json(
+            "POST",
+            "/v1/enroll",
+            None,
+            Some(json!({"code": code, "publicKey": key, "deviceName": "Maria's phone"})),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn enrollment_codes_are_single_use_short_lived_and_bind_the_key() {
+    let relay = Relay::start().await;
+    let (admin_token, _) = relay.token(Role::Admin).await;
+    let t = Some(admin_token.as_str());
+    let nurse = admin::create_user(
+        &*relay.storage,
+        &admin::AdminContext::cli("ops"),
+        &relay.agency,
+        "Maria",
+        Role::Clinician,
+    )
+    .await
+    .expect("nurse");
+    let (_, issued) = relay
+        .json("POST", "/v1/admin/enrollments", t, Some(json!({"userId": nurse.id, "deviceName": "phone", "relayUrl": "https://relay.example"})))
+        .await;
+    let code = issued["code"].as_str().expect("code").to_owned();
+    let qr: Value = serde_json::from_str(issued["qr"].as_str().expect("qr")).expect("qr json");
+    assert_eq!(
+        (qr["code"].as_str(), qr["relay"].as_str()),
+        (Some(code.as_str()), Some("https://relay.example"))
+    );
+
+    // A malformed key creates nothing and leaves the code usable.
+    assert_eq!(redeem(&relay, &code, "abcd").await.0, 400);
+    let (status, enrolled) = redeem(&relay, &code, &public_key_hex(1)).await;
+    assert_eq!(status, 201, "{enrolled}");
+    assert_eq!(enrolled["userId"], json!(nurse.id));
+    assert_eq!(enrolled["agencyId"], json!(relay.agency));
+    assert_eq!(enrolled["role"], "clinician");
+    let token = enrolled["token"].as_str().expect("token").to_owned();
+    // Used twice: refused, nothing created.
+    let (status, body) = redeem(&relay, &code, &public_key_hex(2)).await;
+    assert_eq!(status, 409, "{body}");
+    // An unknown code.
+    assert_eq!(
+        redeem(
+            &relay,
+            "fce_00000000000000000000000000000000",
+            &public_key_hex(3)
+        )
+        .await
+        .0,
+        404
+    );
+    // An expired code (issued with a lifetime already over).
+    let expired = "fce_11111111111111111111111111111111";
+    relay
+        .storage
+        .admin_change(
+            fieldchart_server::storage::AdminChange::InsertEnrollmentCode(
+                fieldchart_server::storage::EnrollmentCode {
+                    code_hash: fieldchart_server::auth::hash_secret(expired),
+                    user_id: nurse.id.clone(),
+                    device_name: "old".into(),
+                    created_at: 1,
+                    expires_at: fieldchart_server::clock::now_ms() - 1,
+                    created_by: "cli:test".into(),
+                },
+            ),
+            admin::AdminContext::cli("test").event(None, "enroll", nurse.id.as_str(), json!({})),
+        )
+        .await
+        .expect("expired code");
+    let (status, body) = redeem(&relay, expired, &public_key_hex(4)).await;
+    assert_eq!(status, 410, "{body}");
+
+    // Exactly one device, with the key, enrolled by the admin who issued the code.
+    let (_, devices) = relay
+        .json(
+            "GET",
+            &format!("/v1/admin/users/{}/devices", nurse.id),
+            t,
+            None,
+        )
+        .await;
+    assert_eq!(
+        devices["devices"].as_array().map(Vec::len),
+        Some(1),
+        "{devices}"
+    );
+    assert_eq!(devices["devices"][0]["publicKey"], json!(public_key_hex(1)));
+    assert_eq!(devices["devices"][0]["name"], "Maria's phone");
+    let admin_id = relay
+        .storage
+        .device_by_token_hash(fieldchart_server::auth::hash_token(&admin_token))
+        .await
+        .expect("lookup")
+        .expect("admin device")
+        .1
+        .id;
+    assert_eq!(devices["devices"][0]["enrolledBy"], json!(admin_id));
+    // The enrollment itself is in the admin log, from the device's address.
+    let rows = admin_rows(&relay).await;
+    let row = rows
+        .iter()
+        .find(|r| r["action"] == "enroll-device")
+        .expect("enroll-device row");
+    assert_eq!(row["actor"], json!(nurse.id));
+    assert_eq!(row["target"], enrolled["deviceId"]);
+    assert_eq!(row["details"]["enrolledBy"], json!(admin_id));
+    assert!(
+        row["remoteAddr"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("127.0.0.1:")
+    );
+
+    // The keys list: the new key, then revoked.
+    let (status, keys) = relay.json("GET", "/v1/keys", Some(&token), None).await;
+    assert_eq!(status, 200, "{keys}");
+    assert_eq!(keys["agencyId"], json!(relay.agency));
+    let entry = &keys["keys"][0];
+    assert_eq!(
+        (
+            entry["userId"].clone(),
+            entry["role"].clone(),
+            entry["deviceId"].clone(),
+            entry["publicKey"].clone(),
+            entry["revokedAtMs"].clone()
+        ),
+        (
+            json!(nurse.id),
+            json!("clinician"),
+            enrolled["deviceId"].clone(),
+            json!(public_key_hex(1)),
+            Value::Null
+        )
+    );
+    assert!(entry["enrolledAtMs"].as_i64().unwrap_or(0) > 0);
+    let revoke = format!(
+        "/v1/admin/devices/{}/revoke",
+        enrolled["deviceId"].as_str().expect("id")
+    );
+    assert_eq!(relay.json("POST", &revoke, t, None).await.0, 200);
+    let (_, keys) = relay
+        .json("GET", "/v1/keys", Some(&admin_token), None)
+        .await;
+    let entry = keys["keys"]
+        .as_array()
+        .and_then(|k| k.iter().find(|e| e["deviceId"] == enrolled["deviceId"]))
+        .expect("revoked key still listed");
+    assert!(
+        entry["revokedAtMs"].as_i64().unwrap_or(0)
+            >= entry["enrolledAtMs"].as_i64().unwrap_or(i64::MAX)
+    );
+    let key = relay
+        .storage
+        .device_key(fieldchart_server::identity::DeviceId::new(
+            enrolled["deviceId"].as_str().expect("id"),
+        ))
+        .await
+        .expect("device key")
+        .expect("has a key");
+    assert_eq!(key.public_key, [1; 32]);
+    assert!(key.revoked_at_ms.is_some());
+    assert_eq!(
+        relay.json("GET", "/v1/keys", Some(&token), None).await.0,
+        401
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_code_enrolls_into_its_own_agency_only() {
+    let relay = Relay::start().await;
+    let cli = admin::AdminContext::cli("ops");
+    let (admin_a, _) = relay.token(Role::Admin).await;
+    let agency_b = admin::create_agency(&*relay.storage, &cli, "Hillside")
+        .await
+        .expect("agency");
+    let admin_b = admin::create_user(&*relay.storage, &cli, &agency_b.id, "B admin", Role::Admin)
+        .await
+        .expect("admin b");
+    let (_, admin_b_token) = admin::issue_token(
+        &*relay.storage,
+        &cli,
+        &admin_b.id,
+        "desk",
+        admin::expiry_in_days(1),
+    )
+    .await
+    .expect("token");
+    let nurse_a = admin::create_user(
+        &*relay.storage,
+        &cli,
+        &relay.agency,
+        "A nurse",
+        Role::Clinician,
+    )
+    .await
+    .expect("nurse");
+    // B's admin cannot issue a code for A's user: it looks missing.
+    let (status, _) = relay
+        .json(
+            "POST",
+            "/v1/admin/enrollments",
+            Some(&admin_b_token),
+            Some(json!({"userId": nurse_a.id, "deviceName": "x"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    // A's code, whoever redeems it, makes a device of A's user that sees only agency A.
+    let (_, issued) = relay
+        .json(
+            "POST",
+            "/v1/admin/enrollments",
+            Some(&admin_a),
+            Some(json!({"userId": nurse_a.id, "deviceName": "x"})),
+        )
+        .await;
+    let b_patient = admin::create_patient(&*relay.storage, &cli, &agency_b.id, "B patient")
+        .await
+        .expect("patient");
+    let (status, enrolled) = redeem(
+        &relay,
+        issued["code"].as_str().expect("code"),
+        &public_key_hex(9),
+    )
+    .await;
+    assert_eq!(status, 201, "{enrolled}");
+    assert_eq!(enrolled["agencyId"], json!(relay.agency));
+    let token = enrolled["token"].as_str().expect("token");
+    let (_, keys) = relay.json("GET", "/v1/keys", Some(token), None).await;
+    assert_eq!(keys["agencyId"], json!(relay.agency));
+    assert_eq!(keys["keys"].as_array().map(Vec::len), Some(1), "{keys}");
+    let (_, b_keys) = relay
+        .json("GET", "/v1/keys", Some(&admin_b_token), None)
+        .await;
+    assert_eq!(b_keys["keys"], json!([]), "agency B sees none of A's keys");
+    let (_, feed) = relay.json("GET", "/v1/changes", Some(token), None).await;
+    assert!(
+        !feed
+            .to_string()
+            .contains(&b_patient.chart_document_id.to_string()),
+        "{feed}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn disabling_a_user_closes_sessions_within_a_second_and_refuses_new_devices() {
+    let relay = Relay::start().await;
+    let (admin_token, _) = relay.token(Role::Admin).await;
+    let t = Some(admin_token.as_str());
+    let cli = admin::AdminContext::cli("ops");
+    let nurse = admin::create_user(
+        &*relay.storage,
+        &cli,
+        &relay.agency,
+        "Leaving",
+        Role::Clinician,
+    )
+    .await
+    .expect("nurse");
+    let mut tokens = Vec::new();
+    for name in ["phone", "tablet"] {
+        tokens.push(
+            admin::issue_token(
+                &*relay.storage,
+                &cli,
+                &nurse.id,
+                name,
+                admin::expiry_in_days(1),
+            )
+            .await
+            .expect("token")
+            .1,
+        );
+    }
+    let mut sockets = Vec::new();
+    for token in &tokens {
+        let mut socket = ws_connect(&relay, Some(token), None)
+            .await
+            .expect("connect");
+        assert!(matches!(join(&mut socket).await, Message::Peer { .. }));
+        sockets.push(socket);
+    }
+    // Last seen is recorded at authentication.
+    let devices = format!("/v1/admin/users/{}/devices", nurse.id);
+    let (_, listed) = relay.json("GET", &devices, t, None).await;
+    assert!(
+        listed["devices"][0]["lastSeenAtMs"].as_i64().is_some(),
+        "{listed}"
+    );
+
+    let started = std::time::Instant::now();
+    let (status, disabled) = relay
+        .json(
+            "POST",
+            &format!("/v1/admin/users/{}/disable", nurse.id),
+            t,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{disabled}");
+    assert_eq!(disabled["devicesRevoked"].as_array().map(Vec::len), Some(2));
+    for socket in &mut sockets {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), next_message(socket))
+                .await
+                .expect("closed within a second")
+            {
+                None => break,
+                Some(_) => continue,
+            }
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    for token in &tokens {
+        assert_eq!(ws_connect(&relay, Some(token), None).await.err(), Some(401));
+    }
+    // No new credentials of any kind.
+    let (status, _) = relay
+        .json(
+            "POST",
+            "/v1/admin/tokens",
+            t,
+            Some(json!({"userId": nurse.id, "deviceName": "new"})),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = relay
+        .json(
+            "POST",
+            "/v1/admin/enrollments",
+            t,
+            Some(json!({"userId": nurse.id, "deviceName": "new"})),
+        )
+        .await;
+    assert_eq!(status, 403);
+    assert!(matches!(
+        admin::issue_token(
+            &*relay.storage,
+            &cli,
+            &nurse.id,
+            "cli",
+            admin::expiry_in_days(1)
+        )
+        .await,
+        Err(fieldchart_server::Error::Forbidden(_))
+    ));
+    let (_, listed) = relay.json("GET", &devices, t, None).await;
+    assert!(listed["disabledAt"].is_string(), "{listed}");
+    assert!(
+        listed["devices"]
+            .as_array()
+            .is_some_and(|d| d.len() == 2 && d.iter().all(|d| d["revokedAt"].is_string())),
+        "{listed}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_code_issued_before_disabling_cannot_be_redeemed_after() {
+    let relay = Relay::start().await;
+    let cli = admin::AdminContext::cli("ops");
+    let nurse = admin::create_user(&*relay.storage, &cli, &relay.agency, "N", Role::Clinician)
+        .await
+        .expect("nurse");
+    let issued = admin::enroll(&*relay.storage, &cli, &nurse.id, "phone", None)
+        .await
+        .expect("code");
+    admin::disable_user(&*relay.storage, &cli, &nurse.id)
+        .await
+        .expect("disable");
+    let (status, body) = redeem(&relay, &issued.code, &public_key_hex(5)).await;
+    assert!(matches!(status, 403 | 410), "{body}");
+    assert_eq!(
+        relay
+            .storage
+            .user_devices(nurse.id.clone())
+            .await
+            .expect("devices"),
+        vec![]
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn audit_queries_page_with_a_cursor_and_never_truncate() {
+    let relay = Relay::start().await;
+    let (admin_token, _) = relay.token(Role::Admin).await;
+    let cli = admin::AdminContext::cli("ops");
+    let patient = admin::create_patient(&*relay.storage, &cli, &relay.agency, "P")
+        .await
+        .expect("patient");
+    // 25 rows, several sharing one millisecond.
+    let events: Vec<_> = (0..25)
+        .map(|i| fieldchart_server::storage::AuditEvent {
+            at_ms: 1_000 + i / 4,
+            agency_id: relay.agency.clone(),
+            user_id: fieldchart_server::identity::UserId::new("usr_x"),
+            device_id: fieldchart_server::identity::DeviceId::new("dev_x"),
+            document_id: patient.chart_document_id,
+            patient_id: Some(patient.id.clone()),
+            action: fieldchart_server::storage::AuditAction::Read,
+            heads: vec![],
+        })
+        .collect();
+    relay.storage.append_audit(events).await.expect("append");
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..20 {
+        let mut path = format!("/v1/admin/audit?patient={}&limit=10", patient.id);
+        if let Some(cursor) = &after {
+            path.push_str(&format!("&after={cursor}"));
+        }
+        let (status, page) = relay.json("GET", &path, Some(&admin_token), None).await;
+        assert_eq!(status, 200, "{page}");
+        let rows = page["rows"].as_array().cloned().unwrap_or_default();
+        assert!(rows.len() <= 10);
+        seen.extend(rows.iter().map(|r| r["id"].as_i64().expect("id")));
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(page["more"], true);
+                after = Some(next.to_owned());
+            }
+            None => break,
+        }
+    }
+    let mut unique = seen.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(
+        (seen.len(), unique.len()),
+        (25, 25),
+        "every row exactly once: {seen:?}"
+    );
+    assert_eq!(
+        relay
+            .json(
+                "GET",
+                &format!("/v1/admin/audit?patient={}&limit=0", patient.id),
+                Some(&admin_token),
+                None
+            )
+            .await
+            .0,
+        400
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_metrics_listener_serves_metrics_without_a_token() {
+    let storage = Arc::new(MemoryStorage::new());
+    let state = AppState::new(storage, Limits::default())
+        .await
+        .expect("state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(fieldchart_server::run_metrics(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let body = reqwest_free_get(addr, "/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("fieldchart_sessions_active"), "{body}");
+    assert!(
+        reqwest_free_get(addr, "/v1/changes")
+            .await
+            .starts_with("HTTP/1.1 404")
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("stopped")
+        .expect("task")
+        .expect("served");
+}
+
+/// A plain `GET` over TCP; the raw response.
+async fn reqwest_free_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
+        .await
+        .expect("in time")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -96,13 +96,27 @@ async fn a_token_in_the_query_string_never_reaches_the_logs() {
     let server = tokio::spawn(fieldchart_server::run(listener, state, async {
         let _ = stopped.await;
     }));
-    let agency = admin::create_agency(&*storage, "A").await.expect("agency");
-    let user = admin::create_user(&*storage, &agency.id, "U", Role::Office)
+    let agency = admin::create_agency(&*storage, &admin::AdminContext::cli("test"), "A")
         .await
-        .expect("user");
-    let (_, token) = admin::issue_token(&*storage, &user.id, "browser", admin::expiry_in_days(1))
-        .await
-        .expect("token");
+        .expect("agency");
+    let user = admin::create_user(
+        &*storage,
+        &admin::AdminContext::cli("test"),
+        &agency.id,
+        "U",
+        Role::Office,
+    )
+    .await
+    .expect("user");
+    let (_, token) = admin::issue_token(
+        &*storage,
+        &admin::AdminContext::cli("test"),
+        &user.id,
+        "browser",
+        admin::expiry_in_days(1),
+    )
+    .await
+    .expect("token");
 
     // A good token: upgrade, join, a protocol exchange, close.
     let (status, socket) = upgrade(addr, &format!("/v1/sync?token={token}")).await;

@@ -53,6 +53,10 @@ const MAX_SYNC_MESSAGES: usize = 200;
 #[derive(Debug)]
 pub struct RelayProcess {
     data_dir: PathBuf,
+    /// Extra `serve` arguments (TLS files), kept for restarts.
+    serve_args: Vec<String>,
+    /// Whether it serves TLS (`https://`, `wss://`).
+    tls: bool,
     child: Option<Child>,
     addr: SocketAddr,
     storage_id: String,
@@ -81,14 +85,37 @@ impl RelayProcess {
     /// Start the relay on `data_dir` (created if needed) at a free port on 127.0.0.1, and
     /// return once it listens.
     pub fn start(data_dir: &Path) -> RelayProcess {
-        Self::start_on(data_dir, "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))
+        Self::start_on(data_dir, "127.0.0.1:0", &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn start_on(data_dir: &Path, listen: &str) -> Result<RelayProcess, String> {
+    /// Start the relay serving TLS with a PEM certificate chain and key (`serve --tls-cert
+    /// --tls-key`); [`RelayProcess::http_base`] is then `https://127.0.0.1:<port>`.
+    pub fn start_tls(data_dir: &Path, cert_pem: &Path, key_pem: &Path) -> RelayProcess {
+        let args = vec![
+            "--tls-cert".to_owned(),
+            cert_pem.display().to_string(),
+            "--tls-key".to_owned(),
+            key_pem.display().to_string(),
+        ];
+        Self::start_on(data_dir, "127.0.0.1:0", &args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start the relay with extra `serve` arguments; `Err` with its stderr if it does not come
+    /// up (e.g. a wrong database key).
+    pub fn try_start_with(data_dir: &Path, serve_args: &[String]) -> Result<RelayProcess, String> {
+        Self::start_on(data_dir, "127.0.0.1:0", serve_args)
+    }
+
+    fn start_on(
+        data_dir: &Path,
+        listen: &str,
+        serve_args: &[String],
+    ) -> Result<RelayProcess, String> {
         let mut child = Command::new(Self::binary())
             .arg("--data-dir")
             .arg(data_dir)
             .args(["serve", "--listen", listen])
+            .args(serve_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -132,6 +159,8 @@ impl RelayProcess {
         };
         Ok(RelayProcess {
             data_dir: data_dir.to_owned(),
+            serve_args: serve_args.to_vec(),
+            tls: parsed["tls"] == Value::Bool(true),
             child: Some(child),
             addr,
             storage_id: parsed["storageId"].as_str().unwrap_or_default().to_owned(),
@@ -146,12 +175,14 @@ impl RelayProcess {
 
     /// `ws://<addr>/v1/sync?token=<token>`: the URL a browser client would use.
     pub fn ws_url(&self, token: &str) -> String {
-        format!("ws://{}/v1/sync?token={token}", self.addr)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}/v1/sync?token={token}", self.addr)
     }
 
-    /// `http://<addr>`.
+    /// `http://<addr>` (`https://` for a TLS relay).
     pub fn http_base(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The data directory.
@@ -182,8 +213,9 @@ impl RelayProcess {
     pub fn restart(&mut self) {
         self.kill();
         let listen = self.addr.to_string();
-        let fresh = Self::start_on(&self.data_dir, &listen)
-            .or_else(|_| Self::start_on(&self.data_dir, "127.0.0.1:0"))
+        let args = self.serve_args.clone();
+        let fresh = Self::start_on(&self.data_dir, &listen, &args)
+            .or_else(|_| Self::start_on(&self.data_dir, "127.0.0.1:0", &args))
             .unwrap_or_else(|e| panic!("{e}"));
         *self = fresh;
     }
@@ -388,6 +420,12 @@ impl TestPeer {
     /// Hold a new document under a fresh id (not yet sent: call [`TestPeer::sync`]).
     pub fn create(&mut self, doc: Automerge) -> DocumentId {
         let id = DocumentId::random();
+        self.create_with_id(id, doc);
+        id
+    }
+
+    /// Hold a new document under a given id (a signed note names its id in its signature).
+    pub fn create_with_id(&mut self, id: DocumentId, doc: Automerge) {
         self.docs.insert(
             id,
             Replica {
@@ -396,7 +434,6 @@ impl TestPeer {
                 unavailable: false,
             },
         );
-        id
     }
 
     /// Our copy of a document.
@@ -728,6 +765,27 @@ impl Admin {
         }
     }
 
+    /// A one-time enrollment code for a new device of the user.
+    pub fn enroll(&self, user_id: &str, device: &str) -> String {
+        Self::field(
+            &self.run(&["enroll", "--user", user_id, "--device", device]),
+            "code",
+        )
+    }
+
+    /// Offboard a user: every device revoked, nothing new issued.
+    pub fn disable_user(&self, user_id: &str) -> Value {
+        self.run(&["disable-user", "--user", user_id])
+    }
+
+    /// Admin log rows (JSON objects), first page.
+    pub fn admin_log(&self) -> Vec<Value> {
+        self.run(&["admin-log", "--limit", "100000"])["rows"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Audit rows (JSON objects) about a patient.
     pub fn audit_for_patient(&self, patient_id: &str) -> Vec<Value> {
         self.run(&["audit", "--patient", patient_id])["rows"]
@@ -776,4 +834,12 @@ pub fn get(doc: &Automerge, key: &str) -> Option<String> {
         .ok()
         .flatten()
         .and_then(|(v, _)| v.as_str().map(str::to_owned))
+}
+
+/// Wall-clock time, ms since the epoch (documents and signatures carry it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }

@@ -16,7 +16,7 @@ use fieldchart_core::model::{
 };
 use fieldchart_core::protocol::DocumentId;
 use fieldchart_core::store::{Store, StoreConfig, StoreKey};
-use fieldchart_mobile::tls::TlsConfig;
+use fieldchart_mobile::TlsConfig;
 use fieldchart_tests::relay_process::{Admin, RelayProcess, SyncOutcome, TestPeer};
 use serde_json::Value;
 

@@ -57,6 +57,10 @@ conformance_suite!(
     care_team_feed_shows_a_new_assignment_after_the_cursor_and_pages_within_one_seq,
     audit_rows_are_appended_with_writes_and_queried_by_patient_user_and_time,
     a_document_row_names_its_owner_and_stored_size_without_loading,
+    admin_changes_and_their_log_rows_commit_together,
+    enrollment_codes_are_consumed_once_and_bind_a_key,
+    disabling_a_user_revokes_every_device_at_a_sequence_position,
+    audit_pages_resume_after_a_cursor,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -782,4 +786,340 @@ async fn a_document_row_names_its_owner_and_stored_size_without_loading(s: &dyn 
     assert_eq!(row.stored_bytes, expected as u64);
     assert_eq!(row.heads, doc.get_heads());
     assert!(!stored.chunks.is_empty(), "the size counts chunks too");
+// --- administration, enrollment, offboarding ------------------------------------------------
+
+fn admin_event(agency: &AgencyId, action: &str, target: &str) -> AdminEvent {
+    AdminEvent {
+        at_ms: 5,
+        agency_id: Some(agency.clone()),
+        actor: "cli:test".into(),
+        actor_device_id: None,
+        source: "cli".into(),
+        remote_addr: None,
+        action: action.into(),
+        target: target.into(),
+        details: "{}".into(),
+    }
+}
+
+async fn log(s: &dyn Storage, agency: &AgencyId) -> Vec<AdminRecord> {
+    s.admin_log(AdminLogQuery {
+        agency_id: Some(agency.clone()),
+        target: None,
+        actor: None,
+        after_id: 0,
+        limit: 1_000,
+    })
+    .await
+    .expect("admin log")
+}
+
+fn bare_device(user: &UserId, hash: u8) -> Device {
+    Device {
+        id: DeviceId::random(),
+        user_id: user.clone(),
+        name: "phone".into(),
+        token_hash: [hash; 32],
+        created_at: 1,
+        expires_at: i64::MAX,
+        revoked_at: None,
+    }
+}
+
+async fn admin_changes_and_their_log_rows_commit_together(s: &dyn Storage) {
+    let w = world(s).await;
+    let user = User {
+        id: UserId::random(),
+        agency_id: w.agency.clone(),
+        name: "New".into(),
+        role: Role::Office,
+        created_at: 2,
+    };
+    s.admin_change(
+        AdminChange::InsertUser(user.clone()),
+        admin_event(&w.agency, "create-user", user.id.as_str()),
+    )
+    .await
+    .expect("create");
+    assert_eq!(
+        s.user(user.id.clone()).await.expect("get"),
+        Some(user.clone())
+    );
+    // A change that fails leaves no row.
+    assert!(matches!(
+        s.admin_change(
+            AdminChange::InsertUser(user.clone()),
+            admin_event(&w.agency, "create-user", "dup"),
+        )
+        .await,
+        Err(Error::Conflict(_))
+    ));
+    let device = bare_device(&user.id, 3);
+    s.admin_change(
+        AdminChange::InsertDevice {
+            device: device.clone(),
+            issued_by: "usr_admin".into(),
+        },
+        admin_event(&w.agency, "issue-token", device.id.as_str()),
+    )
+    .await
+    .expect("device");
+    let rows = log(s, &w.agency).await;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.event.action.as_str(), r.event.target.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("create-user", user.id.as_str()),
+            ("issue-token", device.id.as_str())
+        ]
+    );
+    assert!(rows[0].id < rows[1].id);
+    assert_eq!(
+        rows[0].event,
+        admin_event(&w.agency, "create-user", user.id.as_str())
+    );
+    let after_first = s
+        .admin_log(AdminLogQuery {
+            agency_id: None,
+            target: None,
+            actor: Some("cli:test".into()),
+            after_id: rows[0].id,
+            limit: 10,
+        })
+        .await
+        .expect("page");
+    assert_eq!(after_first, rows[1..].to_vec());
+    let devices = s.user_devices(user.id.clone()).await.expect("devices");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].enrolled_by.as_deref(), Some("usr_admin"));
+    assert_eq!(devices[0].public_key, None);
+    assert_eq!(devices[0].last_seen_at, None);
+    s.touch_device(device.id.clone(), 1_000_000)
+        .await
+        .expect("touch");
+    let devices = s.user_devices(user.id.clone()).await.expect("devices");
+    assert_eq!(devices[0].last_seen_at, Some(1_000_000));
+    assert_eq!(
+        s.device_key(device.id).await.expect("key"),
+        None,
+        "no key, no entry"
+    );
+}
+
+fn redemption(code: &str, key: u8, token: u8, at_ms: i64) -> Redemption {
+    Redemption {
+        code_hash: crate::auth::hash_secret(code),
+        device_id: DeviceId::random(),
+        device_name: None,
+        token_hash: [token; 32],
+        public_key: [key; 32],
+        at_ms,
+        token_expires_at: at_ms + 1_000_000,
+        remote_addr: Some("127.0.0.1:1".into()),
+    }
+}
+
+async fn issue_code(s: &dyn Storage, w: &World, code: &str, expires_at: i64) {
+    s.admin_change(
+        AdminChange::InsertEnrollmentCode(EnrollmentCode {
+            code_hash: crate::auth::hash_secret(code),
+            user_id: w.nurse.clone(),
+            device_name: "phone".into(),
+            created_at: 10,
+            expires_at,
+            created_by: "usr_admin".into(),
+        }),
+        admin_event(&w.agency, "enroll", w.nurse.as_str()),
+    )
+    .await
+    .expect("code");
+}
+
+async fn enrollment_codes_are_consumed_once_and_bind_a_key(s: &dyn Storage) {
+    let w = world(s).await;
+    issue_code(s, &w, "fce_a", 1_000).await;
+    issue_code(s, &w, "fce_old", 100).await;
+    let (device, user) = s
+        .redeem_enrollment(redemption("fce_a", 7, 70, 500))
+        .await
+        .expect("redeem");
+    assert_eq!(
+        (user.id.clone(), device.name.as_str()),
+        (w.nurse.clone(), "phone")
+    );
+    assert!(matches!(
+        s.redeem_enrollment(redemption("fce_a", 8, 71, 501)).await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        s.redeem_enrollment(redemption("fce_old", 8, 72, 501)).await,
+        Err(Error::Expired(_))
+    ));
+    assert!(matches!(
+        s.redeem_enrollment(redemption("fce_none", 8, 73, 501))
+            .await,
+        Err(Error::NotFound(_))
+    ));
+    let devices = s.user_devices(w.nurse.clone()).await.expect("devices");
+    assert_eq!(devices.len(), 1, "failed redemptions create nothing");
+    assert_eq!(devices[0].public_key, Some([7; 32]));
+    assert_eq!(devices[0].enrolled_by.as_deref(), Some("usr_admin"));
+    let key = s
+        .device_key(device.id.clone())
+        .await
+        .expect("key")
+        .expect("exists");
+    assert_eq!(
+        key,
+        DeviceKey {
+            device_id: device.id.clone(),
+            user_id: w.nurse.clone(),
+            agency_id: w.agency.clone(),
+            role: Role::Clinician,
+            public_key: [7; 32],
+            enrolled_at_ms: 500,
+            revoked_at_ms: None,
+        }
+    );
+    assert_eq!(
+        s.agency_device_keys(w.agency.clone()).await.expect("keys"),
+        vec![key.clone()]
+    );
+    assert!(
+        s.agency_device_keys(w.other_agency.clone())
+            .await
+            .expect("keys")
+            .is_empty()
+    );
+    let rows = log(s, &w.agency).await;
+    let last = rows.last().expect("rows");
+    assert_eq!(
+        (
+            last.event.action.as_str(),
+            last.event.actor.as_str(),
+            last.event.target.as_str()
+        ),
+        ("enroll-device", w.nurse.as_str(), device.id.as_str())
+    );
+    s.revoke_device(device.id.clone(), 600)
+        .await
+        .expect("revoke");
+    assert_eq!(
+        s.device_key(device.id)
+            .await
+            .expect("key")
+            .map(|k| k.revoked_at_ms),
+        Some(Some(600))
+    );
+}
+
+async fn disabling_a_user_revokes_every_device_at_a_sequence_position(s: &dyn Storage) {
+    let w = world(s).await;
+    let a = bare_device(&w.nurse, 11);
+    let b = bare_device(&w.nurse, 12);
+    for d in [&a, &b] {
+        s.insert_device(d.clone()).await.expect("device");
+    }
+    s.revoke_device(a.id.clone(), 5).await.expect("revoke one");
+    issue_code(s, &w, "fce_pending", i64::MAX).await;
+    let before = s.current_seq().await.expect("seq");
+    let outcome = s
+        .admin_change(
+            AdminChange::DisableUser {
+                user_id: w.nurse.clone(),
+                at_ms: 50,
+            },
+            admin_event(&w.agency, "disable-user", w.nurse.as_str()),
+        )
+        .await
+        .expect("disable");
+    assert_eq!(outcome, AdminOutcome::Revoked(vec![b.id.clone()]));
+    assert_eq!(
+        s.user_disabled_at(w.nurse.clone()).await.expect("get"),
+        Some(50)
+    );
+    assert_eq!(
+        s.user_disabled_at(w.office.clone()).await.expect("get"),
+        None
+    );
+    let revoked = s.revoked_devices_since(before).await.expect("since");
+    assert_eq!(
+        revoked.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+        vec![b.id.clone()]
+    );
+    // Nothing new for a disabled user: no device, no code, and a pending code is dead.
+    assert!(matches!(
+        s.admin_change(
+            AdminChange::InsertDevice {
+                device: bare_device(&w.nurse, 13),
+                issued_by: "x".into()
+            },
+            admin_event(&w.agency, "issue-token", "x"),
+        )
+        .await,
+        Err(Error::Forbidden(_))
+    ));
+    assert!(matches!(
+        s.redeem_enrollment(redemption("fce_pending", 1, 14, 60))
+            .await,
+        Err(Error::Expired(_) | Error::Forbidden(_))
+    ));
+    assert_eq!(
+        s.user_devices(w.nurse.clone())
+            .await
+            .expect("devices")
+            .len(),
+        2
+    );
+    // Idempotent.
+    assert_eq!(
+        s.admin_change(
+            AdminChange::DisableUser {
+                user_id: w.nurse.clone(),
+                at_ms: 70
+            },
+            admin_event(&w.agency, "disable-user", w.nurse.as_str()),
+        )
+        .await
+        .expect("again"),
+        AdminOutcome::Revoked(vec![])
+    );
+    assert_eq!(
+        s.user_disabled_at(w.nurse.clone()).await.expect("get"),
+        Some(50)
+    );
+}
+
+async fn audit_pages_resume_after_a_cursor(s: &dyn Storage) {
+    let w = world(s).await;
+    let (pid, chart) = patient(s, &w.agency).await;
+    let events: Vec<AuditEvent> = (0..7)
+        .map(|i| event(&w, chart, &pid, AuditAction::Read, 100 + i / 3))
+        .collect();
+    s.append_audit(events).await.expect("append");
+    let q = AuditQuery {
+        patient_id: Some(pid.clone()),
+        user_id: None,
+        from_ms: 0,
+        to_ms: 1_000,
+        limit: 3,
+    };
+    let mut all = Vec::new();
+    let mut after = None;
+    for _ in 0..10 {
+        let page = s.audit_page(q.clone(), after).await.expect("page");
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|r| (r.event.at_ms, r.id));
+        all.extend(page);
+    }
+    assert_eq!(all.len(), 7);
+    assert_eq!(
+        all,
+        s.query_audit(AuditQuery { limit: 100, ..q })
+            .await
+            .expect("all")
+    );
 }

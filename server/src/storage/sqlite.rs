@@ -11,6 +11,7 @@
 //! - Schema: a migration ladder over `PRAGMA user_version`; a file newer than this build is
 //!   refused rather than misread.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,9 +21,10 @@ use fieldchart_core::protocol::{DocumentId, StorageId};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{
-    AuditAction, AuditEvent, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentRow,
-    DocumentWrite, FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Seq, Storage, StorageFuture,
-    StoredDocument, heads_from_bytes, heads_to_bytes,
+    AdminChange, AdminEvent, AdminLogQuery, AdminOutcome, AdminRecord, AuditAction, AuditEvent,
+    AuditQuery, AuditRecord, DeviceInfo, DeviceKey, DocMeta, DocumentData, DocumentRow, DocumentWrite,
+    EnrollmentCode, FeedEntry, FeedPage, FeedQuery, FeedScope, LAST_SEEN_RESOLUTION_MS, PeerKey,
+    Redemption, Seq, Storage, StorageFuture, StoredDocument, heads_from_bytes, heads_to_bytes,
 };
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
@@ -31,7 +33,7 @@ use crate::identity::{
 };
 
 /// Schema version this build writes; see `server/migrations/`.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Reader connections (besides the one writer).
 const READER_CONNECTIONS: usize = 4;
@@ -43,6 +45,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 fn migrate_step(tx: &Transaction<'_>, from_version: u32) -> Result<()> {
     match from_version {
         0 => tx.execute_batch(include_str!("../../migrations/001_initial.sql"))?,
+        1 => tx.execute_batch(include_str!("../../migrations/002_admin_enrollment.sql"))?,
+        2 => tx.execute_batch(include_str!("../../migrations/003_audit_tamper.sql"))?,
         other => {
             return Err(Error::Storage(format!(
                 "no migration from schema version {other}"
@@ -63,6 +67,55 @@ struct Inner {
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    /// Last `last_seen_at` written per device by this process (see [`Storage::touch_device`]).
+    last_seen: Mutex<HashMap<DeviceId, i64>>,
+}
+
+/// Devices remembered in [`Inner::last_seen`] before the map is cleared (a cleared map costs
+/// one write per device, once).
+const MAX_LAST_SEEN_ENTRIES: usize = 100_000;
+
+/// The relay database's 256-bit SQLCipher key. Given raw (`x'…'`): no key derivation, which only
+/// helps low-entropy passphrases.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseKey([u8; 32]);
+
+impl DatabaseKey {
+    /// Wrap raw key bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> DatabaseKey {
+        DatabaseKey(bytes)
+    }
+
+    /// Parse 64 hex digits (surrounding whitespace, e.g. a key file's newline, is ignored).
+    pub fn from_hex(text: &str) -> Result<DatabaseKey> {
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                Error::BadRequest("a database key is 64 hex digits (32 bytes)".into())
+            })?;
+        Ok(DatabaseKey(bytes))
+    }
+
+    /// A fresh key from the operating system's random number generator.
+    pub fn random() -> DatabaseKey {
+        DatabaseKey(crate::identity::os_random::<32>())
+    }
+
+    /// The key as 64 hex digits (what a key file holds).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    fn pragma(&self, name: &str) -> String {
+        format!("PRAGMA {name} = \"x'{}'\";", hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for DatabaseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseKey(<redacted>)")
+    }
 }
 
 impl std::fmt::Debug for SqliteStorage {
@@ -77,10 +130,32 @@ impl SqliteStorage {
     /// Open (creating if needed) the database at `path` and bring its schema up to date.
     /// Blocking: call it before serving, or from a blocking task.
     pub fn open(path: &Path) -> Result<SqliteStorage> {
+        Self::open_with(path, None)
+    }
+
+    /// Open (creating if needed) the SQLCipher-encrypted database at `path` with `key`. A wrong
+    /// key (or a file that is not a relay database) is [`Error::CannotDecrypt`], and the file
+    /// is left untouched. Blocking.
+    pub fn open_encrypted(path: &Path, key: &DatabaseKey) -> Result<SqliteStorage> {
+        Self::open_with(path, Some(key))
+    }
+
+    /// Change the key of the database at `path` from `old` to `new` (`PRAGMA rekey`: every page
+    /// is re-encrypted in place). Nothing else may have the file open. Blocking.
+    pub fn rekey(path: &Path, old: &DatabaseKey, new: &DatabaseKey) -> Result<()> {
+        let conn = open_connection(path, Some(old))?;
+        // Fold the WAL into the file first, so no page is left under the old key.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        conn.execute_batch(&new.pragma("rekey"))?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    fn open_with(path: &Path, key: Option<&DatabaseKey>) -> Result<SqliteStorage> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let mut writer = open_connection(path)?;
+        let mut writer = open_connection(path, key)?;
         // WAL is a property of the file: set once, by the writer.
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -99,7 +174,7 @@ impl SqliteStorage {
         )?;
         tx.commit()?;
         let readers = (0..READER_CONNECTIONS)
-            .map(|_| open_connection(path).map(Mutex::new))
+            .map(|_| open_connection(path, key).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
         Ok(SqliteStorage {
             inner: Arc::new(Inner {
@@ -107,6 +182,7 @@ impl SqliteStorage {
                 writer: Mutex::new(writer),
                 readers,
                 next_reader: AtomicUsize::new(0),
+                last_seen: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -159,13 +235,46 @@ impl SqliteStorage {
     }
 }
 
-fn open_connection(path: &Path) -> Result<Connection> {
+fn open_connection(path: &Path, key: Option<&DatabaseKey>) -> Result<Connection> {
     let conn = Connection::open(path)?;
+    if let Some(key) = key {
+        key_connection(&conn, key)?;
+    }
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     // Acknowledged data must survive power loss (DESIGN §4): fsync the WAL on every commit.
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
+}
+
+/// Key a fresh connection and prove the key by reading page 1.
+///
+/// SQLCipher sets up its crypto provider on the first keyed connection and tears it down when
+/// the last closes; keying while another thread closes was seen to fail in the device store
+/// (see core's `store/db.rs`). So keying is serialised and one keyed in-memory connection is
+/// kept for the life of the process.
+fn key_connection(conn: &Connection, key: &DatabaseKey) -> Result<()> {
+    static KEYING: Mutex<Option<Connection>> = Mutex::new(None);
+    let mut anchor = KEYING.lock().unwrap_or_else(PoisonError::into_inner);
+    if anchor.is_none() {
+        let keep = Connection::open_in_memory()?;
+        keep.execute_batch("PRAGMA cipher_log_level = NONE;")?;
+        keep.execute_batch(&DatabaseKey([7; 32]).pragma("key"))?;
+        keep.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        *anchor = Some(keep);
+    }
+    conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
+    conn.execute_batch(&key.pragma("key"))?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => Error::CannotDecrypt,
+        _ => Error::Sqlite(e),
+    })?;
+    Ok(())
 }
 
 fn schema_version(conn: &Connection) -> Result<u32> {
@@ -348,6 +457,455 @@ fn insert_audit(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     Ok(())
 }
 
+fn insert_agency_tx(tx: &Transaction<'_>, agency: &Agency) -> Result<()> {
+    if exists(
+        tx,
+        "SELECT 1 FROM agencies WHERE id = ?1",
+        agency.id.as_str(),
+    )? {
+        return Err(Error::Conflict(format!("agency {} exists", agency.id)));
+    }
+    tx.execute(
+        "INSERT INTO agencies (id, name, created_at) VALUES (?1, ?2, ?3)",
+        params![agency.id.as_str(), agency.name, agency.created_at],
+    )?;
+    Ok(())
+}
+
+fn insert_user_tx(tx: &Transaction<'_>, user: &User) -> Result<()> {
+    if !exists(
+        tx,
+        "SELECT 1 FROM agencies WHERE id = ?1",
+        user.agency_id.as_str(),
+    )? {
+        return Err(Error::NotFound("agency"));
+    }
+    if exists(tx, "SELECT 1 FROM users WHERE id = ?1", user.id.as_str())? {
+        return Err(Error::Conflict(format!("user {} exists", user.id)));
+    }
+    tx.execute(
+        "INSERT INTO users (id, agency_id, name, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            user.id.as_str(),
+            user.agency_id.as_str(),
+            user.name,
+            user.role.as_str(),
+            user.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+fn insert_patient_tx(
+    tx: &Transaction<'_>,
+    patient: &Patient,
+    chart: &DocumentWrite,
+) -> Result<Seq> {
+    if !exists(
+        tx,
+        "SELECT 1 FROM agencies WHERE id = ?1",
+        patient.agency_id.as_str(),
+    )? {
+        return Err(Error::NotFound("agency"));
+    }
+    if exists(
+        tx,
+        "SELECT 1 FROM patients WHERE id = ?1",
+        patient.id.as_str(),
+    )? {
+        return Err(Error::Conflict(format!("patient {} exists", patient.id)));
+    }
+    tx.execute(
+        "INSERT INTO patients (id, agency_id, chart_document_id, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            patient.id.as_str(),
+            patient.agency_id.as_str(),
+            patient.chart_document_id.as_bytes().as_slice(),
+            patient.created_at
+        ],
+    )?;
+    write_document_tx(tx, chart)
+}
+
+fn assign_tx(
+    tx: &Transaction<'_>,
+    user_id: &UserId,
+    patient_id: &PatientId,
+    at_ms: i64,
+) -> Result<Seq> {
+    if !exists(tx, "SELECT 1 FROM users WHERE id = ?1", user_id.as_str())? {
+        return Err(Error::NotFound("user"));
+    }
+    if !exists(
+        tx,
+        "SELECT 1 FROM patients WHERE id = ?1",
+        patient_id.as_str(),
+    )? {
+        return Err(Error::NotFound("patient"));
+    }
+    let existing: Option<i64> = tx
+        .query_row(
+            "SELECT seq FROM care_team WHERE user_id = ?1 AND patient_id = ?2",
+            [user_id.as_str(), patient_id.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(seq) = existing {
+        return to_seq(seq);
+    }
+    let seq = next_seq(tx)?;
+    tx.execute(
+        "INSERT INTO care_team (user_id, patient_id, seq, assigned_at) VALUES (?1, ?2, ?3, ?4)",
+        params![user_id.as_str(), patient_id.as_str(), to_i64(seq), at_ms],
+    )?;
+    Ok(seq)
+}
+
+fn unassign_tx(tx: &Transaction<'_>, user_id: &UserId, patient_id: &PatientId) -> Result<bool> {
+    let n = tx.execute(
+        "DELETE FROM care_team WHERE user_id = ?1 AND patient_id = ?2",
+        [user_id.as_str(), patient_id.as_str()],
+    )?;
+    Ok(n > 0)
+}
+
+/// Refuse new credentials for a missing or disabled user.
+fn check_user_enabled(tx: &Transaction<'_>, user_id: &UserId) -> Result<()> {
+    let disabled: Option<Option<i64>> = tx
+        .query_row(
+            "SELECT disabled_at FROM users WHERE id = ?1",
+            [user_id.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match disabled {
+        None => Err(Error::NotFound("user")),
+        Some(Some(_)) => Err(Error::Forbidden("the user is disabled")),
+        Some(None) => Ok(()),
+    }
+}
+
+fn insert_device_tx(
+    tx: &Transaction<'_>,
+    device: &Device,
+    enrolled_by: Option<&str>,
+    public_key: Option<&[u8; 32]>,
+) -> Result<()> {
+    if !exists(
+        tx,
+        "SELECT 1 FROM users WHERE id = ?1",
+        device.user_id.as_str(),
+    )? {
+        return Err(Error::NotFound("user"));
+    }
+    let clash: Option<i64> = tx
+        .query_row(
+            "SELECT 1 FROM devices WHERE id = ?1 OR token_hash = ?2",
+            params![device.id.as_str(), device.token_hash.as_slice()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if clash.is_some() {
+        return Err(Error::Conflict(format!(
+            "device {} or its token exists",
+            device.id
+        )));
+    }
+    tx.execute(
+        "INSERT INTO devices (id, user_id, name, token_hash, created_at, expires_at, revoked_at, enrolled_by, public_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            device.id.as_str(),
+            device.user_id.as_str(),
+            device.name,
+            device.token_hash.as_slice(),
+            device.created_at,
+            device.expires_at,
+            device.revoked_at,
+            enrolled_by,
+            public_key.map(|k| k.as_slice())
+        ],
+    )?;
+    Ok(())
+}
+
+fn revoke_device_tx(tx: &Transaction<'_>, id: &DeviceId, at_ms: i64) -> Result<bool> {
+    let revoked: Option<Option<i64>> = tx
+        .query_row(
+            "SELECT revoked_at FROM devices WHERE id = ?1",
+            [id.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match revoked {
+        None => Err(Error::NotFound("device")),
+        Some(Some(_)) => Ok(false),
+        Some(None) => {
+            let seq = next_seq(tx)?;
+            tx.execute(
+                "UPDATE devices SET revoked_at = ?2, revoked_seq = ?3 WHERE id = ?1",
+                params![id.as_str(), at_ms, to_i64(seq)],
+            )?;
+            Ok(true)
+        }
+    }
+}
+
+fn disable_user_tx(tx: &Transaction<'_>, user_id: &UserId, at_ms: i64) -> Result<Vec<DeviceId>> {
+    if !exists(tx, "SELECT 1 FROM users WHERE id = ?1", user_id.as_str())? {
+        return Err(Error::NotFound("user"));
+    }
+    tx.execute(
+        "UPDATE users SET disabled_at = ?2 WHERE id = ?1 AND disabled_at IS NULL",
+        params![user_id.as_str(), at_ms],
+    )?;
+    let live: Vec<String> = tx
+        .prepare("SELECT id FROM devices WHERE user_id = ?1 AND revoked_at IS NULL ORDER BY created_at, id")?
+        .query_map([user_id.as_str()], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut revoked = Vec::with_capacity(live.len());
+    for id in live {
+        let id = DeviceId::new(id);
+        revoke_device_tx(tx, &id, at_ms)?;
+        revoked.push(id);
+    }
+    // Codes issued but not redeemed die with the account.
+    tx.execute(
+        "UPDATE enrollment_codes SET expires_at = MIN(expires_at, ?2) WHERE user_id = ?1 AND used_at IS NULL",
+        params![user_id.as_str(), at_ms],
+    )?;
+    Ok(revoked)
+}
+
+fn insert_enrollment_code_tx(tx: &Transaction<'_>, code: &EnrollmentCode) -> Result<()> {
+    check_user_enabled(tx, &code.user_id)?;
+    tx.execute(
+        "INSERT INTO enrollment_codes (code_hash, user_id, device_name, created_at, expires_at, created_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            code.code_hash.as_slice(),
+            code.user_id.as_str(),
+            code.device_name,
+            code.created_at,
+            code.expires_at,
+            code.created_by
+        ],
+    )?;
+    Ok(())
+}
+
+fn insert_admin_event(tx: &Transaction<'_>, e: &AdminEvent) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO admin_log (at, agency_id, actor, actor_device_id, source, remote_addr, action, target, details)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        e.at_ms,
+        e.agency_id.as_ref().map(AgencyId::as_str),
+        e.actor,
+        e.actor_device_id.as_ref().map(DeviceId::as_str),
+        e.source,
+        e.remote_addr,
+        e.action,
+        e.target,
+        e.details
+    ])?;
+    Ok(())
+}
+
+fn admin_change_tx(tx: &Transaction<'_>, change: &AdminChange) -> Result<AdminOutcome> {
+    Ok(match change {
+        AdminChange::Record => AdminOutcome::Done,
+        AdminChange::InsertAgency(agency) => {
+            insert_agency_tx(tx, agency)?;
+            AdminOutcome::Done
+        }
+        AdminChange::InsertUser(user) => {
+            insert_user_tx(tx, user)?;
+            AdminOutcome::Done
+        }
+        AdminChange::InsertPatient(patient, chart) => {
+            AdminOutcome::Seq(insert_patient_tx(tx, patient, chart)?)
+        }
+        AdminChange::Assign {
+            user_id,
+            patient_id,
+            at_ms,
+        } => AdminOutcome::Seq(assign_tx(tx, user_id, patient_id, *at_ms)?),
+        AdminChange::Unassign {
+            user_id,
+            patient_id,
+        } => AdminOutcome::Changed(unassign_tx(tx, user_id, patient_id)?),
+        AdminChange::InsertDevice { device, issued_by } => {
+            check_user_enabled(tx, &device.user_id)?;
+            insert_device_tx(tx, device, Some(issued_by), None)?;
+            AdminOutcome::Done
+        }
+        AdminChange::RevokeDevice { device_id, at_ms } => {
+            AdminOutcome::Changed(revoke_device_tx(tx, device_id, *at_ms)?)
+        }
+        AdminChange::DisableUser { user_id, at_ms } => {
+            AdminOutcome::Revoked(disable_user_tx(tx, user_id, *at_ms)?)
+        }
+        AdminChange::InsertEnrollmentCode(code) => {
+            insert_enrollment_code_tx(tx, code)?;
+            AdminOutcome::Done
+        }
+    })
+}
+
+fn redeem_tx(tx: &Transaction<'_>, r: &Redemption) -> Result<(Device, User)> {
+    type CodeRow = (String, String, i64, String, Option<i64>);
+    let code: Option<CodeRow> = tx
+        .query_row(
+            "SELECT user_id, device_name, expires_at, created_by, used_at FROM enrollment_codes WHERE code_hash = ?1",
+            [r.code_hash.as_slice()],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+        )
+        .optional()?;
+    let Some((user_id, admin_name, expires_at, created_by, used_at)) = code else {
+        return Err(Error::NotFound("enrollment code"));
+    };
+    if used_at.is_some() {
+        return Err(Error::Conflict(
+            "the enrollment code was already used".into(),
+        ));
+    }
+    if expires_at <= r.at_ms {
+        return Err(Error::Expired("enrollment code"));
+    }
+    let user_id = UserId::new(user_id);
+    check_user_enabled(tx, &user_id)?;
+    let user = tx
+        .query_row(
+            "SELECT id, agency_id, name, role, created_at FROM users WHERE id = ?1",
+            [user_id.as_str()],
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
+        )
+        .map(user_from_row)??;
+    let device = Device {
+        id: r.device_id.clone(),
+        user_id: user.id.clone(),
+        name: r.device_name.clone().unwrap_or(admin_name),
+        token_hash: r.token_hash,
+        created_at: r.at_ms,
+        expires_at: r.token_expires_at,
+        revoked_at: None,
+    };
+    let consumed = tx.execute(
+        "UPDATE enrollment_codes SET used_at = ?2, device_id = ?3 WHERE code_hash = ?1 AND used_at IS NULL",
+        params![r.code_hash.as_slice(), r.at_ms, device.id.as_str()],
+    )?;
+    if consumed != 1 {
+        return Err(Error::Conflict(
+            "the enrollment code was already used".into(),
+        ));
+    }
+    insert_device_tx(tx, &device, Some(&created_by), Some(&r.public_key))?;
+    insert_admin_event(tx, &super::enrollment_event(r, &user, &device, &created_by))?;
+    Ok((device, user))
+}
+
+type KeyRow = (String, String, String, String, Vec<u8>, i64, Option<i64>);
+
+fn key_from_row(
+    (device_id, user_id, agency_id, role, key, enrolled, revoked): KeyRow,
+) -> Result<DeviceKey> {
+    Ok(DeviceKey {
+        device_id: DeviceId::new(device_id),
+        user_id: UserId::new(user_id),
+        agency_id: AgencyId::new(agency_id),
+        role: parse_role(&role).ok_or_else(|| Error::Storage(format!("stored role {role:?}")))?,
+        public_key: key
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Storage("stored public key is not 32 bytes".into()))?,
+        enrolled_at_ms: enrolled,
+        revoked_at_ms: revoked,
+    })
+}
+
+const KEY_COLUMNS: &str =
+    "SELECT d.id, d.user_id, u.agency_id, u.role, d.public_key, d.created_at, d.revoked_at
+     FROM devices d JOIN users u ON u.id = d.user_id";
+
+fn query_audit_tx(
+    tx: &Transaction<'_>,
+    query: &AuditQuery,
+    after: Option<(i64, i64)>,
+) -> Result<Vec<AuditRecord>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, at, agency_id, user_id, device_id, document_id, patient_id, action, heads
+                 FROM audit_log
+                 WHERE at >= ?1 AND at < ?2
+                   AND (?3 IS NULL OR patient_id = ?3) AND (?4 IS NULL OR user_id = ?4)
+                   AND (?6 IS NULL OR at > ?6 OR (at = ?6 AND id > ?7))
+                 ORDER BY at, id LIMIT ?5",
+    )?;
+    type Row = (
+        i64,
+        i64,
+        String,
+        String,
+        String,
+        Vec<u8>,
+        Option<String>,
+        String,
+        Vec<u8>,
+    );
+    let rows = stmt.query_map(
+        params![
+            query.from_ms,
+            query.to_ms,
+            query.patient_id.as_ref().map(PatientId::as_str),
+            query.user_id.as_ref().map(UserId::as_str),
+            i64::try_from(query.limit).unwrap_or(i64::MAX),
+            after.map(|(at, _)| at),
+            after.map(|(_, id)| id)
+        ],
+        |r| -> rusqlite::Result<Row> {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+            ))
+        },
+    )?;
+    rows.map(|row| {
+        let (id, at_ms, agency_id, user_id, device_id, document_id, patient_id, action, heads) =
+            row?;
+        Ok(AuditRecord {
+            id,
+            event: AuditEvent {
+                at_ms,
+                agency_id: AgencyId::new(agency_id),
+                user_id: UserId::new(user_id),
+                device_id: DeviceId::new(device_id),
+                document_id: doc_id_from(&document_id)?,
+                patient_id: patient_id.map(PatientId::new),
+                action: AuditAction::parse(&action)
+                    .ok_or_else(|| Error::Storage(format!("stored audit action {action:?}")))?,
+                heads: heads_from_bytes(&heads)?,
+            },
+        })
+    })
+    .collect()
+}
+
 type FeedRow = (Vec<u8>, String, String, String, Vec<u8>, i64);
 
 fn feed_entry((id, agency_id, patient_id, kind, heads, seq): FeedRow) -> Result<FeedEntry> {
@@ -386,20 +944,7 @@ impl Storage for SqliteStorage {
     }
 
     fn insert_agency(&self, agency: Agency) -> StorageFuture<'_, ()> {
-        self.write(move |tx| {
-            if exists(
-                tx,
-                "SELECT 1 FROM agencies WHERE id = ?1",
-                agency.id.as_str(),
-            )? {
-                return Err(Error::Conflict(format!("agency {} exists", agency.id)));
-            }
-            tx.execute(
-                "INSERT INTO agencies (id, name, created_at) VALUES (?1, ?2, ?3)",
-                params![agency.id.as_str(), agency.name, agency.created_at],
-            )?;
-            Ok(())
-        })
+        self.write(move |tx| insert_agency_tx(tx, &agency))
     }
 
     fn agency(&self, id: AgencyId) -> StorageFuture<'_, Option<Agency>> {
@@ -421,19 +966,7 @@ impl Storage for SqliteStorage {
     }
 
     fn insert_user(&self, user: User) -> StorageFuture<'_, ()> {
-        self.write(move |tx| {
-            if !exists(tx, "SELECT 1 FROM agencies WHERE id = ?1", user.agency_id.as_str())? {
-                return Err(Error::NotFound("agency"));
-            }
-            if exists(tx, "SELECT 1 FROM users WHERE id = ?1", user.id.as_str())? {
-                return Err(Error::Conflict(format!("user {} exists", user.id)));
-            }
-            tx.execute(
-                "INSERT INTO users (id, agency_id, name, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![user.id.as_str(), user.agency_id.as_str(), user.name, user.role.as_str(), user.created_at],
-            )?;
-            Ok(())
-        })
+        self.write(move |tx| insert_user_tx(tx, &user))
     }
 
     fn user(&self, id: UserId) -> StorageFuture<'_, Option<User>> {
@@ -450,24 +983,7 @@ impl Storage for SqliteStorage {
     }
 
     fn insert_patient(&self, patient: Patient, chart: DocumentWrite) -> StorageFuture<'_, Seq> {
-        self.write(move |tx| {
-            if !exists(tx, "SELECT 1 FROM agencies WHERE id = ?1", patient.agency_id.as_str())? {
-                return Err(Error::NotFound("agency"));
-            }
-            if exists(tx, "SELECT 1 FROM patients WHERE id = ?1", patient.id.as_str())? {
-                return Err(Error::Conflict(format!("patient {} exists", patient.id)));
-            }
-            tx.execute(
-                "INSERT INTO patients (id, agency_id, chart_document_id, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    patient.id.as_str(),
-                    patient.agency_id.as_str(),
-                    patient.chart_document_id.as_bytes().as_slice(),
-                    patient.created_at
-                ],
-            )?;
-            write_document_tx(tx, &chart)
-        })
+        self.write(move |tx| insert_patient_tx(tx, &patient, &chart))
     }
 
     fn patient(&self, id: PatientId) -> StorageFuture<'_, Option<Patient>> {
@@ -492,40 +1008,11 @@ impl Storage for SqliteStorage {
     }
 
     fn assign(&self, user_id: UserId, patient_id: PatientId, at_ms: i64) -> StorageFuture<'_, Seq> {
-        self.write(move |tx| {
-            if !exists(tx, "SELECT 1 FROM users WHERE id = ?1", user_id.as_str())? {
-                return Err(Error::NotFound("user"));
-            }
-            if !exists(tx, "SELECT 1 FROM patients WHERE id = ?1", patient_id.as_str())? {
-                return Err(Error::NotFound("patient"));
-            }
-            let existing: Option<i64> = tx
-                .query_row(
-                    "SELECT seq FROM care_team WHERE user_id = ?1 AND patient_id = ?2",
-                    [user_id.as_str(), patient_id.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(seq) = existing {
-                return to_seq(seq);
-            }
-            let seq = next_seq(tx)?;
-            tx.execute(
-                "INSERT INTO care_team (user_id, patient_id, seq, assigned_at) VALUES (?1, ?2, ?3, ?4)",
-                params![user_id.as_str(), patient_id.as_str(), to_i64(seq), at_ms],
-            )?;
-            Ok(seq)
-        })
+        self.write(move |tx| assign_tx(tx, &user_id, &patient_id, at_ms))
     }
 
     fn unassign(&self, user_id: UserId, patient_id: PatientId) -> StorageFuture<'_, bool> {
-        self.write(move |tx| {
-            let n = tx.execute(
-                "DELETE FROM care_team WHERE user_id = ?1 AND patient_id = ?2",
-                [user_id.as_str(), patient_id.as_str()],
-            )?;
-            Ok(n > 0)
-        })
+        self.write(move |tx| unassign_tx(tx, &user_id, &patient_id))
     }
 
     fn on_care_team(&self, user_id: UserId, patient_id: PatientId) -> StorageFuture<'_, bool> {
@@ -539,35 +1026,7 @@ impl Storage for SqliteStorage {
     }
 
     fn insert_device(&self, device: Device) -> StorageFuture<'_, ()> {
-        self.write(move |tx| {
-            if !exists(tx, "SELECT 1 FROM users WHERE id = ?1", device.user_id.as_str())? {
-                return Err(Error::NotFound("user"));
-            }
-            let clash: Option<i64> = tx
-                .query_row(
-                    "SELECT 1 FROM devices WHERE id = ?1 OR token_hash = ?2",
-                    params![device.id.as_str(), device.token_hash.as_slice()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if clash.is_some() {
-                return Err(Error::Conflict(format!("device {} or its token exists", device.id)));
-            }
-            tx.execute(
-                "INSERT INTO devices (id, user_id, name, token_hash, created_at, expires_at, revoked_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    device.id.as_str(),
-                    device.user_id.as_str(),
-                    device.name,
-                    device.token_hash.as_slice(),
-                    device.created_at,
-                    device.expires_at,
-                    device.revoked_at
-                ],
-            )?;
-            Ok(())
-        })
+        self.write(move |tx| insert_device_tx(tx, &device, None, None))
     }
 
     fn device(&self, id: DeviceId) -> StorageFuture<'_, Option<Device>> {
@@ -607,27 +1066,7 @@ impl Storage for SqliteStorage {
     }
 
     fn revoke_device(&self, id: DeviceId, at_ms: i64) -> StorageFuture<'_, bool> {
-        self.write(move |tx| {
-            let revoked: Option<Option<i64>> = tx
-                .query_row(
-                    "SELECT revoked_at FROM devices WHERE id = ?1",
-                    [id.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            match revoked {
-                None => Err(Error::NotFound("device")),
-                Some(Some(_)) => Ok(false),
-                Some(None) => {
-                    let seq = next_seq(tx)?;
-                    tx.execute(
-                        "UPDATE devices SET revoked_at = ?2, revoked_seq = ?3 WHERE id = ?1",
-                        params![id.as_str(), at_ms, to_i64(seq)],
-                    )?;
-                    Ok(true)
-                }
-            }
-        })
+        self.write(move |tx| revoke_device_tx(tx, &id, at_ms))
     }
 
     fn revoked_devices_since(&self, after: Seq) -> StorageFuture<'_, Vec<(DeviceId, Seq)>> {
@@ -644,6 +1083,189 @@ impl Storage for SqliteStorage {
             })
             .collect()
         })
+    }
+
+    fn admin_change(
+        &self,
+        change: AdminChange,
+        event: AdminEvent,
+    ) -> StorageFuture<'_, AdminOutcome> {
+        self.write(move |tx| {
+            let outcome = admin_change_tx(tx, &change)?;
+            insert_admin_event(tx, &event)?;
+            Ok(outcome)
+        })
+    }
+
+    fn admin_log(&self, query: AdminLogQuery) -> StorageFuture<'_, Vec<AdminRecord>> {
+        self.read(move |tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, at, agency_id, actor, actor_device_id, source, remote_addr, action, target, details
+                 FROM admin_log
+                 WHERE id > ?1 AND (?2 IS NULL OR agency_id = ?2) AND (?3 IS NULL OR target = ?3)
+                   AND (?4 IS NULL OR actor = ?4)
+                 ORDER BY id LIMIT ?5",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    query.after_id,
+                    query.agency_id.as_ref().map(AgencyId::as_str),
+                    query.target,
+                    query.actor,
+                    i64::try_from(query.limit).unwrap_or(i64::MAX)
+                ],
+                |r| {
+                    Ok(AdminRecord {
+                        id: r.get(0)?,
+                        event: AdminEvent {
+                            at_ms: r.get(1)?,
+                            agency_id: r.get::<_, Option<String>>(2)?.map(AgencyId::new),
+                            actor: r.get(3)?,
+                            actor_device_id: r.get::<_, Option<String>>(4)?.map(DeviceId::new),
+                            source: r.get(5)?,
+                            remote_addr: r.get(6)?,
+                            action: r.get(7)?,
+                            target: r.get(8)?,
+                            details: r.get(9)?,
+                        },
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn redeem_enrollment(&self, redemption: Redemption) -> StorageFuture<'_, (Device, User)> {
+        self.write(move |tx| redeem_tx(tx, &redemption))
+    }
+
+    fn user_disabled_at(&self, id: UserId) -> StorageFuture<'_, Option<i64>> {
+        self.read(move |tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT disabled_at FROM users WHERE id = ?1",
+                    [id.as_str()],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .optional()?
+                .flatten())
+        })
+    }
+
+    fn user_devices(&self, id: UserId) -> StorageFuture<'_, Vec<DeviceInfo>> {
+        self.read(move |tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, user_id, name, token_hash, created_at, expires_at, revoked_at, public_key, enrolled_by, last_seen_at
+                 FROM devices WHERE user_id = ?1 ORDER BY created_at, id",
+            )?;
+            type Row = (DeviceRow, Option<Vec<u8>>, Option<String>, Option<i64>);
+            let rows = stmt.query_map([id.as_str()], |r| -> rusqlite::Result<Row> {
+                Ok((
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?),
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                ))
+            })?;
+            rows.map(|row| {
+                let (device, key, enrolled_by, last_seen_at) = row?;
+                Ok(DeviceInfo {
+                    device: device_from_row(device)?,
+                    public_key: key
+                        .map(|k| {
+                            <[u8; 32]>::try_from(k.as_slice())
+                                .map_err(|_| Error::Storage("stored public key is not 32 bytes".into()))
+                        })
+                        .transpose()?,
+                    enrolled_by,
+                    last_seen_at,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn touch_device(&self, id: DeviceId, at_ms: i64) -> StorageFuture<'_, ()> {
+        // Most authentications are within a minute of the last: answered from memory, no write.
+        {
+            let seen = self
+                .inner
+                .last_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if seen
+                .get(&id)
+                .is_some_and(|last| at_ms - last < LAST_SEEN_RESOLUTION_MS)
+            {
+                return Box::pin(std::future::ready(Ok(())));
+            }
+        }
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            self.write({
+                let id = id.clone();
+                move |tx| {
+                    tx.execute(
+                        "UPDATE devices SET last_seen_at = ?2 WHERE id = ?1
+                           AND (last_seen_at IS NULL OR last_seen_at <= ?2 - ?3)",
+                        params![id.as_str(), at_ms, LAST_SEEN_RESOLUTION_MS],
+                    )?;
+                    Ok(())
+                }
+            })
+            .await?;
+            let mut seen = inner
+                .last_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if seen.len() >= MAX_LAST_SEEN_ENTRIES {
+                seen.clear();
+            }
+            seen.insert(id, at_ms);
+            Ok(())
+        })
+    }
+
+    fn device_key(&self, id: DeviceId) -> StorageFuture<'_, Option<DeviceKey>> {
+        self.read(move |tx| {
+            tx.prepare_cached(&format!(
+                "{KEY_COLUMNS} WHERE d.id = ?1 AND d.public_key IS NOT NULL"
+            ))?
+            .query_row([id.as_str()], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .optional()?
+            .map(key_from_row)
+            .transpose()
+        })
+    }
+
+    fn agency_device_keys(&self, agency_id: AgencyId) -> StorageFuture<'_, Vec<DeviceKey>> {
+        self.read(move |tx| {
+            let mut stmt = tx.prepare_cached(&format!(
+                "{KEY_COLUMNS} WHERE u.agency_id = ?1 AND d.public_key IS NOT NULL ORDER BY d.created_at, d.id"
+            ))?;
+            let rows = stmt.query_map([agency_id.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            })?;
+            rows.map(|row| key_from_row(row?)).collect()
+        })
+    }
+
+    fn audit_page(
+        &self,
+        query: AuditQuery,
+        after: Option<(i64, i64)>,
+    ) -> StorageFuture<'_, Vec<AuditRecord>> {
+        self.read(move |tx| query_audit_tx(tx, &query, after))
     }
 
     fn load_document(&self, id: DocumentId) -> StorageFuture<'_, Option<StoredDocument>> {
@@ -764,56 +1386,7 @@ impl Storage for SqliteStorage {
     }
 
     fn query_audit(&self, query: AuditQuery) -> StorageFuture<'_, Vec<AuditRecord>> {
-        self.read(move |tx| {
-            let mut stmt = tx.prepare_cached(
-                "SELECT id, at, agency_id, user_id, device_id, document_id, patient_id, action, heads
-                 FROM audit_log
-                 WHERE at >= ?1 AND at < ?2
-                   AND (?3 IS NULL OR patient_id = ?3) AND (?4 IS NULL OR user_id = ?4)
-                 ORDER BY at, id LIMIT ?5",
-            )?;
-            type Row = (i64, i64, String, String, String, Vec<u8>, Option<String>, String, Vec<u8>);
-            let rows = stmt.query_map(
-                params![
-                    query.from_ms,
-                    query.to_ms,
-                    query.patient_id.as_ref().map(PatientId::as_str),
-                    query.user_id.as_ref().map(UserId::as_str),
-                    i64::try_from(query.limit).unwrap_or(i64::MAX)
-                ],
-                |r| -> rusqlite::Result<Row> {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                    ))
-                },
-            )?;
-            rows.map(|row| {
-                let (id, at_ms, agency_id, user_id, device_id, document_id, patient_id, action, heads) = row?;
-                Ok(AuditRecord {
-                    id,
-                    event: AuditEvent {
-                        at_ms,
-                        agency_id: AgencyId::new(agency_id),
-                        user_id: UserId::new(user_id),
-                        device_id: DeviceId::new(device_id),
-                        document_id: doc_id_from(&document_id)?,
-                        patient_id: patient_id.map(PatientId::new),
-                        action: AuditAction::parse(&action)
-                            .ok_or_else(|| Error::Storage(format!("stored audit action {action:?}")))?,
-                        heads: heads_from_bytes(&heads)?,
-                    },
-                })
-            })
-            .collect()
-        })
+        self.read(move |tx| query_audit_tx(tx, &query, None))
     }
 
     fn document_row(&self, id: DocumentId) -> StorageFuture<'_, Option<DocumentRow>> {
@@ -888,6 +1461,82 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .expect("journal mode");
         assert_eq!(mode, "wal");
+    }
+
+    /// The schema as `sqlite_master` lists it, without the order of creation.
+    fn schema(conn: &Connection) -> Vec<(String, String)> {
+        let mut stmt = conn
+            .prepare("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
+            .expect("schema");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("schema rows")
+    }
+
+    #[test]
+    fn every_upgrade_path_ends_equal_to_a_fresh_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fresh = dir.path().join("fresh.sqlite3");
+        drop(SqliteStorage::open(&fresh).expect("fresh"));
+        for start in 1..SCHEMA_VERSION {
+            let path = dir.path().join(format!("from-{start}.sqlite3"));
+            let mut conn = Connection::open(&path).expect("raw open");
+            let tx = conn.transaction().expect("tx");
+            for version in 0..start {
+                migrate_step(&tx, version).expect("old step");
+            }
+            tx.pragma_update(None, "user_version", start)
+                .expect("version");
+            tx.commit().expect("commit");
+            drop(conn);
+            drop(SqliteStorage::open(&path).expect("upgrade"));
+            let upgraded = Connection::open(&path).expect("raw open");
+            assert_eq!(schema_version(&upgraded).expect("version"), SCHEMA_VERSION);
+            assert_eq!(
+                schema(&upgraded),
+                schema(&Connection::open(&fresh).expect("raw open")),
+                "from version {start}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_encrypted_database_opens_with_its_key_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.sqlite3");
+        let key = DatabaseKey::random();
+        drop(SqliteStorage::open_encrypted(&path, &key).expect("create"));
+        let bytes = std::fs::read(&path).expect("read");
+        assert!(
+            !bytes.starts_with(b"SQLite format 3"),
+            "the header is encrypted too"
+        );
+        assert!(matches!(
+            SqliteStorage::open_encrypted(&path, &DatabaseKey::random()),
+            Err(Error::CannotDecrypt)
+        ));
+        assert!(SqliteStorage::open(&path).is_err(), "no key, no database");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            bytes,
+            "failed opens touch nothing"
+        );
+        let new = DatabaseKey::random();
+        SqliteStorage::rekey(&path, &key, &new).expect("rekey");
+        assert!(matches!(
+            SqliteStorage::open_encrypted(&path, &key),
+            Err(Error::CannotDecrypt)
+        ));
+        drop(SqliteStorage::open_encrypted(&path, &new).expect("new key"));
+        assert!(matches!(
+            DatabaseKey::from_hex("abc"),
+            Err(Error::BadRequest(_))
+        ));
+        assert_eq!(
+            DatabaseKey::from_hex(&format!("{}\n", key.to_hex())).expect("hex"),
+            key
+        );
     }
 
     #[test]
