@@ -720,12 +720,16 @@ impl Session {
                 guard.doc_and_ledger();
                 let outcome = sync.receive(guard.doc_mut(), &data)?;
                 // The one place changes from a device are checked before they are committed.
-                let verdict = validate_write(&checked_meta, guard.doc(), &outcome.new_changes)
-                    .and_then(|()| {
-                        let (doc, ledger) = guard.doc_and_ledger();
-                        signatures::scan(ledger, doc, &outcome.new_changes)
-                            .map_err(WriteRefusal::Signatures)
-                    });
+                // Tampering (identity fields included) is named as such before the owner check.
+                let verdict = {
+                    let (doc, ledger) = guard.doc_and_ledger();
+                    signatures::scan(ledger, doc, &outcome.new_changes)
+                        .map_err(WriteRefusal::Signatures)
+                }
+                .and_then(|entries| {
+                    validate_write(&checked_meta, guard.doc(), &outcome.new_changes)
+                        .map(|()| entries)
+                });
                 let reply = if outcome.new_changes.is_empty() {
                     sync.generate(guard.doc())
                 } else {

@@ -222,7 +222,7 @@ impl Scene {
     async fn assert_refused(&self, outcome: SyncOutcome) {
         assert_eq!(outcome, SyncOutcome::Unavailable, "the relay refuses the changes");
         let rows = self.tamper_rows();
-        assert_eq!(rows.len(), 1, "one tamper row: {rows:#?}");
+        assert_eq!(rows.len(), 1, "one tamper row: {rows:#?}\n{}", self.relay.logs());
         assert_eq!(rows[0]["userId"], self.ben.user.as_str());
         assert_eq!(rows[0]["deviceId"], self.ben.device.as_str());
         assert_eq!(rows[0]["agencyId"], self.agency.as_str());

@@ -1027,3 +1027,44 @@ fn object_path(doc: &Automerge, obj: &str) -> String {
         .collect::<Vec<_>>()
         .join("/")
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::visit_note::new_visit_note;
+    use crate::model::{Actor, VisitStart, commit};
+
+    #[test]
+    fn a_concurrent_identity_write_is_tampering_in_a_trusted_ledger() {
+        let nurse = Actor {
+            user_id: "n1".into(),
+            device_id: "phone".into(),
+        };
+        let start = VisitStart {
+            agency_id: "ag".into(),
+            patient_id: "p1".into(),
+            service_type: "sn".into(),
+            date: "2026-11-27".into(),
+            location: "home".into(),
+            started_at_ms: 1,
+            start_monotonic_ms: 1,
+        };
+        let (_, mut doc) = new_visit_note(&start, &nurse, 1_000).unwrap();
+        let before = doc.get_heads();
+        let mut ledger = NoteLedger::build_with(doc.document(), Verification::Trust);
+        let mut fork = doc.fork_at(&before).unwrap();
+        fork.put(ROOT, "patientId", "p2").unwrap();
+        commit(&mut fork, "move", 2_000);
+        doc.merge(&mut fork).unwrap();
+        let changes = doc.get_changes(&before);
+        assert_eq!(changes.len(), 1);
+        let seen = ledger.observe_with(doc.document(), &changes, Verification::Defer);
+        assert_eq!(
+            seen.tampers.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(),
+            vec![Tamper::IdentityChanged {
+                field: "patientId".into()
+            }]
+        );
+    }
+}
