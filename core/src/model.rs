@@ -42,7 +42,7 @@
 //! - `addenda[]` — `{id, author, createdAt, text: Text}`.
 //! - `resolutions[]` — `{path, value, resolvedBy, resolvedAt}`: conflict resolutions (both kinds).
 
-mod conflicts;
+pub(crate) mod conflicts;
 mod history;
 pub(crate) mod patient;
 pub(crate) mod visit_note;
