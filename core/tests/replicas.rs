@@ -130,6 +130,7 @@ fn two_nurses_edit_the_same_medication_and_both_values_are_listed() {
         .store
         .upsert_medication(
             id,
+            None,
             &Medication {
                 name: "Furosemide".into(),
                 dose: "20 mg".into(),
@@ -142,12 +143,15 @@ fn two_nurses_edit_the_same_medication_and_both_values_are_listed() {
         .unwrap();
     sync(&office, &ana);
     sync(&office, &ben);
-    let mut m = ana.store.patient_chart(id).unwrap().medications[0].clone();
+    let read = ana.store.patient_chart(id).unwrap().medications[0].clone();
+    let mut m = read.clone();
     m.dose = "40 mg".into();
-    ana.store.upsert_medication(id, &m).unwrap();
+    ana.store.upsert_medication(id, Some(&read), &m).unwrap();
+    let read = ben.store.patient_chart(id).unwrap().medications[0].clone();
+    let mut m = read.clone();
     m.dose = "10 mg".into();
     m.frequency = "twice daily".into();
-    ben.store.upsert_medication(id, &m).unwrap();
+    ben.store.upsert_medication(id, Some(&read), &m).unwrap();
     sync(&ana, &ben);
     sync(&ana, &office);
 
@@ -182,14 +186,16 @@ fn two_nurses_edit_the_same_medication_and_both_values_are_listed() {
     }
 
     // A person resolves it; the resolution syncs and the conflict closes everywhere.
-    let choice = ana.store.conflicts(id).unwrap()[0]
+    let listed = ana.store.conflicts(id).unwrap().remove(0);
+    assert_eq!(listed.path, format!("medications/{med}/dose"));
+    let choice = listed
         .values
         .iter()
-        .position(|v| v.value == "40 mg")
-        .unwrap();
-    ana.store
-        .resolve_conflict(id, &format!("medications/{med}/dose"), choice)
-        .unwrap();
+        .find(|v| v.value == "40 mg")
+        .unwrap()
+        .id
+        .clone();
+    ana.store.resolve_conflict(id, &listed, &choice).unwrap();
     sync(&ana, &ben);
     sync(&ana, &office);
     for r in [&office, &ana, &ben] {

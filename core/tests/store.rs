@@ -48,6 +48,8 @@ fn nothing_is_stored_in_plaintext() {
         .unwrap();
     // Read back through the store: the data is there...
     assert_eq!(store.patient_chart(id).unwrap().name(), Some(name));
+    // One file, one Store at a time: the office's store is closed before the nurse's opens.
+    store.close().unwrap();
     // A nurse types a note keystroke by keystroke (the keystroke journal path) and the app is
     // killed before anything is committed to SQLite.
     let nurse = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
@@ -73,7 +75,7 @@ fn nothing_is_stored_in_plaintext() {
             .len()
             > 0
     );
-    std::mem::forget(nurse);
+    nurse.simulate_kill();
     // ...but neither the database file nor its WAL hold it in plaintext (checked while the WAL
     // still has the frames, before any checkpoint, and again after close).
     for phase in ["open", "closed"] {
@@ -99,7 +101,11 @@ fn nothing_is_stored_in_plaintext() {
                 dir.path().join("device.db-wal").exists(),
                 "the check must see the WAL"
             );
-            store.close().unwrap();
+            // Reopen (replaying the journal) and close, checkpointing the WAL.
+            Store::open(config(dir.path(), &key, "nurse", Role::Clinician))
+                .unwrap()
+                .close()
+                .unwrap();
         }
     }
 }
@@ -259,7 +265,14 @@ fn garbage_imports_are_errors_and_change_nothing() {
         good[..good.len() / 2].to_vec(),
     ] {
         let fresh = fieldchart_core::protocol::DocumentId::random();
-        let _ = store.import(fresh, &bad);
+        assert!(
+            matches!(store.import(fresh, &bad), Err(Error::InvalidInput(_))),
+            "{bad:?}"
+        );
+        assert!(
+            !store.document_ids().unwrap().contains(&fresh),
+            "a refused import creates no document"
+        );
         assert!(store.import(note, &bad).is_err(), "{bad:?}");
         assert_eq!(store.heads(note).unwrap(), heads);
     }
@@ -296,7 +309,7 @@ fn splices_left_in_the_journal_by_a_crash_are_merged_at_open() {
         "the splices are in the journal"
     );
     // Simulate a kill: the store is never closed or dropped.
-    std::mem::forget(store);
+    store.simulate_kill();
 
     let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
     assert_eq!(
@@ -336,7 +349,7 @@ fn without_the_journal_every_splice_is_its_own_transaction() {
             .splice_text(note, NoteText::Plan, i, 0, &c.to_string())
             .unwrap();
     }
-    std::mem::forget(store);
+    store.simulate_kill();
     assert!(!dir.path().join("device.db-keystrokes").exists());
     assert_eq!(open().visit_note(note).unwrap().plan, "abc😀");
 }
