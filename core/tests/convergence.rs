@@ -183,10 +183,16 @@ fn apply(w: &World, r: usize, op: &Op) {
 fn assert_index_is_complete(w: &World) {
     for (r, s) in w.stores.iter().enumerate() {
         let known = s.document_ids().unwrap();
-        for id in [w.chart, w.note].into_iter().filter(|id| known.contains(id)) {
+        for id in [w.chart, w.note]
+            .into_iter()
+            .filter(|id| known.contains(id))
+        {
             let indexed = s.conflicts(id).unwrap();
             let full = s.with_document(id, |doc| find_conflicts(doc)).unwrap();
-            assert_eq!(indexed, full, "replica {r}: conflict index differs from a full walk");
+            assert_eq!(
+                indexed, full,
+                "replica {r}: conflict index differs from a full walk"
+            );
         }
     }
 }

@@ -293,7 +293,10 @@ fn journal_then_rekey_then_sigkill_loses_nothing() {
                 .contains("damaged")
         })
         .count();
-    assert_eq!(damaged, 0, "no journal record was unreadable under the new key");
+    assert_eq!(
+        damaged, 0,
+        "no journal record was unreadable under the new key"
+    );
 }
 
 fn journal_path(db: &std::path::Path) -> std::path::PathBuf {

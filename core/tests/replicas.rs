@@ -342,7 +342,10 @@ fn changing_another_field_of_a_medication_keeps_its_dose_conflict_open() {
     );
     assert_eq!(office.store.heads(id).unwrap(), heads);
     // An update that changes nothing writes nothing.
-    office.store.upsert_medication(id, Some(&read), &read).unwrap();
+    office
+        .store
+        .upsert_medication(id, Some(&read), &read)
+        .unwrap();
     assert_eq!(office.store.heads(id).unwrap(), heads);
 }
 
@@ -371,7 +374,10 @@ fn an_update_from_a_stale_read_is_refused() {
     // Ana changes the dose from what she read (500 mg), but it is 1000 mg by now.
     let mut m = read.clone();
     m.dose = "750 mg".into();
-    let err = ana.store.upsert_medication(id, Some(&read), &m).unwrap_err();
+    let err = ana
+        .store
+        .upsert_medication(id, Some(&read), &m)
+        .unwrap_err();
     assert!(matches!(err, Error::StaleRead { .. }), "{err}");
     assert_eq!(
         ana.store.patient_chart(id).unwrap().medications[0].dose,
@@ -511,8 +517,12 @@ fn signing_is_refused_while_the_note_has_open_conflicts() {
     let ben = replica("ben", Role::Clinician);
     let note = ana.store.start_visit(&visit("p1")).unwrap();
     sync(&ana, &ben);
-    ana.store.set_next_visit(note, "2026-12-01 visit A").unwrap();
-    ben.store.set_next_visit(note, "2026-12-02 visit B").unwrap();
+    ana.store
+        .set_next_visit(note, "2026-12-01 visit A")
+        .unwrap();
+    ben.store
+        .set_next_visit(note, "2026-12-02 visit B")
+        .unwrap();
     sync(&ana, &ben);
 
     let err = ana.store.sign(note).unwrap_err();

@@ -460,7 +460,10 @@ fn a_second_open_from_another_process_is_refused_until_close() {
     let child = || {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "lock_child", "--nocapture", "--test-threads=1"])
-            .env(LOCK_CHILD_ENV, format!("{}|{key_hex}", dir.path().display()))
+            .env(
+                LOCK_CHILD_ENV,
+                format!("{}|{key_hex}", dir.path().display()),
+            )
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)

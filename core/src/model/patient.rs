@@ -355,7 +355,9 @@ fn stamp(doc: &mut AutoCommit, list: &str, id: &str, actor: &Actor, now_ms: i64)
 /// a conflict.
 pub(crate) fn set_care_team_member(doc: &mut AutoCommit, m: &CareTeamMember) -> Result<()> {
     if m.user_id.is_empty() {
-        return Err(Error::InvalidInput("care-team member without user id".into()));
+        return Err(Error::InvalidInput(
+            "care-team member without user id".into(),
+        ));
     }
     let team = ensure_obj(doc, &ROOT, "careTeam", ObjType::Map)?;
     let entry = ensure_obj(doc, &team, &m.user_id, ObjType::Map)?;

@@ -98,7 +98,11 @@ fn refresh_all_conflicts(tx: &Transaction<'_>, id: DocumentId, doc: &AutoCommit)
 fn insert_conflicts(tx: &Transaction<'_>, id: DocumentId, conflicts: &[Conflict]) -> Result<()> {
     for c in conflicts {
         tx.prepare_cached("INSERT INTO conflicts (doc_id, path, values_json) VALUES (?1, ?2, ?3)")?
-            .execute(params![id.as_bytes(), c.path, serde_json::to_string(&c.values)?])?;
+            .execute(params![
+                id.as_bytes(),
+                c.path,
+                serde_json::to_string(&c.values)?
+            ])?;
     }
     Ok(())
 }
@@ -121,8 +125,12 @@ fn has_object_conflicts(tx: &Transaction<'_>, id: DocumentId) -> Result<bool> {
     let mut stmt = tx.prepare_cached("SELECT values_json FROM conflicts WHERE doc_id = ?1")?;
     let mut rows = stmt.query([id.as_bytes()])?;
     while let Some(row) = rows.next()? {
-        let values: Vec<crate::model::ConflictValue> = serde_json::from_str(&row.get::<_, String>(0)?)?;
-        if values.iter().any(|v| v.value.is_object() || v.value.is_array()) {
+        let values: Vec<crate::model::ConflictValue> =
+            serde_json::from_str(&row.get::<_, String>(0)?)?;
+        if values
+            .iter()
+            .any(|v| v.value.is_object() || v.value.is_array())
+        {
             return Ok(true);
         }
     }
@@ -157,10 +165,11 @@ fn refresh_conflicts_incrementally(
         delete_under(tx, id, &path.join("/"), true)?;
         found.extend(conflicts_inside(doc, list, ObjType::List, &mut path));
     }
-    if found
-        .iter()
-        .any(|c| c.values.iter().any(|v| v.value.is_object() || v.value.is_array()))
-    {
+    if found.iter().any(|c| {
+        c.values
+            .iter()
+            .any(|v| v.value.is_object() || v.value.is_array())
+    }) {
         return Ok(false);
     }
     // A list re-walk may cover fields also listed as touched: keep one row per path.
@@ -170,7 +179,11 @@ fn refresh_conflicts_incrementally(
         tx.prepare_cached(
             "INSERT OR REPLACE INTO conflicts (doc_id, path, values_json) VALUES (?1, ?2, ?3)",
         )?
-        .execute(params![id.as_bytes(), c.path, serde_json::to_string(&c.values)?])?;
+        .execute(params![
+            id.as_bytes(),
+            c.path,
+            serde_json::to_string(&c.values)?
+        ])?;
     }
     Ok(true)
 }
