@@ -9,7 +9,18 @@
 //! which also flushes every keystroke committed before them. See the README's "Decisions".
 //!
 //! The store keeps exactly one connection (the only writer) behind a mutex, and a bounded cache
-//! of loaded documents.
+//! of loaded documents. One file is used by one `Store` at a time, across threads and
+//! processes: `open` takes an exclusive OS advisory lock on `<path>-lock` and a second open
+//! fails with [`Error::StoreInUse`]; `close` releases it (iOS terminates suspended apps that
+//! hold file locks), and the OS releases it when a process dies.
+//!
+//! Keystrokes in the journal survive any later failure: a document dropped from the cache while
+//! it holds journaled splices (a refused sync message, a failed write) has them replayed from
+//! the journal file, and the journal is emptied only once SQLite holds every record.
+//!
+//! Audit: changes that must be accountable (signing, resolving a conflict, creating) write their
+//! audit row in the change's own transaction. Reading a chart or note writes one
+//! `chart-opened` / `note-viewed` row per (user, document, store session), not one per call.
 
 mod db;
 mod documents;

@@ -107,7 +107,22 @@ pub(crate) struct Touched {
 pub(crate) fn touched_fields(doc: &mut AutoCommit, before: &[ChangeHash]) -> Touched {
     let mut fields = BTreeSet::new();
     let mut lists = BTreeSet::new();
-    let changes = doc.document().get_changes(before);
+    // A local edit is one change on top of `before`: take it directly (the per-edit path).
+    // Otherwise (merges) collect every change after `before`.
+    let mut sorted_before = before.to_vec();
+    sorted_before.sort();
+    let changes = match doc.get_last_local_change() {
+        Some(last)
+            if doc.get_heads() == [last.hash()] && {
+                let mut deps = last.deps().to_vec();
+                deps.sort();
+                deps == sorted_before
+            } =>
+        {
+            vec![last]
+        }
+        _ => doc.document().get_changes(before),
+    };
     let doc = &*doc;
     for change in changes {
         for op in change.decode().operations {
