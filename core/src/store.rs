@@ -309,6 +309,28 @@ impl Inner {
         }
     }
 
+    /// Re-walk the conflicts of documents whose rows an older build wrote (no value ids): a
+    /// one-time cost after an upgrade, nothing when there are none.
+    fn reindex_legacy_conflicts(&mut self) -> Result<()> {
+        let legacy = {
+            let tx = self.conn.transaction()?;
+            let legacy = index::documents_with_legacy_conflicts(&tx)?;
+            tx.commit()?;
+            legacy
+        };
+        let author = self.author.clone();
+        for id in legacy {
+            self.ensure_loaded(id, &author)?;
+            self.write(Durability::ProcessCrash, |tx, docs| {
+                let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
+                index::refresh_all_conflicts(tx, id, &loaded.doc)?;
+                loaded.indexed_heads = loaded.doc.get_heads();
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
     /// Commit journaled splices to SQLite now.
     fn fold(&mut self) -> Result<()> {
         if self.journal_orphans || self.docs.values().any(|d| d.journaled) {
@@ -602,6 +624,7 @@ impl Store {
         if !leftover.is_empty() {
             inner.replay(leftover)?;
         }
+        inner.reindex_legacy_conflicts()?;
         if !config.keystroke_journal {
             inner.journal = None;
         }

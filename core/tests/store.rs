@@ -512,3 +512,56 @@ fn reading_is_audited_once_per_document_and_session() {
     store.visit_note(a).unwrap();
     assert_eq!(viewed(&store, a), 2, "a new session audits again, once");
 }
+
+#[test]
+fn conflict_rows_from_an_older_build_are_reindexed_at_open() {
+    use fieldchart_core::model::Medication;
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let raw: [u8; 32] = rand::random();
+    let key = StoreKey::from_bytes(raw);
+    let a = Store::open(config(dir_a.path(), &key, "office", Role::Office)).unwrap();
+    let b = Store::open(config(dir_b.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let chart = a.create_patient("ag", "p1", "Ada").unwrap();
+    a.upsert_medication(
+        chart,
+        None,
+        &Medication {
+            name: "Metformin".into(),
+            dose: "500 mg".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    b.import(chart, &a.export_changes(chart).unwrap()).unwrap();
+    for (store, dose) in [(&a, "250 mg"), (&b, "750 mg")] {
+        let read = store.patient_chart(chart).unwrap().medications[0].clone();
+        let mut m = read.clone();
+        m.dose = dose.into();
+        store.upsert_medication(chart, Some(&read), &m).unwrap();
+    }
+    a.import(chart, &b.export_changes(chart).unwrap()).unwrap();
+    let expected = a.conflicts(chart).unwrap();
+    assert_eq!(expected.len(), 1);
+    a.close().unwrap();
+    // Rewrite the row as an older build stored it: values without ids.
+    {
+        let conn = rusqlite::Connection::open(dir_a.path().join("device.db")).unwrap();
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        conn.execute_batch(&format!("PRAGMA key = \"x'{hex}'\";"))
+            .unwrap();
+        let n = conn
+            .execute(
+                "UPDATE conflicts SET values_json = (SELECT json_group_array(json(json_remove(value, '$.id'))) FROM json_each(values_json))",
+                [],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    let a = Store::open(config(dir_a.path(), &key, "office", Role::Office)).unwrap();
+    let listed = a.conflicts(chart).unwrap();
+    assert_eq!(listed, expected, "re-walked at open, ids restored");
+    let choice = listed[0].values[0].id.clone();
+    a.resolve_conflict(chart, &listed[0], &choice).unwrap();
+    assert!(a.conflicts(chart).unwrap().is_empty());
+}

@@ -28,7 +28,9 @@ const IGNORED_KEYS: &[&str] = &["updatedBy", "updatedAt"];
 pub struct ConflictValue {
     /// The value's stable identity: the automerge op id that wrote it, `counter@actor`. Pass it
     /// to `Store::resolve_conflict`. When several concurrent ops wrote the same value, this is
-    /// the one from the change with the smallest hash.
+    /// the one from the change with the smallest hash. (Empty in rows an older build indexed,
+    /// which the store re-walks at open.)
+    #[serde(default)]
     pub id: String,
     /// The value, as JSON (objects rendered whole).
     pub value: serde_json::Value,

@@ -89,7 +89,11 @@ pub(crate) fn refresh(
 }
 
 /// Rewrite every conflict row of a document from a full walk.
-fn refresh_all_conflicts(tx: &Transaction<'_>, id: DocumentId, doc: &AutoCommit) -> Result<()> {
+pub(crate) fn refresh_all_conflicts(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    doc: &AutoCommit,
+) -> Result<()> {
     tx.prepare_cached("DELETE FROM conflicts WHERE doc_id = ?1")?
         .execute([id.as_bytes()])?;
     insert_conflicts(tx, id, &find_conflicts(doc))
@@ -116,6 +120,17 @@ fn delete_under(tx: &Transaction<'_>, id: DocumentId, path: &str, below_only: bo
     )?
     .execute(params![id.as_bytes(), path, prefix, below_only])?;
     Ok(())
+}
+
+/// Documents whose conflict rows were written by an older build (values without an `id`, and
+/// identical values listed apart): re-walked once at open.
+pub(crate) fn documents_with_legacy_conflicts(tx: &Transaction<'_>) -> Result<Vec<DocumentId>> {
+    let mut stmt = tx.prepare(
+        "SELECT DISTINCT doc_id FROM conflicts WHERE EXISTS
+         (SELECT 1 FROM json_each(values_json) WHERE json_extract(value, '$.id') IS NULL)",
+    )?;
+    let rows = stmt.query_map([], |r| super::doc_id_from_sql(r.get(0)?))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Whether an indexed conflict of the document is between objects. Changes inside a losing
