@@ -58,6 +58,25 @@ pub enum Error {
         len: usize,
         text_len: usize,
     },
+    /// Another `Store` (in this process or another) has this store file open. One file is
+    /// opened by one `Store` at a time; close the other first.
+    #[error("the store file is already open in another Store (this or another process)")]
+    StoreInUse,
+    /// The values of a conflicted field changed since they were listed (a sync added or
+    /// removed one, or someone resolved it): list the conflicts again and choose again.
+    #[error("the conflict at {path} changed since it was listed; list it again")]
+    ConflictChanged { path: String },
+    /// The note has open conflicts; they must be resolved before it can be signed.
+    #[error("the note has {} open conflict(s) to resolve before signing: {}", paths.len(), paths.join(", "))]
+    ConflictsOpen { paths: Vec<String> },
+    /// The field the caller changed has concurrent values: resolve the conflict first (writing
+    /// over it would close it without a resolution record).
+    #[error("the field {path} is in conflict; resolve the conflict before changing it")]
+    FieldInConflict { path: String },
+    /// The field the caller changed no longer holds the value the caller read (another change
+    /// arrived since): read the record again.
+    #[error("the field {path} changed since it was read; read it again")]
+    StaleRead { path: String },
     /// A document's stored bytes could not be decoded.
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),

@@ -44,7 +44,7 @@
 //! - `addenda[]` — `{id, author, createdAt, text: Text}`.
 //! - `resolutions[]` — `{path, value, resolvedBy, resolvedAt}`: conflict resolutions (both kinds).
 
-mod conflicts;
+pub(crate) mod conflicts;
 mod history;
 pub(crate) mod patient;
 pub mod signing;

@@ -9,7 +9,18 @@
 //! which also flushes every keystroke committed before them. See the README's "Decisions".
 //!
 //! The store keeps exactly one connection (the only writer) behind a mutex, and a bounded cache
-//! of loaded documents.
+//! of loaded documents. One file is used by one `Store` at a time, across threads and
+//! processes: `open` takes an exclusive OS advisory lock on `<path>-lock` and a second open
+//! fails with [`Error::StoreInUse`]; `close` releases it (iOS terminates suspended apps that
+//! hold file locks), and the OS releases it when a process dies.
+//!
+//! Keystrokes in the journal survive any later failure: a document dropped from the cache while
+//! it holds journaled splices (a refused sync message, a failed write) has them replayed from
+//! the journal file, and the journal is emptied only once SQLite holds every record.
+//!
+//! Audit: changes that must be accountable (signing, resolving a conflict, creating) write their
+//! audit row in the change's own transaction. Reading a chart or note writes one
+//! `chart-opened` / `note-viewed` row per (user, document, store session), not one per call.
 
 mod db;
 mod documents;
@@ -18,13 +29,13 @@ mod journal;
 mod keys;
 mod sync_state;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ReadDoc};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 
 pub use db::{SCHEMA_VERSION, StoreKey};
@@ -48,7 +59,7 @@ pub const MAX_CACHED_DOCS: usize = 64;
 
 /// How hard a transaction must be flushed before the call returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Durability {
+pub(crate) enum Durability {
     /// Survives the process being killed (WAL, `synchronous = NORMAL`).
     ProcessCrash,
     /// Also survives power loss (`synchronous = FULL`: the WAL is fsynced before returning).
@@ -56,7 +67,7 @@ enum Durability {
 }
 
 /// Audit actions recorded locally.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuditAction {
     /// A patient chart was opened.
@@ -182,6 +193,15 @@ struct Inner {
     journal: Option<Journal>,
     /// The agency's device keys (last fetched copy), for verifying signatures.
     keys: Arc<KeyDirectory>,
+    /// A document left the cache while it held journaled splices SQLite does not have (a
+    /// failed merge or edit dropped it). Until they are replayed from the journal file, the
+    /// journal must not be emptied: see [`Inner::recover_orphans`].
+    journal_orphans: bool,
+    /// The exclusive lock on `<db>-lock` (see `db::lock`); dropped with `Inner` on close.
+    lock: Option<std::fs::File>,
+    /// (user, document, action) already audited as read in this store session: reading a chart
+    /// or note writes one `chart-opened` / `note-viewed` row per session, not one per call.
+    audited_reads: HashSet<(DocumentId, AuditAction)>,
 }
 
 /// The encrypted local store of one device. Cheap to share behind an `Arc`; calls are
@@ -222,6 +242,9 @@ impl Inner {
         durability: Durability,
         f: impl FnOnce(&Tx<'_>, &mut HashMap<DocumentId, LoadedDoc>) -> Result<T>,
     ) -> Result<T> {
+        if self.journal_orphans {
+            self.recover_orphans();
+        }
         if durability == Durability::PowerLoss {
             self.conn.execute_batch("PRAGMA synchronous = FULL")?;
         }
@@ -232,8 +255,11 @@ impl Inner {
         }
         match result {
             Ok(out) => {
+                // Emptied only when every journaled splice is in SQLite: none pending in a cached
+                // document, none orphaned by a document that left the cache.
                 if let Some(journal) = self.journal.as_mut()
                     && journal.records > 0
+                    && !self.journal_orphans
                     && self.docs.values().all(|d| !d.journaled)
                 {
                     journal.clear()?;
@@ -256,30 +282,61 @@ impl Inner {
     /// disk. Splices that are durable in the keystroke journal are kept: the document is
     /// reloaded from SQLite and its journal records replayed (if that fails too, they stay in the
     /// journal file and are replayed at the next open).
+    ///
+    /// Every path that drops a document after a failure comes through here, so journaled
+    /// splices are never silently left behind: if the replay fails, `journal_orphans` keeps the
+    /// journal file from being emptied and the replay is retried before the next write (and at
+    /// the next open in any case).
     fn discard(&mut self, id: DocumentId) {
         let Some(old) = self.docs.remove(&id) else {
             return;
         };
-        if !old.journaled {
+        if old.journaled {
+            self.journal_orphans = true;
+            self.recover_orphans();
+        }
+    }
+
+    /// Replay the journal file's records into memory (records already in a document are
+    /// skipped by hash), so splices of documents that left the cache are journaled again and
+    /// the next transaction commits them. On failure the flag stays set: the journal is kept.
+    fn recover_orphans(&mut self) {
+        let Some(records) = self.journal.as_ref().map(|j| j.records_on_disk()) else {
             return;
-        }
-        let records: Vec<_> = self
-            .journal
-            .as_ref()
-            .map(|j| j.records_on_disk())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| r.doc == id)
-            .collect();
+        };
+        // Cleared first: the replay may itself write (a full cache folds before loading).
+        self.journal_orphans = false;
         if let Err(e) = self.replay_records(records) {
-            tracing::error!(doc = %id, error = %e, "could not recover journaled splices in-session");
-            self.docs.remove(&id);
+            tracing::error!(error = %e, "could not recover journaled splices in-session; kept in the journal");
+            self.journal_orphans = true;
         }
+    }
+
+    /// Re-walk the conflicts of documents whose rows an older build wrote (no value ids): a
+    /// one-time cost after an upgrade, nothing when there are none.
+    fn reindex_legacy_conflicts(&mut self) -> Result<()> {
+        let legacy = {
+            let tx = self.conn.transaction()?;
+            let legacy = index::documents_with_legacy_conflicts(&tx)?;
+            tx.commit()?;
+            legacy
+        };
+        let author = self.author.clone();
+        for id in legacy {
+            self.ensure_loaded(id, &author)?;
+            self.write(Durability::ProcessCrash, |tx, docs| {
+                let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
+                index::refresh_all_conflicts(tx, id, &loaded.doc)?;
+                loaded.indexed_heads = loaded.doc.get_heads();
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Commit journaled splices to SQLite now.
     fn fold(&mut self) -> Result<()> {
-        if self.docs.values().any(|d| d.journaled) {
+        if self.journal_orphans || self.docs.values().any(|d| d.journaled) {
             self.write(Durability::ProcessCrash, |_, _| Ok(()))?;
         }
         Ok(())
@@ -486,6 +543,16 @@ fn check_signature(id: DocumentId, loaded: &mut LoadedDoc) -> SignatureCheck {
     }
 }
 
+/// Refuse (with every path) if the document has open conflicts.
+pub(crate) fn refuse_open_conflicts(doc: &AutoCommit) -> Result<()> {
+    let paths = model::conflicts::open_conflict_paths(doc);
+    if paths.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ConflictsOpen { paths })
+    }
+}
+
 /// Check a cached document's kind.
 fn expect_kind(loaded: &LoadedDoc, id: DocumentId, kind: DocKind) -> Result<()> {
     if loaded.cache.kind == Some(kind) {
@@ -559,7 +626,12 @@ impl Store {
     /// Open (or create) the store. Migrates an older schema; refuses a newer one
     /// ([`Error::SchemaTooNew`]); a wrong key or a foreign/corrupt file is
     /// [`Error::CannotDecrypt`] and the file is left untouched.
+    ///
+    /// One file is used by one `Store` at a time: a second open of the same file — from this
+    /// process or another — fails with [`Error::StoreInUse`] until the first is closed or
+    /// dropped (an OS advisory lock on `<path>-lock`, released by the OS if the process dies).
     pub fn open(config: StoreConfig) -> Result<Store> {
+        let lock = db::lock(&config.path)?;
         let conn = db::open(&config.path, &config.key)?;
         // Leftover records are merged whether or not this session journals splices: a store
         // opened without the journal must not leave a killed session's keystrokes behind.
@@ -580,10 +652,14 @@ impl Store {
             clock: 0,
             journal,
             keys,
+            journal_orphans: false,
+            lock: Some(lock),
+            audited_reads: HashSet::new(),
         };
         if !leftover.is_empty() {
             inner.replay(leftover)?;
         }
+        inner.reindex_legacy_conflicts()?;
         if !config.keystroke_journal {
             inner.journal = None;
         }
@@ -595,8 +671,8 @@ impl Store {
         })
     }
 
-    /// Close the store, releasing the file (e.g. when the app is suspended). Later calls return
-    /// [`Error::Closed`].
+    /// Close the store, releasing the file and its lock (e.g. when the app is suspended: iOS
+    /// terminates suspended apps that hold file locks). Later calls return [`Error::Closed`].
     pub fn close(&self) -> Result<()> {
         let mut guard = self.lock();
         if let Some(inner) = guard.as_mut() {
@@ -618,9 +694,37 @@ impl Store {
         &self.actor
     }
 
-    /// Change the encryption key.
+    /// Change the encryption key. Journaled splices are committed to SQLite first and the
+    /// journal's key is re-derived from the new key, so a kill at any point leaves nothing
+    /// under the old key that the next open (with the new key) could not read.
     pub fn rekey(&self, key: &StoreKey) -> Result<()> {
-        self.with(|inner| db::rekey(&inner.conn, key))
+        self.with(|inner| {
+            inner.fold()?;
+            if let Some(journal) = inner.journal.as_ref()
+                && (inner.journal_orphans || journal.bytes_on_disk()? > 0)
+            {
+                return Err(Error::Io(
+                    "the keystroke journal could not be committed; not changing the key".into(),
+                ));
+            }
+            db::rekey(&inner.conn, key)?;
+            if let Some(journal) = inner.journal.as_mut() {
+                journal.rekey(key);
+            }
+            Ok(())
+        })
+    }
+
+    /// Tests only: behave as if the process were killed now — nothing is folded, committed or
+    /// closed (the connection and documents are leaked), except that the file lock is
+    /// released, as the OS does for a dead process.
+    #[doc(hidden)]
+    pub fn simulate_kill(self) {
+        let inner = self.lock().take();
+        if let Some(mut inner) = inner {
+            drop(inner.lock.take());
+            std::mem::forget(inner);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Inner>> {
@@ -701,6 +805,20 @@ impl Store {
         durability: Durability,
         f: impl FnOnce(&mut LoadedDoc, &Actor, i64) -> Result<T>,
     ) -> Result<T> {
+        self.edit_with(id, kind, message, reindex, durability, None, f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn edit_with<T>(
+        &self,
+        id: DocumentId,
+        kind: DocKind,
+        message: &str,
+        reindex: Reindex,
+        durability: Durability,
+        audit_action: Option<AuditAction>,
+        f: impl FnOnce(&mut LoadedDoc, &Actor, i64) -> Result<T>,
+    ) -> Result<T> {
         let now = model::now_ms();
         let actor = &self.actor;
         self.with(|inner| {
@@ -723,10 +841,14 @@ impl Store {
                 documents::mark_unsynced(tx, id, loaded)?;
                 if reindex == Reindex::Yes {
                     loaded.refresh_cache();
-                    index::refresh(tx, id, loaded, now)?;
+                    documents::reindex(tx, id, loaded, now)?;
                 }
                 if loaded.needs_compaction() {
                     documents::compact(tx, id, loaded)?;
+                }
+                if let Some(action) = audit_action {
+                    let patient = model::root_info(&loaded.doc).patient_id;
+                    audit(tx, actor, action, Some(id), patient.as_deref(), now)?;
                 }
                 Ok(out)
             });
@@ -736,6 +858,10 @@ impl Store {
                 if !matches!(
                     result,
                     Err(Error::NoteSigned(_)
+                        | Error::ConflictsOpen { .. }
+                        | Error::ConflictChanged { .. }
+                        | Error::FieldInConflict { .. }
+                        | Error::StaleRead { .. }
                         | Error::InvalidInput(_)
                         | Error::ItemNotFound { .. }
                         | Error::InvalidTextRange { .. }
@@ -748,7 +874,9 @@ impl Store {
         })
     }
 
-    /// Read a document (loading it if needed), optionally recording an audit row.
+    /// Read a document (loading it if needed), optionally recording an audit row: `opened` /
+    /// `viewed` once per document per store session (open to close), so reading a chart on
+    /// every screen refresh does not write a transaction each time.
     fn read<T>(
         &self,
         id: DocumentId,
@@ -773,10 +901,19 @@ impl Store {
             let loaded = inner.docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
             let out = f(loaded)?;
             if let Some(action) = audit_action {
-                let patient = model::root_info(&loaded.doc).patient_id;
-                inner.write(Durability::ProcessCrash, |tx, _| {
-                    audit(tx, actor, action, Some(id), patient.as_deref(), now)
-                })?;
+                // Reading is audited once per (user, document, store session): the user of a
+                // store is fixed, so the session's set is keyed by document and action. Other
+                // actions (exports) are audited every time.
+                let once = matches!(action, AuditAction::ChartOpened | AuditAction::NoteViewed);
+                if !once || !inner.audited_reads.contains(&(id, action)) {
+                    let patient = model::root_info(&loaded.doc).patient_id;
+                    inner.write(Durability::ProcessCrash, |tx, _| {
+                        audit(tx, actor, action, Some(id), patient.as_deref(), now)
+                    })?;
+                    if once {
+                        inner.audited_reads.insert((id, action));
+                    }
+                }
             }
             Ok(out)
         })
@@ -806,7 +943,8 @@ impl Store {
         })
     }
 
-    /// Set a demographic field.
+    /// Set a demographic field. Nothing is written if the field already shows `value`; a field
+    /// in conflict is refused ([`Error::FieldInConflict`]: resolve it first).
     pub fn set_demographic(&self, id: DocumentId, field: Demographic, value: &str) -> Result<()> {
         self.edit(
             id,
@@ -818,27 +956,46 @@ impl Store {
         )
     }
 
-    /// Add (empty id) or update an allergy; returns its id. Only changed fields are written.
-    pub fn upsert_allergy(&self, id: DocumentId, allergy: &Allergy) -> Result<String> {
+    /// Add an allergy (`allergy.id` empty, `read` `None`) or update one; returns its id.
+    ///
+    /// An update passes `read`, the allergy as the caller read it (from
+    /// [`Store::patient_chart`]), and writes only the fields where `allergy` differs from it.
+    /// A field the caller left unchanged is never written, so an update never closes a conflict
+    /// on another field. A changed field that is in conflict is refused
+    /// ([`Error::FieldInConflict`]: resolve it first), and one that no longer holds what the
+    /// caller read is refused ([`Error::StaleRead`]: read again); either way nothing is written.
+    pub fn upsert_allergy(
+        &self,
+        id: DocumentId,
+        read: Option<&Allergy>,
+        allergy: &Allergy,
+    ) -> Result<String> {
         self.edit(
             id,
             DocKind::Patient,
             "upsert allergy",
             Reindex::Yes,
             Durability::PowerLoss,
-            |doc, actor, now| model::patient::upsert_allergy(doc, allergy, actor, now),
+            |doc, actor, now| model::patient::upsert_allergy(doc, read, allergy, actor, now),
         )
     }
 
-    /// Add (empty id) or update a medication; returns its id. Only changed fields are written.
-    pub fn upsert_medication(&self, id: DocumentId, medication: &Medication) -> Result<String> {
+    /// Add a medication (`medication.id` empty, `read` `None`) or update one; returns its id.
+    /// Same contract as [`Store::upsert_allergy`]: only the fields where `medication` differs
+    /// from `read` (what the caller read) are written.
+    pub fn upsert_medication(
+        &self,
+        id: DocumentId,
+        read: Option<&Medication>,
+        medication: &Medication,
+    ) -> Result<String> {
         self.edit(
             id,
             DocKind::Patient,
             "upsert medication",
             Reindex::Yes,
             Durability::PowerLoss,
-            |doc, actor, now| model::patient::upsert_medication(doc, medication, actor, now),
+            |doc, actor, now| model::patient::upsert_medication(doc, read, medication, actor, now),
         )
     }
 
@@ -1130,14 +1287,24 @@ impl Store {
         self.require_role(&[Role::Clinician], "sign notes")?;
         let role = self.role;
         let key = self.with(|inner| inner.signing_key())?;
-        self.note_edit(
+        // Signature, index rows and the `signed` audit row in one transaction.
+        self.edit_with(
             id,
+            DocKind::VisitNote,
             "sign",
             Reindex::Yes,
             Durability::PowerLoss,
-            |doc, actor, now| model::signing::sign(doc, id, &key, actor, role, now),
+            Some(AuditAction::Signed),
+            |loaded, actor, now| {
+                // Open conflicts first: once signed, the body can no longer be changed to
+                // resolve them.
+                refuse_open_conflicts(&loaded.doc)?;
+                if loaded.cache.signed {
+                    return Err(Error::NoteSigned(id));
+                }
+                model::signing::sign(&mut loaded.doc, id, &key, actor, role, now)
+            },
         )?;
-        self.audit_now(AuditAction::Signed, id)?;
         self.read_loaded(id, None, |loaded| {
             // The entry just written (whether or not this device's key list vouches for it).
             let heads: Vec<String> = loaded
@@ -1282,40 +1449,56 @@ impl Store {
         })
     }
 
-    /// Resolve a conflict on a scalar field by choosing one of its values (by index in
-    /// [`Conflict::values`]). The choice, who made it and the values it replaced are recorded in
-    /// the document's `resolutions` list, so every replica sees it.
-    pub fn resolve_conflict(&self, id: DocumentId, path: &str, choice: usize) -> Result<()> {
-        let (kind, signed) = self.read_loaded(id, None, |loaded| {
-            let kind = model::root_info(&loaded.doc)
+    /// Resolve a conflict on a scalar field by choosing one of its values.
+    ///
+    /// `listed` is the conflict as the caller saw it (from [`Store::conflicts`]) and `choice`
+    /// the [`ConflictValue::id`] of the chosen value. If the field's set of values is no longer
+    /// the one listed (a sync added or removed one, someone resolved it), nothing is written and
+    /// the call fails with [`Error::ConflictChanged`]: list again and let the person choose
+    /// again. The choice, who made it, when, and the values it replaced are appended to the
+    /// document's `resolutions` list in the same change, and the `conflict-resolved` audit row in
+    /// the same transaction.
+    pub fn resolve_conflict(&self, id: DocumentId, listed: &Conflict, choice: &str) -> Result<()> {
+        let kind = self.read(id, None, |doc| {
+            model::root_info(doc)
                 .kind
-                .ok_or_else(|| Error::InvalidInput("document has no kind".into()))?;
-            Ok((kind, loaded.cache.signed))
+                .ok_or_else(|| Error::InvalidInput("document has no kind".into()))
         })?;
-        self.edit(
+        let path = listed.path.as_str();
+        self.edit_with(
             id,
             kind,
             "resolve conflict",
             Reindex::Yes,
             Durability::PowerLoss,
-            |doc, actor, now| {
-                if kind == DocKind::VisitNote && signed && !path.starts_with("addenda/") {
+            Some(AuditAction::ConflictResolved),
+            |loaded, actor, now| {
+                if kind == DocKind::VisitNote
+                    && loaded.cache.signed
+                    && !path.starts_with("addenda/")
+                {
                     return Err(Error::NoteSigned(id));
                 }
-                let conflict = model::find_conflicts(doc)
-                    .into_iter()
-                    .find(|c| c.path == path)
-                    .ok_or_else(|| Error::ItemNotFound {
-                        what: "conflict",
-                        id: path.to_owned(),
-                    })?;
-                let chosen = conflict
+                let doc = &mut loaded.doc;
+                let changed = || Error::ConflictChanged {
+                    path: path.to_owned(),
+                };
+                let (parent, prop) = model::resolve_path(doc, path).map_err(|_| changed())?;
+                let current = model::conflicts::conflict_at(doc, &parent, prop.clone(), path)
+                    .ok_or_else(changed)?;
+                if current.value_ids() != listed.value_ids() {
+                    return Err(changed());
+                }
+                let chosen = current
                     .values
-                    .get(choice)
-                    .ok_or_else(|| Error::InvalidInput(format!("choice {choice} out of range")))?
+                    .iter()
+                    .find(|v| v.id == choice)
+                    .ok_or_else(|| Error::ItemNotFound {
+                        what: "conflict value",
+                        id: choice.to_owned(),
+                    })?
                     .value
                     .clone();
-                let (parent, prop) = model::resolve_path(doc, path)?;
                 let scalar = model::json_to_scalar(&chosen).ok_or_else(|| {
                     Error::InvalidInput(
                         "only scalar fields can be resolved by choice; edit the object instead"
@@ -1333,13 +1516,12 @@ impl Store {
                 let entry = doc.insert_object(&list, at, automerge::ObjType::Map)?;
                 doc.put(&entry, "path", path)?;
                 doc.put(&entry, "value", chosen.to_string())?;
-                doc.put(&entry, "replaced", serde_json::to_string(&conflict.values)?)?;
+                doc.put(&entry, "replaced", serde_json::to_string(&current.values)?)?;
                 doc.put(&entry, "resolvedBy", actor.user_id.as_str())?;
                 doc.put(&entry, "resolvedAt", now)?;
                 Ok(())
             },
-        )?;
-        self.audit_now(AuditAction::ConflictResolved, id)
+        )
     }
 
     /// Every change of a document with its author and time.
@@ -1483,22 +1665,6 @@ impl Store {
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
-        })
-    }
-
-    fn audit_now(&self, action: AuditAction, id: DocumentId) -> Result<()> {
-        let now = model::now_ms();
-        let actor = &self.actor;
-        self.with(|inner| {
-            let patient: Option<String> = inner
-                .conn
-                .prepare_cached("SELECT patient_id FROM documents WHERE doc_id = ?1")?
-                .query_row([id.as_bytes()], |r| r.get(0))
-                .optional()?
-                .flatten();
-            inner.write(Durability::ProcessCrash, |tx, _| {
-                audit(tx, actor, action, Some(id), patient.as_deref(), now)
-            })
         })
     }
 

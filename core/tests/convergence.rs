@@ -4,10 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
-
+use fieldchart_core::Error;
 use fieldchart_core::model::{
     Actor, Demographic, Medication, NoteText, Role, VisitStart, VitalReading, VitalType,
+    find_conflicts,
 };
 use fieldchart_core::protocol::DocumentId;
 use fieldchart_core::store::{Store, StoreConfig, StoreKey};
@@ -71,6 +71,7 @@ fn world() -> World {
     let med = stores[0]
         .upsert_medication(
             chart,
+            None,
             &Medication {
                 name: "Lisinopril".into(),
                 dose: "10 mg".into(),
@@ -122,19 +123,29 @@ fn merge(w: &World, from: usize, to: usize) {
 fn apply(w: &World, r: usize, op: &Op) {
     let s = &w.stores[r];
     match op {
-        Op::Phone(v) => s
-            .set_demographic(w.chart, Demographic::Phone, &format!("555-{v:04}"))
-            .unwrap(),
+        Op::Phone(v) => {
+            match s.set_demographic(w.chart, Demographic::Phone, &format!("555-{v:04}")) {
+                Ok(()) | Err(Error::FieldInConflict { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
         Op::Dose(v) => {
-            let mut m = s
+            let read = s
                 .patient_chart(w.chart)
                 .unwrap()
                 .medications
                 .into_iter()
                 .find(|m| m.id == w.med)
                 .unwrap();
+            let mut m = read.clone();
             m.dose = format!("{v} mg");
-            s.upsert_medication(w.chart, &m).unwrap();
+            match s.upsert_medication(w.chart, Some(&read), &m) {
+                Ok(_) => {}
+                // The dose is in conflict: changing it means resolving first (never written
+                // over, which would close the conflict without a record).
+                Err(Error::FieldInConflict { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
         }
         Op::Goal(v) => {
             s.add_care_plan_item(w.chart, &[], &format!("problem {v}"), "active")
@@ -163,6 +174,44 @@ fn apply(w: &World, r: usize, op: &Op) {
                 },
             )
             .unwrap();
+        }
+    }
+}
+
+/// The conflict index of every replica equals a full recomputation from the documents (the
+/// index is refreshed incrementally, only where new changes wrote).
+fn assert_index_is_complete(w: &World) {
+    for (r, s) in w.stores.iter().enumerate() {
+        let known = s.document_ids().unwrap();
+        for id in [w.chart, w.note]
+            .into_iter()
+            .filter(|id| known.contains(id))
+        {
+            let indexed = s.conflicts(id).unwrap();
+            let full = s.with_document(id, |doc| find_conflicts(doc)).unwrap();
+            assert_eq!(
+                indexed, full,
+                "replica {r}: conflict index differs from a full walk"
+            );
+        }
+    }
+}
+
+fn dose(w: &World, r: usize) -> String {
+    w.stores[r]
+        .patient_chart(w.chart)
+        .unwrap()
+        .medications
+        .into_iter()
+        .find(|m| m.id == w.med)
+        .unwrap()
+        .dose
+}
+
+fn merge_all(w: &World) {
+    for a in 0..3 {
+        for b in 0..3 {
+            merge(w, a, b);
         }
     }
 }
@@ -205,49 +254,66 @@ proptest! {
             for (a, b) in merges {
                 merge(&w, *a, *b);
             }
+            assert_index_is_complete(&w);
         }
-        // Bring everyone up to date, then a final round of concurrent writes to one medication
-        // field: every value written there must show up in the conflict list.
-        for a in 0..3 { for b in 0..3 { merge(&w, a, b); } }
-        // Writing the value a field already has is not a change (and creates no conflict).
-        let before = w.stores[0].patient_chart(w.chart).unwrap().medications.into_iter().find(|m| m.id == w.med).unwrap().dose;
-        let mut written = BTreeSet::new();
-        let mut writers = 0;
-        for (r, dose) in final_doses.iter().enumerate() {
-            if let Some(d) = dose {
+        // Bring everyone up to date and close any dose conflict, then a final round of
+        // concurrent writes to the dose.
+        merge_all(&w);
+        let path = format!("medications/{}/dose", w.med);
+        if let Some(open) = w.stores[0].conflicts(w.chart).unwrap().into_iter().find(|c| c.path == path) {
+            let choice = open.values[0].id.clone();
+            w.stores[0].resolve_conflict(w.chart, &open, &choice).unwrap();
+            merge_all(&w);
+        }
+        let before = dose(&w, 0);
+        // Writers whose value equals the current one write nothing (no API writes an unchanged
+        // value); the others write concurrently, and equal values among them are one value.
+        let mut written: Vec<String> = Vec::new();
+        for (r, d) in final_doses.iter().enumerate() {
+            if let Some(d) = d {
                 apply(&w, r, &Op::Dose(*d));
-                if format!("{d} mg") != before {
-                    written.insert(format!("{d} mg"));
-                    writers += 1;
+                let value = format!("{d} mg");
+                if value != before {
+                    written.push(value);
                 }
             }
         }
         for (a, b) in &merge_order {
             merge(&w, *a, *b);
         }
-        for a in 0..3 { for b in 0..3 { merge(&w, a, b); } }
+        merge_all(&w);
+        assert_index_is_complete(&w);
 
         let first = state(&w, 0);
         for r in 1..3 {
             prop_assert_eq!(&state(&w, r), &first, "replica {} differs", r);
         }
-        let path = format!("medications/{}/dose", w.med);
-        for s in &w.stores {
-            let listed: BTreeSet<String> = s
+        let mut distinct = written.clone();
+        distinct.sort();
+        distinct.dedup();
+        for (r, s) in w.stores.iter().enumerate() {
+            let conflicts: Vec<_> = s
                 .conflicts(w.chart)
                 .unwrap()
                 .into_iter()
                 .filter(|c| c.path == path)
-                .flat_map(|c| c.values.into_iter().map(|v| v.value.as_str().unwrap().to_owned()))
                 .collect();
-            if writers >= 2 && written.len() >= 2 {
-                prop_assert_eq!(&listed, &written);
+            if distinct.len() >= 2 {
+                // Exactly the distinct written values, each listed once (a Vec, so a duplicate
+                // would show).
+                prop_assert_eq!(conflicts.len(), 1, "replica {}", r);
+                let mut listed: Vec<String> = conflicts[0]
+                    .values
+                    .iter()
+                    .map(|v| v.value.as_str().unwrap().to_owned())
+                    .collect();
+                listed.sort();
+                prop_assert_eq!(&listed, &distinct, "replica {}", r);
             } else {
-                prop_assert!(listed.len() <= 1 || written.len() < 2);
-                if writers >= 1 {
-                    let current = s.patient_chart(w.chart).unwrap().medications.into_iter().find(|m| m.id == w.med).unwrap().dose;
-                    prop_assert!(written.contains(&current));
-                }
+                // One distinct value (however many wrote it), or none: no conflict.
+                prop_assert!(conflicts.is_empty(), "replica {}: {:?}", r, conflicts);
+                let expected = distinct.first().cloned().unwrap_or_else(|| before.clone());
+                prop_assert_eq!(dose(&w, r), expected, "replica {}", r);
             }
         }
     }

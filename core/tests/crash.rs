@@ -156,12 +156,151 @@ fn killed_writers_lose_no_acknowledged_edit() {
         let store = open(&path, key, round % 3 != 2);
         let n = store.visit_note(note).unwrap();
         let vitals: Vec<&str> = n.vitals.iter().map(|v| v.value.as_str()).collect();
+        // Whole tokens, not substrings: a surviving "11.2;" must not stand in for a lost "1.2;".
+        let typed: std::collections::HashSet<String> = n
+            .assessment
+            .split_terminator(';')
+            .map(|t| format!("{t};"))
+            .collect();
         for token in &acknowledged {
             assert!(
-                n.assessment.contains(token.as_str()) || vitals.contains(&token.as_str()),
+                typed.contains(token) || vitals.contains(&token.as_str()),
                 "round {round}: acknowledged edit {token} is missing after SIGKILL"
             );
         }
         store.close().unwrap();
     }
+}
+
+const REKEY_CHILD_ENV: &str = "FIELDCHART_REKEY_CHILD";
+
+/// The other process of the rekey test: types through the journal, re-keys the store, types
+/// more, reports, then waits to be killed (never closing or dropping the store).
+#[test]
+fn rekey_child() {
+    let Ok(spec) = std::env::var(REKEY_CHILD_ENV) else {
+        return;
+    };
+    let mut parts = spec.split('|');
+    let path = std::path::PathBuf::from(parts.next().unwrap());
+    let old_key = hex_decode(parts.next().unwrap());
+    let new_key = hex_decode(parts.next().unwrap());
+    let note: DocumentId = parts.next().unwrap().parse().unwrap();
+    let store = open(&path, old_key, true);
+    let mut pos = 0;
+    for c in "before rekey;".chars() {
+        store
+            .splice_text(note, NoteText::Assessment, pos, 0, &c.to_string())
+            .unwrap();
+        pos += 1;
+    }
+    store.rekey(&StoreKey::from_bytes(new_key)).unwrap();
+    for c in " after rekey;".chars() {
+        store
+            .splice_text(note, NoteText::Assessment, pos, 0, &c.to_string())
+            .unwrap();
+        pos += 1;
+    }
+    println!("ok typed");
+    let mut out = std::io::stdout().lock();
+    out.flush().unwrap();
+    // Wait for the SIGKILL; the store stays open with its journal.
+    loop {
+        std::thread::park();
+    }
+}
+
+#[test]
+fn journal_then_rekey_then_sigkill_loses_nothing() {
+    if std::env::var(CHILD_ENV).is_ok() || std::env::var(REKEY_CHILD_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("device.db");
+    let old_key: [u8; 32] = rand::random();
+    let new_key: [u8; 32] = rand::random();
+    let note = {
+        let store = open(&path, old_key, true);
+        let note = store
+            .start_visit(&VisitStart {
+                agency_id: "ag".into(),
+                patient_id: "p1".into(),
+                service_type: "sn".into(),
+                date: "2026-11-27".into(),
+                location: "home".into(),
+                started_at_ms: 0,
+                start_monotonic_ms: 0,
+            })
+            .unwrap();
+        store.close().unwrap();
+        note
+    };
+    let hex = |k: &[u8; 32]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "rekey_child", "--nocapture", "--test-threads=1"])
+        .env(
+            REKEY_CHILD_ENV,
+            format!(
+                "{}|{}|{}|{note}",
+                path.display(),
+                hex(&old_key),
+                hex(&new_key)
+            ),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let typed = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        // libtest prints "test rekey_child ... " without a newline before the test's output.
+        .any(|l| l.ends_with("ok typed"));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(typed, "the child never finished typing");
+    assert!(
+        std::fs::metadata(journal_path(&path)).unwrap().len() > 0,
+        "the keystrokes after the rekey are only in the journal"
+    );
+
+    assert!(
+        Store::open(StoreConfig {
+            path: path.clone(),
+            key: StoreKey::from_bytes(old_key),
+            actor: Actor {
+                user_id: "nurse".into(),
+                device_id: "phone".into(),
+            },
+            role: Role::Clinician,
+            keystroke_journal: true,
+        })
+        .is_err(),
+        "the old key no longer opens the store"
+    );
+    let store = open(&path, new_key, true);
+    assert_eq!(
+        store.visit_note(note).unwrap().assessment,
+        "before rekey; after rekey;"
+    );
+    let damaged = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("damaged")
+        })
+        .count();
+    assert_eq!(
+        damaged, 0,
+        "no journal record was unreadable under the new key"
+    );
+}
+
+fn journal_path(db: &std::path::Path) -> std::path::PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-keystrokes");
+    std::path::PathBuf::from(p)
 }

@@ -48,6 +48,8 @@ fn nothing_is_stored_in_plaintext() {
         .unwrap();
     // Read back through the store: the data is there...
     assert_eq!(store.patient_chart(id).unwrap().name(), Some(name));
+    // One file, one Store at a time: the office's store is closed before the nurse's opens.
+    store.close().unwrap();
     // A nurse types a note keystroke by keystroke (the keystroke journal path) and the app is
     // killed before anything is committed to SQLite.
     let nurse = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
@@ -73,7 +75,7 @@ fn nothing_is_stored_in_plaintext() {
             .len()
             > 0
     );
-    std::mem::forget(nurse);
+    nurse.simulate_kill();
     // ...but neither the database file nor its WAL hold it in plaintext (checked while the WAL
     // still has the frames, before any checkpoint, and again after close).
     for phase in ["open", "closed"] {
@@ -99,7 +101,11 @@ fn nothing_is_stored_in_plaintext() {
                 dir.path().join("device.db-wal").exists(),
                 "the check must see the WAL"
             );
-            store.close().unwrap();
+            // Reopen (replaying the journal) and close, checkpointing the WAL.
+            Store::open(config(dir.path(), &key, "nurse", Role::Clinician))
+                .unwrap()
+                .close()
+                .unwrap();
         }
     }
 }
@@ -259,7 +265,14 @@ fn garbage_imports_are_errors_and_change_nothing() {
         good[..good.len() / 2].to_vec(),
     ] {
         let fresh = fieldchart_core::protocol::DocumentId::random();
-        let _ = store.import(fresh, &bad);
+        assert!(
+            matches!(store.import(fresh, &bad), Err(Error::InvalidInput(_))),
+            "{bad:?}"
+        );
+        assert!(
+            !store.document_ids().unwrap().contains(&fresh),
+            "a refused import creates no document"
+        );
         assert!(store.import(note, &bad).is_err(), "{bad:?}");
         assert_eq!(store.heads(note).unwrap(), heads);
     }
@@ -296,7 +309,7 @@ fn splices_left_in_the_journal_by_a_crash_are_merged_at_open() {
         "the splices are in the journal"
     );
     // Simulate a kill: the store is never closed or dropped.
-    std::mem::forget(store);
+    store.simulate_kill();
 
     let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
     assert_eq!(
@@ -336,7 +349,219 @@ fn without_the_journal_every_splice_is_its_own_transaction() {
             .splice_text(note, NoteText::Plan, i, 0, &c.to_string())
             .unwrap();
     }
-    std::mem::forget(store);
+    store.simulate_kill();
     assert!(!dir.path().join("device.db-keystrokes").exists());
     assert_eq!(open().visit_note(note).unwrap().plan, "abc😀");
+}
+
+#[test]
+fn journaled_keystrokes_survive_a_failed_sync_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let note = store.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    for (i, c) in "Edema +2".chars().enumerate() {
+        store
+            .splice_text(note, NoteText::Assessment, i, 0, &c.to_string())
+            .unwrap();
+    }
+    assert!(
+        std::fs::metadata(dir.path().join("device.db-keystrokes"))
+            .unwrap()
+            .len()
+            > 0,
+        "the keystrokes are only in the journal"
+    );
+    // A sync message the store refuses, for the very document being typed in.
+    let mut sync = store.doc_sync_state("relay", note).unwrap();
+    assert!(
+        store
+            .apply_sync_message("relay", note, &mut sync, &[0x42, 0xff, 0x00, 0x13])
+            .is_err()
+    );
+    // The keystrokes are still there in this session...
+    assert_eq!(store.visit_note(note).unwrap().assessment, "Edema +2");
+    // ...and a later write (which commits the journal and empties it) keeps them too.
+    let other = store.start_visit(&visit("p2", "2026-11-27")).unwrap();
+    store.set_next_visit(other, "2026-11-30").unwrap();
+    store.simulate_kill();
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    assert_eq!(store.visit_note(note).unwrap().assessment, "Edema +2");
+}
+
+#[test]
+fn a_second_open_from_another_thread_is_refused_until_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let first = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let note = first.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    let second = std::thread::scope(|s| {
+        s.spawn(|| Store::open(config(dir.path(), &key, "nurse", Role::Clinician)))
+            .join()
+            .unwrap()
+    });
+    let err = second.unwrap_err();
+    assert!(matches!(err, Error::StoreInUse), "{err}");
+    assert!(err.to_string().contains("already open"), "{err}");
+    // The refused open changed nothing: the first handle keeps working.
+    first.update_text(note, NoteText::Plan, "Recheck").unwrap();
+    first.close().unwrap();
+    let reopened = std::thread::scope(|s| {
+        s.spawn(|| {
+            Store::open(config(dir.path(), &key, "nurse", Role::Clinician))
+                .unwrap()
+                .visit_note(note)
+                .unwrap()
+                .plan
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(reopened, "Recheck");
+}
+
+const LOCK_CHILD_ENV: &str = "FIELDCHART_LOCK_CHILD";
+
+/// The other process of the lock test: tries to open the store and reports the outcome.
+#[test]
+fn lock_child() {
+    let Ok(spec) = std::env::var(LOCK_CHILD_ENV) else {
+        return;
+    };
+    let (dir, key_hex) = spec.split_once('|').unwrap();
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&key_hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let outcome = match Store::open(config(
+        std::path::Path::new(dir),
+        &StoreKey::from_bytes(key),
+        "nurse",
+        Role::Clinician,
+    )) {
+        Ok(store) => {
+            store.close().unwrap();
+            "opened".to_string()
+        }
+        Err(Error::StoreInUse) => "in-use".to_string(),
+        Err(e) => format!("error {e}"),
+    };
+    println!("outcome {outcome}");
+}
+
+#[test]
+fn a_second_open_from_another_process_is_refused_until_close() {
+    if std::env::var(LOCK_CHILD_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key: [u8; 32] = rand::random();
+    let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let child = || {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "lock_child", "--nocapture", "--test-threads=1"])
+            .env(
+                LOCK_CHILD_ENV,
+                format!("{}|{key_hex}", dir.path().display()),
+            )
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            // libtest prints "test lock_child ... " without a newline before the output.
+            .find_map(|l| l.split_once("outcome ").map(|(_, o)| o.to_owned()))
+            .unwrap_or_else(|| "no outcome".into())
+    };
+    let store = Store::open(config(
+        dir.path(),
+        &StoreKey::from_bytes(key),
+        "nurse",
+        Role::Clinician,
+    ))
+    .unwrap();
+    store.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    assert_eq!(child(), "in-use");
+    store.close().unwrap();
+    assert_eq!(child(), "opened");
+}
+
+#[test]
+fn reading_is_audited_once_per_document_and_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::random();
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let a = store.start_visit(&visit("p1", "2026-11-27")).unwrap();
+    let b = store.start_visit(&visit("p2", "2026-11-27")).unwrap();
+    let viewed = |store: &Store, id| {
+        store
+            .audit_log()
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == "note-viewed" && e.document_id == Some(id))
+            .count()
+    };
+    for _ in 0..5 {
+        store.visit_note(a).unwrap();
+    }
+    store.visit_note(b).unwrap();
+    assert_eq!(viewed(&store, a), 1, "five reads, one row");
+    assert_eq!(viewed(&store, b), 1);
+    store.close().unwrap();
+    let store = Store::open(config(dir.path(), &key, "nurse", Role::Clinician)).unwrap();
+    store.visit_note(a).unwrap();
+    store.visit_note(a).unwrap();
+    assert_eq!(viewed(&store, a), 2, "a new session audits again, once");
+}
+
+#[test]
+fn conflict_rows_from_an_older_build_are_reindexed_at_open() {
+    use fieldchart_core::model::Medication;
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let raw: [u8; 32] = rand::random();
+    let key = StoreKey::from_bytes(raw);
+    let a = Store::open(config(dir_a.path(), &key, "office", Role::Office)).unwrap();
+    let b = Store::open(config(dir_b.path(), &key, "nurse", Role::Clinician)).unwrap();
+    let chart = a.create_patient("ag", "p1", "Ada").unwrap();
+    a.upsert_medication(
+        chart,
+        None,
+        &Medication {
+            name: "Metformin".into(),
+            dose: "500 mg".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    b.import(chart, &a.export_changes(chart).unwrap()).unwrap();
+    for (store, dose) in [(&a, "250 mg"), (&b, "750 mg")] {
+        let read = store.patient_chart(chart).unwrap().medications[0].clone();
+        let mut m = read.clone();
+        m.dose = dose.into();
+        store.upsert_medication(chart, Some(&read), &m).unwrap();
+    }
+    a.import(chart, &b.export_changes(chart).unwrap()).unwrap();
+    let expected = a.conflicts(chart).unwrap();
+    assert_eq!(expected.len(), 1);
+    a.close().unwrap();
+    // Rewrite the row as an older build stored it: values without ids.
+    {
+        let conn = rusqlite::Connection::open(dir_a.path().join("device.db")).unwrap();
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        conn.execute_batch(&format!("PRAGMA key = \"x'{hex}'\";"))
+            .unwrap();
+        let n = conn
+            .execute(
+                "UPDATE conflicts SET values_json = (SELECT json_group_array(json(json_remove(value, '$.id'))) FROM json_each(values_json))",
+                [],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    let a = Store::open(config(dir_a.path(), &key, "office", Role::Office)).unwrap();
+    let listed = a.conflicts(chart).unwrap();
+    assert_eq!(listed, expected, "re-walked at open, ids restored");
+    let choice = listed[0].values[0].id.clone();
+    a.resolve_conflict(chart, &listed[0], &choice).unwrap();
+    assert!(a.conflicts(chart).unwrap().is_empty());
 }

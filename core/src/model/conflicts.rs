@@ -2,10 +2,20 @@
 //!
 //! Automerge keeps every concurrent value of a map key (`get_all`) and picks one
 //! deterministically for `get`. For clinical data a silent pick is not acceptable, so every
-//! field with more than one value is reported, with each value's author and time. Nothing is
-//! auto-resolved — medications and allergies least of all.
+//! field with more than one *distinct* value is reported, with each value's author and time.
+//! Nothing is auto-resolved — medications and allergies least of all. Identical concurrent
+//! values (two nurses writing the same dose offline) are one value, not a conflict.
+//!
+//! Each listed value carries its automerge op id (`counter@actor`) as a stable identity:
+//! resolving names the chosen value by it, never by a position in a list that a sync may have
+//! reordered in between.
+//!
+//! The store keeps an index of conflicts and refreshes it incrementally ([`touched_fields`] +
+//! [`conflicts_under`]): only the fields the new changes wrote are looked at again.
 
-use automerge::{AutoCommit, ObjId, ObjType, ROOT, ReadDoc, Value};
+use std::collections::BTreeSet;
+
+use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, Value};
 use serde::{Deserialize, Serialize};
 
 use super::{Actor, change_author, value_to_json};
@@ -16,6 +26,12 @@ const IGNORED_KEYS: &[&str] = &["updatedBy", "updatedAt"];
 /// One value of a conflicted field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConflictValue {
+    /// The value's stable identity: the automerge op id that wrote it, `counter@actor`. Pass it
+    /// to `Store::resolve_conflict`. When several concurrent ops wrote the same value, this is
+    /// the one from the change with the smallest hash. (Empty in rows an older build indexed,
+    /// which the store re-walks at open.)
+    #[serde(default)]
+    pub id: String,
     /// The value, as JSON (objects rendered whole).
     pub value: serde_json::Value,
     /// Who wrote it, when written by Fieldchart; `None` for foreign clients.
@@ -31,8 +47,16 @@ pub struct ConflictValue {
 pub struct Conflict {
     /// Path from the root, segments joined by `/` (map keys, list indexes).
     pub path: String,
-    /// Every concurrent value, ordered by change hash so the list is identical on all replicas.
+    /// Every distinct concurrent value, ordered by change hash so the list is identical on all
+    /// replicas.
     pub values: Vec<ConflictValue>,
+}
+
+impl Conflict {
+    /// The ids of the listed values, sorted: what a resolution checks it still matches.
+    pub fn value_ids(&self) -> BTreeSet<&str> {
+        self.values.iter().map(|v| v.id.as_str()).collect()
+    }
 }
 
 /// List every conflicted field of a document.
@@ -41,6 +65,141 @@ pub fn find_conflicts(doc: &AutoCommit) -> Vec<Conflict> {
     walk(doc, &ROOT, ObjType::Map, &mut Vec::new(), &mut out);
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out
+}
+
+/// Paths of every open conflict of a document (what blocks signing).
+pub(crate) fn open_conflict_paths(doc: &AutoCommit) -> Vec<String> {
+    find_conflicts(doc).into_iter().map(|c| c.path).collect()
+}
+
+/// The conflict at one field, if it has more than one distinct value.
+pub(crate) fn conflict_at(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    prop: Prop,
+    path: &str,
+) -> Option<Conflict> {
+    let values = doc.get_all(obj, prop).ok()?;
+    let listed = distinct_values(doc, &values);
+    (listed.len() > 1).then(|| Conflict {
+        path: path.to_owned(),
+        values: listed,
+    })
+}
+
+/// Whether a map field holds more than one distinct value.
+pub(crate) fn is_conflicted(doc: &AutoCommit, obj: &ObjId, key: &str) -> bool {
+    doc.get_all(obj, key)
+        .map(|values| values.len() > 1 && distinct_values(doc, &values).len() > 1)
+        .unwrap_or(false)
+}
+
+/// What a set of new changes touched, for re-checking conflicts there only.
+#[derive(Debug, Default)]
+pub(crate) struct Touched {
+    /// Map fields written or deleted: (map object, key).
+    pub fields: Vec<(ObjId, String)>,
+    /// Lists with inserted, deleted or overwritten elements: indexes shift, so the whole list
+    /// is re-checked.
+    pub lists: Vec<ObjId>,
+}
+
+/// The map fields and lists that the changes after `before` wrote (Text edits are skipped:
+/// Text merges by character and cannot conflict). Costs in proportion to those changes.
+pub(crate) fn touched_fields(doc: &mut AutoCommit, before: &[ChangeHash]) -> Touched {
+    let mut fields = BTreeSet::new();
+    let mut lists = BTreeSet::new();
+    // A local edit is one change on top of `before`: take it directly (the per-edit path).
+    // Otherwise (merges) collect every change after `before`.
+    let mut sorted_before = before.to_vec();
+    sorted_before.sort();
+    let changes = match doc.get_last_local_change() {
+        Some(last)
+            if doc.get_heads() == [last.hash()] && {
+                let mut deps = last.deps().to_vec();
+                deps.sort();
+                deps == sorted_before
+            } =>
+        {
+            vec![last]
+        }
+        _ => doc.document().get_changes(before),
+    };
+    let doc = &*doc;
+    for change in changes {
+        for op in change.decode().operations {
+            let obj = match &op.obj {
+                automerge::legacy::ObjectId::Root => (ROOT, ObjType::Map),
+                other => match doc.import(&other.to_string()) {
+                    Ok(found) => found,
+                    Err(_) => continue,
+                },
+            };
+            match (obj.1, &op.key) {
+                (ObjType::Map | ObjType::Table, automerge::legacy::Key::Map(key)) => {
+                    fields.insert((obj.0, key.to_string()));
+                }
+                (ObjType::List, _) => {
+                    lists.insert(obj.0);
+                }
+                _ => {}
+            }
+        }
+    }
+    Touched {
+        fields: fields.into_iter().collect(),
+        lists: lists.into_iter().collect(),
+    }
+}
+
+/// The path of an object from the root as segments, or `None` if it is not visible (deleted,
+/// or inside a concurrent value that does not win).
+pub(crate) fn visible_path(doc: &AutoCommit, obj: &ObjId) -> Option<Vec<String>> {
+    if *obj == ROOT {
+        return Some(Vec::new());
+    }
+    let path = doc.parents(obj).ok()?.visible_path()?;
+    Some(path.into_iter().map(|(_, p)| prop_segment(&p)).collect())
+}
+
+/// Every conflict at a map field and below it (in every concurrent value).
+pub(crate) fn conflicts_under_field(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    key: &str,
+    path: &mut Vec<String>,
+) -> Vec<Conflict> {
+    let mut out = Vec::new();
+    path.push(key.to_owned());
+    visit(
+        doc,
+        obj,
+        Prop::Map(key.to_owned()),
+        path,
+        &mut out,
+        IGNORED_KEYS.contains(&key),
+    );
+    path.pop();
+    out
+}
+
+/// Every conflict inside an object (not at its own field).
+pub(crate) fn conflicts_inside(
+    doc: &AutoCommit,
+    obj: &ObjId,
+    ty: ObjType,
+    path: &mut Vec<String>,
+) -> Vec<Conflict> {
+    let mut out = Vec::new();
+    walk(doc, obj, ty, path, &mut out);
+    out
+}
+
+fn prop_segment(p: &Prop) -> String {
+    match p {
+        Prop::Map(k) => k.clone(),
+        Prop::Seq(i) => i.to_string(),
+    }
 }
 
 fn walk(
@@ -58,7 +217,7 @@ fn walk(
                 visit(
                     doc,
                     obj,
-                    automerge::Prop::Map(key.clone()),
+                    Prop::Map(key.clone()),
                     path,
                     out,
                     IGNORED_KEYS.contains(&key.as_str()),
@@ -69,7 +228,7 @@ fn walk(
         ObjType::List => {
             for i in 0..doc.length(obj) {
                 path.push(i.to_string());
-                visit(doc, obj, automerge::Prop::Seq(i), path, out, false);
+                visit(doc, obj, Prop::Seq(i), path, out, false);
                 path.pop();
             }
         }
@@ -78,10 +237,45 @@ fn walk(
     }
 }
 
+/// The distinct values of a field: one entry per distinct scalar (the representative is the
+/// op from the change with the smallest hash), every concurrent object on its own.
+fn distinct_values(doc: &AutoCommit, values: &[(Value<'_>, ObjId)]) -> Vec<ConflictValue> {
+    let mut listed: Vec<(bool, ConflictValue)> = values
+        .iter()
+        .map(|(v, id)| {
+            let change = doc
+                .hash_for_opid(id)
+                .and_then(|h| doc.get_change_by_hash(&h));
+            (
+                matches!(v, Value::Object(_)),
+                ConflictValue {
+                    id: id.to_string(),
+                    value: value_to_json(doc, v, id, None),
+                    author: change.as_ref().and_then(|c| change_author(doc, c)),
+                    time_ms: change
+                        .as_ref()
+                        .map(|c| c.timestamp().saturating_mul(1000))
+                        .unwrap_or(0),
+                    change: change.map(|c| c.hash().to_string()).unwrap_or_default(),
+                },
+            )
+        })
+        .collect();
+    listed.sort_by(|a, b| (&a.1.change, &a.1.id).cmp(&(&b.1.change, &b.1.id)));
+    let mut out: Vec<ConflictValue> = Vec::with_capacity(listed.len());
+    for (is_object, value) in listed {
+        if !is_object && out.iter().any(|o| o.value == value.value) {
+            continue;
+        }
+        out.push(value);
+    }
+    out
+}
+
 fn visit(
     doc: &AutoCommit,
     obj: &ObjId,
-    prop: automerge::Prop,
+    prop: Prop,
     path: &mut Vec<String>,
     out: &mut Vec<Conflict>,
     ignored: bool,
@@ -90,28 +284,13 @@ fn visit(
         return;
     };
     if values.len() > 1 && !ignored {
-        let mut listed: Vec<ConflictValue> = values
-            .iter()
-            .map(|(v, id)| {
-                let change = doc
-                    .hash_for_opid(id)
-                    .and_then(|h| doc.get_change_by_hash(&h));
-                ConflictValue {
-                    value: value_to_json(doc, v, id, None),
-                    author: change.as_ref().and_then(|c| change_author(doc, c)),
-                    time_ms: change
-                        .as_ref()
-                        .map(|c| c.timestamp().saturating_mul(1000))
-                        .unwrap_or(0),
-                    change: change.map(|c| c.hash().to_string()).unwrap_or_default(),
-                }
-            })
-            .collect();
-        listed.sort_by(|a, b| a.change.cmp(&b.change));
-        out.push(Conflict {
-            path: path.join("/"),
-            values: listed,
-        });
+        let listed = distinct_values(doc, &values);
+        if listed.len() > 1 {
+            out.push(Conflict {
+                path: path.join("/"),
+                values: listed,
+            });
+        }
     }
     // Descend into every concurrent object, not only the winner, so nothing nested is hidden.
     for (v, id) in values {

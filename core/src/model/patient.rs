@@ -169,79 +169,175 @@ pub fn new_patient_chart(
     Ok((DocumentId::random(), doc))
 }
 
-/// Put a scalar string only if it differs from the current (single) value.
-fn put_if_changed(doc: &mut AutoCommit, obj: &ObjId, key: &str, value: &str) -> Result<()> {
-    let conflicted = doc.get_all(obj, key)?.len() > 1;
-    if conflicted || get_string(doc, obj, key).as_deref() != Some(value) {
-        doc.put(obj, key, value)?;
+/// The `/`-joined path of a map field, for error messages (ids and keys only, no values).
+fn field_path(doc: &AutoCommit, obj: &ObjId, key: &str) -> String {
+    let mut path = super::conflicts::visible_path(doc, obj).unwrap_or_default();
+    path.push(key.to_owned());
+    path.join("/")
+}
+
+/// A single-field update: writes `value` only if the field does not already show it (no API
+/// writes an unchanged value: that would close a conflict without a resolution record, or
+/// create a false one). A field in conflict is never written over — the conflict must be
+/// resolved first ([`Error::FieldInConflict`]).
+fn put_if_changed(doc: &mut AutoCommit, obj: &ObjId, key: &str, value: &str) -> Result<bool> {
+    if get_string(doc, obj, key).as_deref() == Some(value) {
+        return Ok(false);
     }
-    Ok(())
+    if super::conflicts::is_conflicted(doc, obj, key) {
+        return Err(Error::FieldInConflict {
+            path: field_path(doc, obj, key),
+        });
+    }
+    doc.put(obj, key, value)?;
+    Ok(true)
+}
+
+/// A record update against what the caller read: only fields where `new` differs from `read`
+/// are written, each only if the document still holds the value the caller read there
+/// ([`Error::StaleRead`] otherwise) and is not in conflict ([`Error::FieldInConflict`]).
+/// Fields the caller left as read are never written, whatever the document holds now.
+/// All checks run before any write, so a refused update writes nothing.
+fn put_changed_fields(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    read: &[(&str, &str)],
+    new: &[(&str, &str)],
+) -> Result<bool> {
+    let mut writes = Vec::new();
+    for ((key, before), (_, after)) in read.iter().zip(new) {
+        if before == after {
+            continue;
+        }
+        if super::conflicts::is_conflicted(doc, obj, key) {
+            return Err(Error::FieldInConflict {
+                path: field_path(doc, obj, key),
+            });
+        }
+        if get_string(doc, obj, key).unwrap_or_default() != *before {
+            return Err(Error::StaleRead {
+                path: field_path(doc, obj, key),
+            });
+        }
+        writes.push((*key, *after));
+    }
+    for (key, value) in &writes {
+        doc.put(obj, *key, *value)?;
+    }
+    Ok(!writes.is_empty())
 }
 
 pub(crate) fn set_demographic(doc: &mut AutoCommit, field: Demographic, value: &str) -> Result<()> {
     let demo = ensure_obj(doc, &ROOT, "demographics", ObjType::Map)?;
-    put_if_changed(doc, &demo, field.key(), value)
+    put_if_changed(doc, &demo, field.key(), value)?;
+    Ok(())
 }
 
+/// Add an entry (`read` is `None` and the id empty) or update one against the fields the caller
+/// read. Returns the id and whether anything was written.
 fn upsert_entry(
     doc: &mut AutoCommit,
     list: &str,
     id: &str,
+    read: Option<(&str, &[(&str, &str)])>,
     fields: &[(&str, &str)],
-) -> Result<String> {
+) -> Result<(String, bool)> {
     let parent = ensure_obj(doc, &ROOT, list, ObjType::Map)?;
-    let id = if id.is_empty() {
-        new_item_id()
-    } else {
-        id.to_owned()
-    };
-    let entry = ensure_obj(doc, &parent, &id, ObjType::Map)?;
-    for (k, v) in fields {
-        put_if_changed(doc, &entry, k, v)?;
+    if id.is_empty() {
+        if read.is_some() {
+            return Err(Error::InvalidInput(
+                "a new entry has no previously read version".into(),
+            ));
+        }
+        let id = new_item_id();
+        let entry = doc.put_object(&parent, id.as_str(), ObjType::Map)?;
+        for (k, v) in fields {
+            doc.put(&entry, *k, *v)?;
+        }
+        return Ok((id, true));
     }
-    Ok(id)
+    let Some((read_id, read_fields)) = read else {
+        return Err(Error::InvalidInput(
+            "updating an entry needs the version the caller read".into(),
+        ));
+    };
+    if read_id != id {
+        return Err(Error::InvalidInput(
+            "the read version is of another entry".into(),
+        ));
+    }
+    let entry = get_obj(doc, &parent, id).ok_or_else(|| Error::ItemNotFound {
+        what: "entry",
+        id: id.to_owned(),
+    })?;
+    let changed = put_changed_fields(doc, &entry, read_fields, fields)?;
+    Ok((id.to_owned(), changed))
 }
 
+fn allergy_fields(a: &Allergy) -> [(&'static str, &str); 4] {
+    [
+        ("substance", &a.substance),
+        ("reaction", &a.reaction),
+        ("severity", &a.severity),
+        ("status", &a.status),
+    ]
+}
+
+fn medication_fields(m: &Medication) -> [(&'static str, &str); 5] {
+    [
+        ("name", &m.name),
+        ("dose", &m.dose),
+        ("route", &m.route),
+        ("frequency", &m.frequency),
+        ("status", &m.status),
+    ]
+}
+
+/// Add an allergy (`a.id` empty, `read` `None`) or update one: `read` is the allergy as the
+/// caller read it, and only the fields where `a` differs from it are written.
 pub(crate) fn upsert_allergy(
     doc: &mut AutoCommit,
+    read: Option<&Allergy>,
     a: &Allergy,
     actor: &Actor,
     now_ms: i64,
 ) -> Result<String> {
-    let id = upsert_entry(
+    let read_fields = read.map(allergy_fields);
+    let (id, changed) = upsert_entry(
         doc,
         "allergies",
         &a.id,
-        &[
-            ("substance", &a.substance),
-            ("reaction", &a.reaction),
-            ("severity", &a.severity),
-            ("status", &a.status),
-        ],
+        read.zip(read_fields.as_ref())
+            .map(|(r, f)| (r.id.as_str(), f.as_slice())),
+        &allergy_fields(a),
     )?;
-    stamp(doc, "allergies", &id, actor, now_ms)?;
+    if changed {
+        stamp(doc, "allergies", &id, actor, now_ms)?;
+    }
     Ok(id)
 }
 
+/// Add a medication (`m.id` empty, `read` `None`) or update one: `read` is the medication as
+/// the caller read it, and only the fields where `m` differs from it are written.
 pub(crate) fn upsert_medication(
     doc: &mut AutoCommit,
+    read: Option<&Medication>,
     m: &Medication,
     actor: &Actor,
     now_ms: i64,
 ) -> Result<String> {
-    let id = upsert_entry(
+    let read_fields = read.map(medication_fields);
+    let (id, changed) = upsert_entry(
         doc,
         "medications",
         &m.id,
-        &[
-            ("name", &m.name),
-            ("dose", &m.dose),
-            ("route", &m.route),
-            ("frequency", &m.frequency),
-            ("status", &m.status),
-        ],
+        read.zip(read_fields.as_ref())
+            .map(|(r, f)| (r.id.as_str(), f.as_slice())),
+        &medication_fields(m),
     )?;
-    stamp(doc, "medications", &id, actor, now_ms)?;
+    if changed {
+        stamp(doc, "medications", &id, actor, now_ms)?;
+    }
     Ok(id)
 }
 
@@ -255,13 +351,28 @@ fn stamp(doc: &mut AutoCommit, list: &str, id: &str, actor: &Actor, now_ms: i64)
     Ok(())
 }
 
+/// Add or update a care-team member: each field is written only if it changed, and never over
+/// a conflict.
 pub(crate) fn set_care_team_member(doc: &mut AutoCommit, m: &CareTeamMember) -> Result<()> {
-    upsert_entry(
-        doc,
-        "careTeam",
-        &m.user_id,
-        &[("name", &m.name), ("role", &m.role)],
-    )?;
+    if m.user_id.is_empty() {
+        return Err(Error::InvalidInput(
+            "care-team member without user id".into(),
+        ));
+    }
+    let team = ensure_obj(doc, &ROOT, "careTeam", ObjType::Map)?;
+    let entry = ensure_obj(doc, &team, &m.user_id, ObjType::Map)?;
+    for (k, v) in [("name", &m.name), ("role", &m.role)] {
+        if super::conflicts::is_conflicted(doc, &entry, k)
+            && get_string(doc, &entry, k).as_deref() != Some(v.as_str())
+        {
+            return Err(Error::FieldInConflict {
+                path: field_path(doc, &entry, k),
+            });
+        }
+    }
+    for (k, v) in [("name", &m.name), ("role", &m.role)] {
+        put_if_changed(doc, &entry, k, v)?;
+    }
     Ok(())
 }
 
@@ -348,7 +459,8 @@ pub(crate) fn set_care_plan_status(
         what: "care-plan entry",
         id: path.join("/"),
     })?;
-    put_if_changed(doc, &entry, "status", status)
+    put_if_changed(doc, &entry, "status", status)?;
+    Ok(())
 }
 
 pub(crate) fn update_care_plan_description(
@@ -477,6 +589,7 @@ mod tests {
         set_demographic(&mut doc, Demographic::Phone, "555-0100").unwrap();
         let med = upsert_medication(
             &mut doc,
+            None,
             &Medication {
                 name: "Metformin".into(),
                 dose: "500 mg".into(),

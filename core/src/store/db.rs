@@ -136,6 +136,33 @@ pub(crate) fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// The lock file of a database: `<db>-lock`, next to it.
+pub(crate) fn lock_path(db: &Path) -> std::path::PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-lock");
+    std::path::PathBuf::from(p)
+}
+
+/// Take the store's exclusive OS advisory lock (`flock` on Unix, `LockFileEx` on Windows) on
+/// `<db>-lock`, so one file is used by one `Store` at a time, across threads (each open is its
+/// own open file description) and processes. The lock lives as long as the returned file and
+/// the OS drops it when the process dies, so a killed app never leaves a stale lock.
+/// [`Error::StoreInUse`] if another holder has it.
+pub(crate) fn lock(db: &Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(lock_path(db))
+        .map_err(|e| Error::Io(e.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::StoreInUse),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::Io(e.to_string())),
+    }
+}
+
 /// Change the key of an open database.
 pub(crate) fn rekey(conn: &Connection, key: &StoreKey) -> Result<()> {
     conn.execute_batch(&format!("PRAGMA rekey = {};", key.pragma_literal()))?;

@@ -40,6 +40,9 @@ pub(crate) struct LoadedDoc {
     pub chunk_bytes: u64,
     /// Bytes of the snapshot.
     pub snapshot_bytes: u64,
+    /// Heads the conflict index was last refreshed at: the next refresh re-checks only what
+    /// the changes after these wrote.
+    pub indexed_heads: Vec<automerge::ChangeHash>,
     /// Whether `documents.unsynced` is already 1 on disk.
     pub unsynced: bool,
     /// Last use, for least-recently-used eviction.
@@ -81,6 +84,7 @@ impl LoadedDoc {
         let saved_heads = doc.get_heads();
         let mut loaded = LoadedDoc {
             doc,
+            indexed_heads: saved_heads.clone(),
             saved_heads,
             chunks: 0,
             chunk_bytes: 0,
@@ -180,6 +184,7 @@ pub(crate) fn load(
     let saved_heads = doc.get_heads();
     doc.set_author(Some(author.clone()));
     let mut loaded = LoadedDoc::new(doc, unsynced, keys);
+    loaded.indexed_heads = saved_heads.clone();
     loaded.saved_heads = saved_heads;
     loaded.chunks = chunks;
     loaded.snapshot_bytes = snapshot_bytes;
@@ -212,7 +217,7 @@ pub(crate) fn store_new(
     unsynced: bool,
 ) -> Result<()> {
     insert_new(tx, id, &mut loaded.doc, now_ms, unsynced)?;
-    super::index::refresh(tx, id, loaded, now_ms)
+    super::index::refresh(tx, id, loaded, None, now_ms)
 }
 
 /// Persist changes merged into a loaded document from elsewhere (an import, a sync message):
@@ -226,10 +231,25 @@ pub(crate) fn store_merged(
 ) -> Result<()> {
     loaded.refresh_cache();
     append_chunk(tx, id, loaded)?;
-    super::index::refresh(tx, id, loaded, now_ms)?;
+    reindex(tx, id, loaded, now_ms)?;
     if loaded.needs_compaction() {
         compact(tx, id, loaded)?;
     }
+    Ok(())
+}
+
+/// Refresh the document's index rows (conflicts only where the changes since the last refresh
+/// wrote), in the caller's transaction. A rolled-back transaction must drop the document from
+/// the cache (every failure path does), so `indexed_heads` never runs ahead of the table.
+pub(crate) fn reindex(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+    now_ms: i64,
+) -> Result<()> {
+    let indexed = std::mem::take(&mut loaded.indexed_heads);
+    super::index::refresh(tx, id, loaded, Some(&indexed), now_ms)?;
+    loaded.indexed_heads = loaded.doc.get_heads();
     Ok(())
 }
 

@@ -2,19 +2,25 @@
 //! (patients, notes, drafts, conflicts, review items) never load automerge documents and are
 //! never out of step with them.
 
-use automerge::ROOT;
+use automerge::{AutoCommit, ChangeHash, ObjType, ROOT};
 use rusqlite::{Transaction, params};
 
 use super::documents::LoadedDoc;
 use crate::Result;
+use crate::model::conflicts::{
+    Conflict, conflicts_inside, conflicts_under_field, touched_fields, visible_path,
+};
 use crate::model::{DocKind, NoteStatus, find_conflicts, get_obj, get_string, root_info};
 use crate::protocol::DocumentId;
 
-/// Rewrite every index row of document `id` from its current state.
+/// Rewrite every index row of document `id` from its current state. Conflict rows are
+/// recomputed only where the changes after `indexed` (the heads the index was last refreshed
+/// at) wrote, or for the whole document when `indexed` is `None`.
 pub(crate) fn refresh(
     tx: &Transaction<'_>,
     id: DocumentId,
     loaded: &mut LoadedDoc,
+    indexed: Option<&[ChangeHash]>,
     now_ms: i64,
 ) -> Result<()> {
     let key = id.as_bytes();
@@ -65,11 +71,13 @@ pub(crate) fn refresh(
         }
         _ => {}
     }
-    tx.prepare_cached("DELETE FROM conflicts WHERE doc_id = ?1")?
-        .execute([key])?;
-    for c in find_conflicts(doc) {
-        tx.prepare_cached("INSERT INTO conflicts (doc_id, path, values_json) VALUES (?1, ?2, ?3)")?
-            .execute(params![key, c.path, serde_json::to_string(&c.values)?])?;
+    match indexed {
+        Some(before) if !has_object_conflicts(tx, id)? => {
+            if !refresh_conflicts_incrementally(tx, id, doc, before)? {
+                refresh_all_conflicts(tx, id, doc)?;
+            }
+        }
+        _ => refresh_all_conflicts(tx, id, doc)?,
     }
     Ok(())
 }
@@ -94,4 +102,119 @@ fn write_review_items(tx: &Transaction<'_>, id: DocumentId, loaded: &mut LoadedD
         }
     }
     Ok(())
+}
+
+/// Rewrite every conflict row of a document from a full walk.
+pub(crate) fn refresh_all_conflicts(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    doc: &AutoCommit,
+) -> Result<()> {
+    tx.prepare_cached("DELETE FROM conflicts WHERE doc_id = ?1")?
+        .execute([id.as_bytes()])?;
+    insert_conflicts(tx, id, &find_conflicts(doc))
+}
+
+fn insert_conflicts(tx: &Transaction<'_>, id: DocumentId, conflicts: &[Conflict]) -> Result<()> {
+    for c in conflicts {
+        tx.prepare_cached("INSERT INTO conflicts (doc_id, path, values_json) VALUES (?1, ?2, ?3)")?
+            .execute(params![
+                id.as_bytes(),
+                c.path,
+                serde_json::to_string(&c.values)?
+            ])?;
+    }
+    Ok(())
+}
+
+/// Delete the conflict rows at `path` and below it (`below_only`: only below it).
+fn delete_under(tx: &Transaction<'_>, id: DocumentId, path: &str, below_only: bool) -> Result<()> {
+    let prefix = format!("{path}/");
+    tx.prepare_cached(
+        "DELETE FROM conflicts WHERE doc_id = ?1
+         AND ((?4 = 0 AND path = ?2) OR substr(path, 1, length(?3)) = ?3)",
+    )?
+    .execute(params![id.as_bytes(), path, prefix, below_only])?;
+    Ok(())
+}
+
+/// Documents whose conflict rows were written by an older build (values without an `id`, and
+/// identical values listed apart): re-walked once at open.
+pub(crate) fn documents_with_legacy_conflicts(tx: &Transaction<'_>) -> Result<Vec<DocumentId>> {
+    let mut stmt = tx.prepare(
+        "SELECT DISTINCT doc_id FROM conflicts WHERE EXISTS
+         (SELECT 1 FROM json_each(values_json) WHERE json_extract(value, '$.id') IS NULL)",
+    )?;
+    let rows = stmt.query_map([], |r| super::doc_id_from_sql(r.get(0)?))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Whether an indexed conflict of the document is between objects. Changes inside a losing
+/// concurrent object produce no visible path, so such documents (rare: containers are created
+/// with their parents) are re-walked whole.
+fn has_object_conflicts(tx: &Transaction<'_>, id: DocumentId) -> Result<bool> {
+    let mut stmt = tx.prepare_cached("SELECT values_json FROM conflicts WHERE doc_id = ?1")?;
+    let mut rows = stmt.query([id.as_bytes()])?;
+    while let Some(row) = rows.next()? {
+        let values: Vec<crate::model::ConflictValue> =
+            serde_json::from_str(&row.get::<_, String>(0)?)?;
+        if values
+            .iter()
+            .any(|v| v.value.is_object() || v.value.is_array())
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Re-check conflicts only at the fields (and lists) the changes after `before` wrote.
+/// Returns `false` when that is not possible (a touched object is not visible, or a conflict
+/// between objects appeared): the caller walks the whole document instead.
+fn refresh_conflicts_incrementally(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    doc: &mut AutoCommit,
+    before: &[ChangeHash],
+) -> Result<bool> {
+    let touched = touched_fields(doc, before);
+    let doc = &*doc;
+    let mut found = Vec::new();
+    for (obj, key) in &touched.fields {
+        let Some(mut path) = visible_path(doc, obj) else {
+            return Ok(false);
+        };
+        path.push(key.clone());
+        delete_under(tx, id, &path.join("/"), false)?;
+        path.pop();
+        found.extend(conflicts_under_field(doc, obj, key, &mut path));
+    }
+    for list in &touched.lists {
+        let Some(mut path) = visible_path(doc, list) else {
+            return Ok(false);
+        };
+        delete_under(tx, id, &path.join("/"), true)?;
+        found.extend(conflicts_inside(doc, list, ObjType::List, &mut path));
+    }
+    if found.iter().any(|c| {
+        c.values
+            .iter()
+            .any(|v| v.value.is_object() || v.value.is_array())
+    }) {
+        return Ok(false);
+    }
+    // A list re-walk may cover fields also listed as touched: keep one row per path.
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found.dedup_by(|a, b| a.path == b.path);
+    for c in &found {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO conflicts (doc_id, path, values_json) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![
+            id.as_bytes(),
+            c.path,
+            serde_json::to_string(&c.values)?
+        ])?;
+    }
+    Ok(true)
 }

@@ -158,10 +158,7 @@ impl Journal {
     /// kept aside (renamed, never deleted) and a fresh journal is started.
     pub fn open(db: &Path, key: &StoreKey) -> Result<(Journal, Vec<JournalRecord>)> {
         let path = path_for(db);
-        let mut h = Sha256::new();
-        h.update(b"fieldchart keystroke journal v1");
-        h.update(key.as_bytes());
-        let cipher = XChaCha20Poly1305::new(&h.finalize());
+        let cipher = cipher_for(key);
         let mut bytes = Vec::new();
         match File::open(&path) {
             Ok(mut f) => {
@@ -218,12 +215,31 @@ impl Journal {
             .unwrap_or_default()
     }
 
+    /// Bytes in the journal file (0: nothing pending).
+    pub fn bytes_on_disk(&self) -> Result<u64> {
+        Ok(self.file.metadata().map_err(io)?.len())
+    }
+
+    /// Seal later records under a key derived from `key` (after the store was re-keyed; the
+    /// caller has emptied the journal first, so no record is under the old key).
+    pub fn rekey(&mut self, key: &StoreKey) {
+        self.cipher = cipher_for(key);
+    }
+
     /// Empty the journal once its records are committed to SQLite.
     pub fn clear(&mut self) -> Result<()> {
         self.file.set_len(0).map_err(io)?;
         self.records = 0;
         Ok(())
     }
+}
+
+/// The journal's cipher, with a key derived from the store key.
+fn cipher_for(key: &StoreKey) -> XChaCha20Poly1305 {
+    let mut h = Sha256::new();
+    h.update(b"fieldchart keystroke journal v1");
+    h.update(key.as_bytes());
+    XChaCha20Poly1305::new(&h.finalize())
 }
 
 /// Decode every record; `false` if bytes follow the last good record.

@@ -74,7 +74,7 @@ impl Inner {
                 loaded.rebuild_ledger(keys);
                 tx.prepare_cached("DELETE FROM review_items WHERE doc_id = ?1")?
                     .execute([id.as_bytes()])?;
-                super::index::refresh(tx, id, loaded, now)
+                super::documents::reindex(tx, id, loaded, now)
             })?;
         }
         Ok(())

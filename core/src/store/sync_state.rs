@@ -422,8 +422,9 @@ impl Store {
                 }
                 Err(e) => {
                     // Automerge may have applied part of a refused message, or the transaction
-                    // rolled back: memory must not be ahead of disk.
-                    inner.docs.remove(&id);
+                    // rolled back: memory must not be ahead of disk. `discard` keeps the
+                    // document's journaled splices (they are not in SQLite).
+                    inner.discard(id);
                     Err(e)
                 }
             }
