@@ -786,6 +786,8 @@ async fn a_document_row_names_its_owner_and_stored_size_without_loading(s: &dyn 
     assert_eq!(row.stored_bytes, expected as u64);
     assert_eq!(row.heads, doc.get_heads());
     assert!(!stored.chunks.is_empty(), "the size counts chunks too");
+}
+
 // --- administration, enrollment, offboarding ------------------------------------------------
 
 fn admin_event(agency: &AgencyId, action: &str, target: &str) -> AdminEvent {
