@@ -78,13 +78,13 @@ use crate::auth::Principal;
 use crate::clock::now_ms;
 use crate::config::{CLOSE_GRACE, MAX_AUDIT_HEADS, MAX_CLAIMED_ID_BYTES, MAX_LOGGED_CLIENT_TEXT};
 use crate::docs::{Created, DocGuard, Inbox, WriteRefusal, validate_write};
-use crate::signatures;
 use crate::error::Error;
 use crate::identity::{AgencyId, PatientId};
 use crate::metrics::{
     BYTES_RECEIVED, BYTES_SENT, LIMIT_HITS, MESSAGES_RECEIVED, MESSAGES_SENT, SESSIONS_CLOSED,
     STORAGE_ERRORS, SYNC_LATENCY, TAMPER_REFUSALS,
 };
+use crate::signatures;
 use crate::state::AppState;
 use crate::storage::{AuditAction, AuditEvent, DocMeta, DocumentRow, PeerKey, Storage};
 
@@ -946,7 +946,7 @@ impl Session {
         // checked like any other write before anything of it is stored.
         let (doc, scanned) = tokio::task::spawn_blocking(move || {
             let mut ledger = fieldchart_core::model::NoteLedger::default();
-            let scanned = signatures::scan(&mut ledger, &doc, &doc.get_changes(&[]))
+            let scanned = signatures::scan_new(&mut ledger, &doc, &doc.get_changes(&[]))
                 .map(|entries| (ledger, entries));
             (doc, scanned)
         })

@@ -24,8 +24,8 @@ use std::collections::{HashMap, HashSet};
 
 use automerge::{Automerge, Change};
 use fieldchart_core::model::signing::{
-    self, DirectoryKey, InvalidSignature, KeyDirectory, NoteLedger, SignatureEntry,
-    SigningPolicy, Tamper, Verdict, Verification,
+    self, DirectoryKey, InvalidSignature, KeyDirectory, NoteLedger, SignatureEntry, SigningPolicy,
+    Tamper, Verdict, Verification,
 };
 use fieldchart_core::protocol::DocumentId;
 
@@ -66,15 +66,50 @@ pub fn trusted_ledger(doc: &Automerge) -> NoteLedger {
     NoteLedger::build_with(doc, Verification::Trust)
 }
 
-/// Step 1: look at the new changes; refuse tampering, return new signature entries.
+/// Step 1: look at the new changes of a stored document; refuse tampering, return new
+/// signature entries.
 pub fn scan(
     ledger: &mut NoteLedger,
     doc: &Automerge,
     changes: &[Change],
 ) -> std::result::Result<Vec<SignatureEntry>, Refusal> {
+    scan_with(ledger, doc, changes, false)
+}
+
+/// Step 1 for a document the relay has never stored: its own history may set an identity
+/// field more than once (a client filling in a new document), as long as one value remains —
+/// a concurrent second value is still refused.
+pub fn scan_new(
+    ledger: &mut NoteLedger,
+    doc: &Automerge,
+    changes: &[Change],
+) -> std::result::Result<Vec<SignatureEntry>, Refusal> {
+    scan_with(ledger, doc, changes, true)
+}
+
+fn scan_with(
+    ledger: &mut NoteLedger,
+    doc: &Automerge,
+    changes: &[Change],
+    new_document: bool,
+) -> std::result::Result<Vec<SignatureEntry>, Refusal> {
+    use automerge::ReadDoc;
     let observed = ledger.observe_with(doc, changes, Verification::Defer);
-    if let Some((_, tamper)) = observed.tampers.into_iter().next() {
+    let refused = observed
+        .tampers
+        .into_iter()
+        .find(|(_, t)| !(new_document && matches!(t, Tamper::IdentityChanged { .. })));
+    if let Some((_, tamper)) = refused {
         return Err(Refusal::Tampered(tamper));
+    }
+    if new_document {
+        for field in signing::IDENTITY_KEYS {
+            if doc.get_all(automerge::ROOT, *field).map_or(0, |v| v.len()) > 1 {
+                return Err(Refusal::Tampered(Tamper::IdentityChanged {
+                    field: (*field).to_owned(),
+                }));
+            }
+        }
     }
     if observed.body_after_signature {
         return Err(Refusal::BodyEditAfterSignature);
@@ -166,4 +201,3 @@ pub fn verify_new(
     }
     Ok(())
 }
-

@@ -96,11 +96,18 @@ pub fn measure(total: usize, window: usize) -> Result<serde_json::Value, String>
     let assessment = text(&carl, "assessment")?;
     let mut changes = Vec::with_capacity(total);
     for i in 0..total {
-        let obj = if (i / BURST) % 2 == 0 { &plan } else { &assessment };
+        let obj = if (i / BURST) % 2 == 0 {
+            &plan
+        } else {
+            &assessment
+        };
         let at = carl.length(obj);
-        carl.splice_text(obj, at, 0, "x").map_err(|e| e.to_string())?;
+        carl.splice_text(obj, at, 0, "x")
+            .map_err(|e| e.to_string())?;
         let hash = carl
-            .commit_with(automerge::transaction::CommitOptions::default().with_time(1_000 + i as i64))
+            .commit_with(
+                automerge::transaction::CommitOptions::default().with_time(1_000 + i as i64),
+            )
             .ok_or("no change")?;
         let change = carl.get_change_by_hash(&hash).ok_or("change missing")?;
         changes.push(change.raw_bytes().to_vec());
@@ -113,7 +120,8 @@ pub fn measure(total: usize, window: usize) -> Result<serde_json::Value, String>
     let mut ledger_times = Vec::with_capacity(total);
     for bytes in &changes {
         let change = automerge::Change::from_bytes(bytes.clone()).map_err(|e| e.to_string())?;
-        bare.apply_changes([change.clone()]).map_err(|e| e.to_string())?;
+        bare.apply_changes([change.clone()])
+            .map_err(|e| e.to_string())?;
         let t = Instant::now();
         ledger.observe(&bare, &[change], &keys, &RoleOnly);
         ledger_times.push(t.elapsed());

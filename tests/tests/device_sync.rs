@@ -32,6 +32,8 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A device: its encrypted store file and its sync client.
 struct Device {
     name: String,
+    /// The relay's id of this device (the store's actor device).
+    device_id: String,
     path: PathBuf,
     /// The raw key (the native shell keeps it in the Keychain; the kill test hands it to the
     /// device process).
@@ -65,6 +67,7 @@ impl Device {
         let client = client_for(&store, &relay.http_base(), token);
         Device {
             name: name.into(),
+            device_id: name.into(),
             path,
             key,
             user: user.into(),
@@ -74,6 +77,68 @@ impl Device {
             store,
             client,
         }
+    }
+
+    /// A device joining as the app does: its store makes the key pair, the admin's one-time
+    /// code is redeemed with the public key, and the store is opened as the enrolled device.
+    async fn enroll(
+        dir: &Path,
+        name: &str,
+        user: &str,
+        role: Role,
+        relay: &RelayProcess,
+        admin: &Admin,
+    ) -> Device {
+        let path = dir.join(format!("{name}.db"));
+        let key: [u8; 32] = rand::random();
+        let public = {
+            let store = open_store(&path, &StoreKey::from_bytes(key), user, "unenrolled", role);
+            let public = store.device_public_key().expect("device key");
+            store.close().expect("close");
+            public
+        };
+        let code = admin.enroll(user, name);
+        let enrolled = fieldchart_mobile::enroll(
+            &relay.http_base(),
+            &code,
+            Some(name),
+            public,
+            &fieldchart_mobile::TlsConfig::default(),
+        )
+        .await
+        .expect("enroll");
+        let store = Arc::new(open_store(
+            &path,
+            &StoreKey::from_bytes(key),
+            user,
+            &enrolled.device_id,
+            role,
+        ));
+        let client = client_for(&store, &relay.http_base(), &enrolled.token);
+        Device {
+            name: name.into(),
+            device_id: enrolled.device_id,
+            path,
+            key,
+            user: user.into(),
+            role,
+            base_url: relay.http_base(),
+            token: enrolled.token,
+            store,
+            client,
+        }
+    }
+
+    /// Fetch the agency's device keys (`GET /v1/keys`) into the store.
+    async fn fetch_keys(&self) {
+        let keys = fieldchart_mobile::fetch_device_keys(
+            &self.base_url,
+            &self.token,
+            &fieldchart_mobile::TlsConfig::default(),
+        )
+        .await
+        .expect("keys");
+        self.store.set_key_directory(&keys).expect("store keys");
     }
 
     /// Close the store (another process is about to use the file).
@@ -87,7 +152,7 @@ impl Device {
             &self.path,
             &StoreKey::from_bytes(self.key),
             &self.user,
-            &self.name,
+            &self.device_id,
             self.role,
         ));
         self.client = client_for(&self.store, &self.base_url, &self.token);
@@ -126,25 +191,6 @@ fn client_for(store: &Arc<Store>, base_url: &str, token: &str) -> Arc<SyncClient
         )
         .expect("sync client"),
     )
-}
-
-/// Give every device the agency's key list (what `GET /v1/keys` serves), so signatures verify.
-fn publish_device_keys(devices: &[Device]) {
-    let keys: Vec<fieldchart_core::model::DirectoryKey> = devices
-        .iter()
-        .map(|d| fieldchart_core::model::DirectoryKey {
-            user_id: d.user.clone(),
-            role: d.role.as_str().into(),
-            device_id: d.name.clone(),
-            public_key: hex_encode(&d.store.device_public_key().expect("key")),
-            enrolled_at_ms: 0,
-            revoked_at_ms: None,
-        })
-        .collect();
-    let json = serde_json::json!({"agencyId": "", "keys": keys}).to_string();
-    for d in devices {
-        d.store.set_key_directory(&json).expect("keys");
-    }
 }
 
 fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
@@ -219,40 +265,32 @@ async fn a_day_of_offline_charting_reaches_the_agency_and_the_agencys_changes_re
         admin.assign(&ana, patient);
         admin.assign(&ben, patient);
     }
-    let tokens = [
-        admin.issue_token(&ana, "ana-phone").token,
-        admin.issue_token(&ben, "ben-phone").token,
-        admin.issue_token(&sam, "sam-desk").token,
-    ];
     let relay = RelayProcess::start(dir.path());
     let devices = [
-        Device::open(
+        Device::enroll(
             dir.path(),
             "ana-phone",
             &ana,
             Role::Clinician,
             &relay,
-            &tokens[0],
-        ),
-        Device::open(
+            &admin,
+        )
+        .await,
+        Device::enroll(
             dir.path(),
             "ben-phone",
             &ben,
             Role::Clinician,
             &relay,
-            &tokens[1],
-        ),
-        Device::open(
-            dir.path(),
-            "sam-desk",
-            &sam,
-            Role::Office,
-            &relay,
-            &tokens[2],
-        ),
+            &admin,
+        )
+        .await,
+        Device::enroll(dir.path(), "sam-desk", &sam, Role::Office, &relay, &admin).await,
     ];
     let [a, b, office] = &devices;
-    publish_device_keys(&devices);
+    for d in &devices {
+        d.fetch_keys().await;
+    }
 
     // Morning, in coverage: every device fetches the charts.
     for d in &devices {

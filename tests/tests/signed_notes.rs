@@ -166,7 +166,10 @@ impl Scene {
         let mut peer = TestPeer::connect(&self.relay.ws_url(&self.ben.token), None)
             .await
             .unwrap();
-        assert!(matches!(peer.fetch(self.note).await, SyncOutcome::InSync(_)));
+        assert!(matches!(
+            peer.fetch(self.note).await,
+            SyncOutcome::InSync(_)
+        ));
         let mut doc = AutoCommit::load(&peer.doc(self.note).unwrap().save()).unwrap();
         doc.set_actor(automerge::ActorId::random());
         doc.set_author(Some(actor(&self.ben).author()));
@@ -175,7 +178,10 @@ impl Scene {
         doc.commit();
         let changes = doc.get_changes(&before);
         assert!(!changes.is_empty(), "the tamper made a change");
-        peer.doc_mut(self.note).unwrap().apply_changes(changes).unwrap();
+        peer.doc_mut(self.note)
+            .unwrap()
+            .apply_changes(changes)
+            .unwrap();
         let outcome = peer.sync(self.note).await;
         peer.close().await;
         outcome
@@ -187,7 +193,10 @@ impl Scene {
         let mut peer = TestPeer::connect(&self.relay.ws_url(&self.office.token), None)
             .await
             .unwrap();
-        assert!(matches!(peer.fetch(self.note).await, SyncOutcome::InSync(_)));
+        assert!(matches!(
+            peer.fetch(self.note).await,
+            SyncOutcome::InSync(_)
+        ));
         let doc = peer.doc(self.note).unwrap().clone();
         peer.close().await;
         doc
@@ -220,9 +229,18 @@ impl Scene {
 
     /// Every refused case ends the same way.
     async fn assert_refused(&self, outcome: SyncOutcome) {
-        assert_eq!(outcome, SyncOutcome::Unavailable, "the relay refuses the changes");
+        assert_eq!(
+            outcome,
+            SyncOutcome::Unavailable,
+            "the relay refuses the changes"
+        );
         let rows = self.tamper_rows();
-        assert_eq!(rows.len(), 1, "one tamper row: {rows:#?}\n{}", self.relay.logs());
+        assert_eq!(
+            rows.len(),
+            1,
+            "one tamper row: {rows:#?}\n{}",
+            self.relay.logs()
+        );
         assert_eq!(rows[0]["userId"], self.ben.user.as_str());
         assert_eq!(rows[0]["deviceId"], self.ben.device.as_str());
         assert_eq!(rows[0]["agencyId"], self.agency.as_str());
@@ -381,7 +399,9 @@ async fn a_legitimate_concurrent_edit_is_accepted_and_listed_for_review() {
             offline.set_actor(automerge::ActorId::random());
             offline.set_author(Some(ben.author()));
             let plan = offline.get(ROOT, "plan").unwrap().unwrap().1;
-            offline.splice_text(&plan, 0, 0, "Recheck in 2 days").unwrap();
+            offline
+                .splice_text(&plan, 0, 0, "Recheck in 2 days")
+                .unwrap();
             offline.commit();
             doc.merge(&mut offline).unwrap();
         })
@@ -395,7 +415,10 @@ async fn a_legitimate_concurrent_edit_is_accepted_and_listed_for_review() {
         SignatureCheck::Valid { .. }
     ));
     let view = second.visit_note(s.note).unwrap();
-    assert_eq!(view.plan, "", "the signed version is what is shown as signed");
+    assert_eq!(
+        view.plan, "",
+        "the signed version is what is shown as signed"
+    );
     let review = second.post_signature_changes(s.note).unwrap();
     assert_eq!(review.len(), 1, "{review:#?}");
     assert_eq!(review[0].reason, ReviewReason::ConcurrentWithSignature);

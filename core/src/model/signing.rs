@@ -1061,7 +1061,10 @@ mod tests {
         assert_eq!(changes.len(), 1);
         let seen = ledger.observe_with(doc.document(), &changes, Verification::Defer);
         assert_eq!(
-            seen.tampers.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(),
+            seen.tampers
+                .iter()
+                .map(|(_, t)| t.clone())
+                .collect::<Vec<_>>(),
             vec![Tamper::IdentityChanged {
                 field: "patientId".into()
             }]

@@ -958,7 +958,9 @@ async fn a_change_moving_a_document_to_another_patient_is_refused() {
             .heads,
         stored_heads
     );
-    assert_eq!(rows_for(&w.storage, id, AuditAction::Deny).await.len(), 1);
+    // Moving a stored document is tampering with its identity: audited as such.
+    assert_eq!(rows_for(&w.storage, id, AuditAction::Tamper).await.len(), 1);
+    assert!(rows_for(&w.storage, id, AuditAction::Deny).await.is_empty());
 }
 
 // --- closing from outside -------------------------------------------------------------------

@@ -10,9 +10,9 @@ use fieldchart_core::protocol::{DocumentId, StorageId};
 
 use super::{
     AdminChange, AdminEvent, AdminLogQuery, AdminOutcome, AdminRecord, AuditEvent, AuditQuery,
-    AuditRecord, DeviceInfo, DeviceKey, DocMeta, DocumentData, DocumentRow, DocumentWrite, EnrollmentCode,
-    FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Redemption, Seq, Storage, StorageFuture,
-    StoredDocument,
+    AuditRecord, DeviceInfo, DeviceKey, DocMeta, DocumentData, DocumentRow, DocumentWrite,
+    EnrollmentCode, FeedEntry, FeedPage, FeedQuery, FeedScope, PeerKey, Redemption, Seq, Storage,
+    StorageFuture, StoredDocument,
 };
 use crate::error::{Error, Result};
 use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, User, UserId};

@@ -22,9 +22,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 
 use super::{
     AdminChange, AdminEvent, AdminLogQuery, AdminOutcome, AdminRecord, AuditAction, AuditEvent,
-    AuditQuery, AuditRecord, DeviceInfo, DeviceKey, DocMeta, DocumentData, DocumentRow, DocumentWrite,
-    EnrollmentCode, FeedEntry, FeedPage, FeedQuery, FeedScope, LAST_SEEN_RESOLUTION_MS, PeerKey,
-    Redemption, Seq, Storage, StorageFuture, StoredDocument, heads_from_bytes, heads_to_bytes,
+    AuditQuery, AuditRecord, DeviceInfo, DeviceKey, DocMeta, DocumentData, DocumentRow,
+    DocumentWrite, EnrollmentCode, FeedEntry, FeedPage, FeedQuery, FeedScope,
+    LAST_SEEN_RESOLUTION_MS, PeerKey, Redemption, Seq, Storage, StorageFuture, StoredDocument,
+    heads_from_bytes, heads_to_bytes,
 };
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
