@@ -96,7 +96,7 @@ pub fn measure(total: usize, window: usize) -> Result<serde_json::Value, String>
     let assessment = text(&carl, "assessment")?;
     let mut changes = Vec::with_capacity(total);
     for i in 0..total {
-        let obj = if (i / BURST) % 2 == 0 {
+        let obj = if (i / BURST).is_multiple_of(2) {
             &plan
         } else {
             &assessment

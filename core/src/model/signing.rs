@@ -869,7 +869,7 @@ impl NoteLedger {
                 }
                 continue;
             }
-            if new_entries.contains(&obj) || self.entry_objects.get(&obj).is_some() {
+            if new_entries.contains(&obj) || self.entry_objects.contains_key(&obj) {
                 continue;
             }
             scan.fields.push(paths.field(doc, &obj, key.as_deref()));
