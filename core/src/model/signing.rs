@@ -460,6 +460,13 @@ pub struct NoteLedger {
     items: Vec<ReviewItem>,
     /// Signature entries that did not verify (entry id → reason).
     rejected: BTreeMap<String, InvalidSignature>,
+    /// Review item position by id.
+    #[serde(skip)]
+    item_index: HashMap<String, usize>,
+    /// Object id → path, kept across calls (a typing session hits one Text object; finding an
+    /// object's path walks automerge's op set).
+    #[serde(skip)]
+    paths: PathCache,
 }
 
 /// How a ledger treats signature entries it finds.
@@ -538,7 +545,7 @@ impl NoteLedger {
         verification: Verification<'_>,
     ) -> Observed {
         let mut out = Observed::default();
-        let mut paths = PathCache::default();
+        let mut paths = std::mem::take(&mut self.paths);
         for change in changes {
             let hash = change.hash();
             if !self.seen.insert(hash) {
@@ -609,6 +616,7 @@ impl NoteLedger {
                 }
             }
         }
+        self.paths = paths;
         out.body_after_signature = out.touched_items.iter().any(|id| {
             self.review_item(id)
                 .is_some_and(|i| i.reason == ReviewReason::BodyEditAfterSignature)
@@ -718,8 +726,9 @@ impl NoteLedger {
             if descends {
                 self.after.insert(hash);
             }
-            let mut paths = PathCache::default();
+            let mut paths = std::mem::take(&mut self.paths);
             let fields = ops_fields(doc, &change, &mut paths);
+            self.paths = paths;
             let body: Vec<String> = fields
                 .iter()
                 .filter(|f| !AFTER_SIGNING_KEYS.contains(&root_key(f)))
@@ -784,6 +793,7 @@ impl NoteLedger {
             return;
         }
         out.touched_items.push(id.clone());
+        self.item_index.insert(id.clone(), self.items.len());
         self.items.push(ReviewItem {
             id,
             change: hash.clone(),
@@ -925,7 +935,7 @@ impl NoteLedger {
 
     /// One review item by id.
     pub fn review_item(&self, id: &str) -> Option<&ReviewItem> {
-        self.items.iter().find(|i| i.id == id)
+        self.item_index.get(id).and_then(|i| self.items.get(*i))
     }
 
     /// Why a signature entry was rejected, if it was.
@@ -987,8 +997,9 @@ fn ops_fields(doc: &Automerge, change: &automerge::Change, paths: &mut PathCache
     fields
 }
 
-/// Object id → path, cached per observe call (a burst of keystrokes hits one Text object).
-#[derive(Default)]
+/// Object id → path (a burst of keystrokes hits one Text object). A list element's index is the
+/// one it had when first seen: good enough to name the field for a reviewer.
+#[derive(Debug, Clone, Default)]
 struct PathCache(HashMap<String, String>);
 
 impl PathCache {
