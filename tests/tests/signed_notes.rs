@@ -187,6 +187,23 @@ impl Scene {
         outcome
     }
 
+    /// Ben's client appends a signature made now with `signer`'s enrolled key.
+    async fn attack_with_signature_by(&self, signer: Enrolled) -> SyncOutcome {
+        let note = self.note;
+        self.attack(move |doc| {
+            signing::sign(
+                doc,
+                note,
+                &signer.key,
+                &actor(&signer),
+                Role::Clinician,
+                fieldchart_tests::relay_process::now_ms(),
+            )
+            .unwrap();
+        })
+        .await
+    }
+
     /// The office reads the note from the relay: still exactly what Ana signed (plus, for the
     /// legitimate case, the accepted edit).
     async fn relay_copy(&self) -> Automerge {
@@ -326,21 +343,7 @@ async fn a_signature_by_a_revoked_device_dated_after_revocation_is_refused() {
     // Ben's old tablet was lost and revoked; its key signs a note afterwards.
     let tablet = enroll(&s.admin, &s.relay, &s.ben.user, "ben-tablet").await;
     s.admin.run(&["revoke-device", "--device", &tablet.device]);
-    let note = s.note;
-    let signer = actor(&tablet);
-    let outcome = s
-        .attack(move |doc| {
-            signing::sign(
-                doc,
-                note,
-                &tablet.key,
-                &signer,
-                Role::Clinician,
-                fieldchart_tests::relay_process::now_ms(),
-            )
-            .unwrap();
-        })
-        .await;
+    let outcome = s.attack_with_signature_by(tablet).await;
     s.assert_refused(outcome).await;
 }
 
@@ -349,21 +352,7 @@ async fn a_signature_by_a_clinician_off_the_care_team_is_refused() {
     let s = scene().await;
     let carl_id = s.admin.create_user(&s.agency, "Carl", "clinician");
     let carl = enroll(&s.admin, &s.relay, &carl_id, "carl-phone").await;
-    let note = s.note;
-    let signer = actor(&carl);
-    let outcome = s
-        .attack(move |doc| {
-            signing::sign(
-                doc,
-                note,
-                &carl.key,
-                &signer,
-                Role::Clinician,
-                fieldchart_tests::relay_process::now_ms(),
-            )
-            .unwrap();
-        })
-        .await;
+    let outcome = s.attack_with_signature_by(carl).await;
     s.assert_refused(outcome).await;
 }
 
