@@ -7,6 +7,17 @@
 //! relay and the mobile layer (`fieldchart-mobile`, which runs passes over tokio and rustls) drive
 //! it.
 //!
+//! # Signing
+//! Each device makes an Ed25519 key pair in its store ([`store::Store::device_public_key`]) and
+//! enrolls the public key with the relay; `sign` appends a signature over a versioned payload
+//! (document, heads, hash of the canonical rendering at those heads, signer, device, role, time)
+//! to the note's `signatures` list. Signed-ness is read from history, not from the current value
+//! ([`model::NoteLedger`]): deleting or altering a signature, forging one, or moving the note
+//! never unsigns it or changes what is rendered as signed — it is listed for review, as are
+//! edits concurrent with the signing. Verification ([`model::signing::verify`]) uses the agency's
+//! published keys ([`store::Store::set_key_directory`]); the relay runs the same code before it
+//! stores anything. See [`model::signing`].
+//!
 //! ```
 //! use fieldchart_core::model::{Actor, NoteText, Role, VisitStart};
 //! use fieldchart_core::store::{Store, StoreConfig, StoreKey};
