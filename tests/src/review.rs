@@ -3,8 +3,9 @@
 //! types into the plan and assessment in bursts (10 keystrokes per field, alternating, so
 //! there are many review items, not one). A third device that holds the signed note imports
 //! those changes one at a time, each a durable store write; the benchmark reports the time per
-//! write around 1, 1,000 and 10,000 post-signature changes, and the same for the review ledger
-//! alone (`NoteLedger::observe` on a bare document), measured in the same run.
+//! write around 1, 1,000 and 10,000 post-signature changes; as the baseline, bare automerge
+//! applying the same change to a bare copy, and the review ledger alone (`NoteLedger::observe`
+//! on that copy), all in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -113,15 +114,19 @@ pub fn measure(total: usize, window: usize) -> Result<serde_json::Value, String>
         changes.push(change.raw_bytes().to_vec());
     }
 
-    // The ledger alone, on a bare copy of Ben's document, one change at a time.
+    // Bare automerge applying each change to a copy of Ben's document (the baseline), and the
+    // ledger alone on that copy, one change at a time.
     let mut bare = automerge::Automerge::load(&ben.export_changes(note).map_err(e)?)
         .map_err(|e| e.to_string())?;
     let mut ledger = NoteLedger::build(&bare, &keys, &RoleOnly);
     let mut ledger_times = Vec::with_capacity(total);
+    let mut apply_times = Vec::with_capacity(total);
     for bytes in &changes {
         let change = automerge::Change::from_bytes(bytes.clone()).map_err(|e| e.to_string())?;
+        let t = Instant::now();
         bare.apply_changes([change.clone()])
             .map_err(|e| e.to_string())?;
+        apply_times.push(t.elapsed());
         let t = Instant::now();
         ledger.observe(&bare, &[change], &keys, &RoleOnly);
         ledger_times.push(t.elapsed());
@@ -147,12 +152,20 @@ pub fn measure(total: usize, window: usize) -> Result<serde_json::Value, String>
         .filter(|c| *c <= total && *c >= window)
         .collect();
     let at = |times: &[Duration], c: usize| median_us(times[c - window..c].to_vec());
+    // What the store adds to automerge's own cost of applying the same change.
+    let overhead: Vec<Duration> = store_times
+        .iter()
+        .zip(&apply_times)
+        .map(|(s, a)| s.saturating_sub(*a))
+        .collect();
     let rows: Vec<serde_json::Value> = checkpoints
         .iter()
         .map(|c| {
             serde_json::json!({
                 "post_signature_changes": c,
                 "store_write_p50_us": at(&store_times, *c),
+                "bare_automerge_apply_p50_us": at(&apply_times, *c),
+                "store_minus_bare_p50_us": at(&overhead, *c),
                 "ledger_observe_p50_us": at(&ledger_times, *c),
             })
         })
@@ -167,6 +180,7 @@ pub fn measure(total: usize, window: usize) -> Result<serde_json::Value, String>
         "window": window,
         "checkpoints": rows,
         "store_write_growth": last / first,
+        "store_minus_bare_growth": at(&overhead, total) / at(&overhead, window),
         "ledger_growth": at(&ledger_times, total) / at(&ledger_times, window),
         "write": "Store::import of one post-signature keystroke change (durable, synchronous=FULL), including review-item and conflict indexing",
     }))
