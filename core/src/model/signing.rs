@@ -577,34 +577,7 @@ impl NoteLedger {
                 );
             }
             if self.signing.is_some() && scan.new_entries.is_empty() {
-                let body: Vec<String> = scan
-                    .fields
-                    .iter()
-                    .filter(|f| {
-                        !AFTER_SIGNING_KEYS.contains(&root_key(f))
-                            && !IDENTITY_KEYS.contains(&root_key(f))
-                    })
-                    .cloned()
-                    .collect();
-                if descends {
-                    if !body.is_empty() {
-                        self.push_item(
-                            doc,
-                            change,
-                            body,
-                            ReviewReason::BodyEditAfterSignature,
-                            &mut out,
-                        );
-                    }
-                } else if !scan.fields.is_empty() {
-                    self.push_item(
-                        doc,
-                        change,
-                        scan.fields.clone(),
-                        ReviewReason::ConcurrentWithSignature,
-                        &mut out,
-                    );
-                }
+                self.review_change(doc, change, scan.fields.clone(), descends, &mut out);
             }
             for entry in scan.new_entries {
                 match verification {
@@ -627,6 +600,11 @@ impl NoteLedger {
     /// Count a signature entry verified elsewhere (the relay's storage, or the relay after
     /// checking a deferred one): it becomes the note's signature if it is the first.
     pub fn admit_trusted(&mut self, doc: &Automerge, entry: &SignatureEntry) {
+        self.adopt(doc, entry, &mut Observed::default());
+    }
+
+    /// Make `entry` the note's signature unless one already is.
+    fn adopt(&mut self, doc: &Automerge, entry: &SignatureEntry, out: &mut Observed) {
         if self.signing.is_some() {
             return;
         }
@@ -638,7 +616,7 @@ impl NoteLedger {
         if let Ok(hash) = entry.change.parse::<ChangeHash>() {
             self.signing = Some((hash, heads.clone()));
             self.after.insert(hash);
-            self.after_signing_discovered(doc, hash, &heads, &mut Observed::default());
+            self.after_signing_discovered(doc, hash, &heads, out);
         }
     }
 
@@ -689,23 +667,9 @@ impl NoteLedger {
                 );
             }
         }
-        if counts && self.signing.is_none() {
-            let heads = entry
-                .payload
-                .as_ref()
-                .and_then(SignaturePayload::change_hashes)
-                .unwrap_or_default();
-            if let Ok(hash) = entry.change.parse::<ChangeHash>() {
-                self.signing = Some((hash, heads.clone()));
-                self.after.insert(hash);
-                self.after_signing_discovered(doc, hash, &heads, out);
-            }
+        if counts {
+            self.adopt(doc, &entry, out);
         }
-    }
-
-    /// Whether a change of this ledger's document is causally after the note's signature.
-    pub fn is_after_signature(&self, change: &ChangeHash) -> bool {
-        self.after.contains(change)
     }
 
     /// When the signature is first known, earlier-seen changes that are not in the signed
@@ -729,30 +693,40 @@ impl NoteLedger {
             let mut paths = std::mem::take(&mut self.paths);
             let fields = ops_fields(doc, &change, &mut paths);
             self.paths = paths;
+            self.review_change(doc, &change, fields, descends, out);
+        }
+    }
+
+    /// List a change of a signed note that is not part of the signed version: a body edit
+    /// causally after the signature, or anything concurrent with it. Identity fields are left
+    /// out of body edits (writing them is listed as tampering).
+    fn review_change(
+        &mut self,
+        doc: &Automerge,
+        change: &automerge::Change,
+        fields: Vec<String>,
+        descends: bool,
+        out: &mut Observed,
+    ) {
+        if descends {
             let body: Vec<String> = fields
-                .iter()
-                .filter(|f| !AFTER_SIGNING_KEYS.contains(&root_key(f)))
-                .cloned()
+                .into_iter()
+                .filter(|f| {
+                    !AFTER_SIGNING_KEYS.contains(&root_key(f))
+                        && !IDENTITY_KEYS.contains(&root_key(f))
+                })
                 .collect();
-            if descends {
-                if !body.is_empty() {
-                    self.push_item(
-                        doc,
-                        &change,
-                        body,
-                        ReviewReason::BodyEditAfterSignature,
-                        out,
-                    );
-                }
-            } else if !fields.is_empty() {
-                self.push_item(
-                    doc,
-                    &change,
-                    fields,
-                    ReviewReason::ConcurrentWithSignature,
-                    out,
-                );
+            if !body.is_empty() {
+                self.push_item(doc, change, body, ReviewReason::BodyEditAfterSignature, out);
             }
+        } else if !fields.is_empty() {
+            self.push_item(
+                doc,
+                change,
+                fields,
+                ReviewReason::ConcurrentWithSignature,
+                out,
+            );
         }
     }
 
