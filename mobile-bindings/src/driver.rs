@@ -95,7 +95,9 @@ pub struct PassOptions {
     /// See [`DEFAULT_LIVE_FEED_POLL`].
     pub live_feed_poll: Duration,
     /// Fault injection for tests: drop the connection (no close frame, as when the radio
-    /// goes) once this many WebSocket messages have passed, both ways counted.
+    /// goes) once this many WebSocket messages have passed, both ways counted. Only with the
+    /// `test-hooks` feature; not part of the public API.
+    #[cfg(feature = "test-hooks")]
     pub drop_connection_after_messages: Option<u64>,
 }
 
@@ -108,6 +110,7 @@ impl Default for PassOptions {
             max_docs_in_flight: fieldchart_core::sync::DEFAULT_MAX_DOCS_IN_FLIGHT,
             reply_timeout: DEFAULT_REPLY_TIMEOUT,
             live_feed_poll: DEFAULT_LIVE_FEED_POLL,
+            #[cfg(feature = "test-hooks")]
             drop_connection_after_messages: None,
         }
     }
@@ -115,18 +118,19 @@ impl Default for PassOptions {
 
 impl fmt::Debug for PassOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PassOptions")
-            .field("time_budget", &self.time_budget)
+        let mut d = f.debug_struct("PassOptions");
+        d.field("time_budget", &self.time_budget)
             .field("progress", &self.progress.is_some())
             .field("live", &self.live)
             .field("max_docs_in_flight", &self.max_docs_in_flight)
             .field("reply_timeout", &self.reply_timeout)
-            .field("live_feed_poll", &self.live_feed_poll)
-            .field(
-                "drop_connection_after_messages",
-                &self.drop_connection_after_messages,
-            )
-            .finish()
+            .field("live_feed_poll", &self.live_feed_poll);
+        #[cfg(feature = "test-hooks")]
+        d.field(
+            "drop_connection_after_messages",
+            &self.drop_connection_after_messages,
+        );
+        d.finish()
     }
 }
 
@@ -257,6 +261,7 @@ impl Io {
         }
     }
 
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     fn messages(&self) -> u64 {
         self.messages_sent + self.messages_received
     }
@@ -541,6 +546,7 @@ impl SyncClient {
                 // Checked here too: a stream of feed pages never waits in the select below.
                 events.push(PassEvent::BudgetExpired);
             }
+            #[cfg(feature = "test-hooks")]
             if let (Some(limit), Some(_)) = (options.drop_connection_after_messages, &socket)
                 && io.messages() >= limit
             {

@@ -90,6 +90,32 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What an enrollment QR code carries (the relay's `admin enroll` prints it):
+/// `{"v":1,"code":"fce_…","relay":"https://…"}`, `relay` only when the relay knows its URL.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct QrEnrollment {
+    /// The one-time code.
+    pub code: String,
+    /// The relay's public URL, if the payload names one.
+    #[serde(default)]
+    pub relay: Option<String>,
+}
+
+/// Read a scanned enrollment QR payload. `None` if it is not one (another QR code, a newer
+/// payload version, or no code in it).
+pub fn parse_qr_payload(payload: &str) -> Option<QrEnrollment> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        v: u32,
+    }
+    let version: Versioned = serde_json::from_str(payload.trim()).ok()?;
+    if version.v != 1 {
+        return None;
+    }
+    let qr: QrEnrollment = serde_json::from_str(payload.trim()).ok()?;
+    (!qr.code.trim().is_empty()).then_some(qr)
+}
+
 /// Redeem an enrollment `code` at the relay with this device's Ed25519 `public_key`.
 ///
 /// A used, expired or unknown code, or a refused key, is [`DriverError::Refused`] with the
@@ -155,6 +181,21 @@ mod tests {
             fetch_device_keys("relay", "t", &TlsConfig::default()).await,
             Err(DriverError::InvalidUrl(_))
         ));
+    }
+
+    #[test]
+    fn qr_payloads_are_read_and_others_refused() {
+        let qr = parse_qr_payload(r#"{"v":1,"code":"fce_abc","relay":"https://relay.example"}"#)
+            .expect("a valid payload");
+        assert_eq!(qr.code, "fce_abc");
+        assert_eq!(qr.relay.as_deref(), Some("https://relay.example"));
+        assert_eq!(
+            parse_qr_payload(r#"{"v":1,"code":"fce_abc"}"#).map(|q| q.relay),
+            Some(None)
+        );
+        assert_eq!(parse_qr_payload(r#"{"v":2,"code":"fce_abc"}"#), None);
+        assert_eq!(parse_qr_payload(r#"{"v":1,"code":" "}"#), None);
+        assert_eq!(parse_qr_payload("https://example.com"), None);
     }
 
     #[test]

@@ -32,13 +32,16 @@
 pub mod backoff;
 pub mod driver;
 pub mod enrollment;
+pub mod ffi;
 pub mod tls;
+
+uniffi::setup_scaffolding!();
 
 pub use backoff::Backoff;
 pub use driver::{
     DriverError, PassOptions, PassReport, Progress, ProgressCallback, RelayConfig, SyncClient,
     SyncEvent, run_pass,
 };
-pub use enrollment::{Enrollment, enroll, fetch_device_keys};
+pub use enrollment::{Enrollment, QrEnrollment, enroll, fetch_device_keys, parse_qr_payload};
 pub use fieldchart_core::sync::{PassStats, PassStatus};
 pub use tls::TlsConfig;

@@ -843,3 +843,18 @@ pub fn now_ms() -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+/// Admin helpers used by the bindings test.
+impl Admin {
+    /// A one-time enrollment code and its QR payload (`{"v":1,"code":…}`), as the admin hands
+    /// them to a nurse.
+    pub fn enrollment_with_qr(&self, user_id: &str, device: &str) -> (String, String) {
+        let out = self.run(&["enroll", "--user", user_id, "--device", device]);
+        (Self::field(&out, "code"), Self::field(&out, "qr"))
+    }
+
+    /// Revoke one device (its open sessions close; its token is refused from now on).
+    pub fn revoke_device(&self, device_id: &str) -> Value {
+        self.run(&["revoke-device", "--device", device_id])
+    }
+}

@@ -108,6 +108,12 @@ impl Store {
         self.notes_with_status(NoteStatus::Draft)
     }
 
+    /// Signed notes with changes listed for review (concurrent with or after the signature,
+    /// or tampering): what a reviewer's queue shows.
+    pub fn notes_needing_review(&self) -> Result<Vec<NoteSummary>> {
+        self.notes_where("WHERE doc_id IN (SELECT doc_id FROM review_items)", None)
+    }
+
     /// Notes with local changes the relay has not confirmed yet.
     pub fn unsynced_notes(&self) -> Result<Vec<NoteSummary>> {
         self.notes_where(
