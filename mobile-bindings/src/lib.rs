@@ -1,9 +1,10 @@
 //! # fieldchart-mobile
 //!
-//! The mobile layer of Fieldchart. For now: the sync driver, which runs the core's sans-IO
+//! The mobile layer of Fieldchart: the sync driver, which runs the core's sans-IO
 //! [`SyncPass`](fieldchart_core::sync::SyncPass) over a WebSocket to the relay's `/v1/sync`
 //! (tokio-tungstenite) and reads its change feed (reqwest), both over rustls — no OpenSSL on
-//! the device's network path. The uniffi bindings (a later issue) wrap [`SyncClient`].
+//! the device's network path — and the uniffi bindings in [`ffi`], which expose the store, the
+//! driver and enrollment to Kotlin, Swift and Python (see `mobile-bindings/README.md`).
 //! A device joins a relay with [`enroll`] (a one-time code and its public key) and can pin its
 //! agency's CA ([`TlsConfig`]).
 //!
