@@ -65,7 +65,8 @@ fn generate(language: &str, out: &Path) {
     let bindgen = profile_dir().join("uniffi-bindgen");
     assert!(
         bindgen.is_file(),
-        "{} is missing: `cargo test --workspace` builds it, or run \
+        "{} is missing: `cargo test --workspace` builds it (fieldchart-mobile's \
+         generated_names test needs it), or run \
          `cargo build -p fieldchart-mobile --features bindgen --bin uniffi-bindgen`",
         bindgen.display()
     );
