@@ -436,6 +436,15 @@ impl SyncClient {
     }
 }
 
+impl Drop for SyncClient {
+    /// A client the app lets go of does not leave live mode running on the library's threads.
+    fn drop(&mut self) {
+        if lock(&self.live).take().is_some_and(|h| !h.is_finished()) {
+            self.inner.stop();
+        }
+    }
+}
+
 impl SyncClient {
     fn subscription(&self, id: u64) -> Arc<Subscription> {
         Arc::new(Subscription {
