@@ -317,6 +317,9 @@ fn kotlin_runs_the_full_scenario() {
     );
     let mut command = Command::new("java");
     command
+        // A fixed, pre-touched heap: RSS growth in the leak measurement is then not the JVM
+        // growing its own heap.
+        .args(["-Xms128m", "-Xmx128m", "-XX:+AlwaysPreTouch"])
         .arg(format!("-Djna.library.path={}", lib_dir.display()))
         .arg("-cp")
         .arg(format!(
