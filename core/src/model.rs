@@ -62,6 +62,8 @@ pub use patient::{
 pub use signing::{
     DeviceKey, DirectoryKey, KeyDirectory, NoteLedger, ReviewItem, ReviewReason, Tamper, Verdict,
 };
+/// The canonical rendering a signature hashes (the console shows it as signed).
+pub use visit_note::canonical_rendering;
 pub use visit_note::{
     Addendum, ListEntry, NoteList, NoteStatus, NoteText, Signature, SignatureCheck, VisitNote,
     VisitStart, VitalReading, VitalType,

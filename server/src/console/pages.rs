@@ -1,0 +1,347 @@
+//! The console's pages (maud templates, compiled with the relay) and the handlers of the
+//! patient list, the chart and the note. Templates only lay out what [`super::records`] read.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use fieldchart_core::model::signing::ReviewReason;
+use fieldchart_core::protocol::DocumentId;
+use maud::{DOCTYPE, Markup, html};
+
+use super::auth::Office;
+use super::records::{self, ChartView, NoteView, PatientSummary};
+use super::{ConsoleResult, vitals};
+use crate::clock::format_ms;
+use crate::error::Error;
+use crate::identity::{PatientId, Role};
+use crate::state::AppState;
+
+/// The frame of every page: skip link, header with navigation and sign-out, main landmark.
+pub fn layout(title: &str, office: Option<&Office>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Fieldchart console" }
+                link rel="stylesheet" href="/console/console.css";
+            }
+            body {
+                a class="skip" href="#main" { "Skip to content" }
+                header {
+                    span class="brand" { "Fieldchart" }
+                    @if let Some(office) = office {
+                        nav aria-label="Console" {
+                            ul {
+                                li { a href="/console/" { "Patients" } }
+                                @if office.user().role == Role::Admin {
+                                    li { a href="/console/admin/users" { "Users" } }
+                                    li { a href="/console/admin/audit" { "Audit" } }
+                                }
+                            }
+                        }
+                        form class="sign-out" method="post" action="/console/sign-out" {
+                            input type="hidden" name="csrf" value=(office.csrf);
+                            span { (office.user().name) " (" (office.user().role.as_str()) ")" }
+                            " "
+                            button type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main id="main" {
+                    h1 { (title) }
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+/// A failure as a page.
+pub fn error_page(status: StatusCode, message: &str) -> Markup {
+    layout(
+        status.canonical_reason().unwrap_or("Error"),
+        None,
+        html! {
+            p role="alert" { (message) }
+            p { a href="/console/" { "Back to the console" } }
+        },
+    )
+}
+
+/// The sign-in page.
+pub fn sign_in_page(csrf: &str, note: Option<&str>, error: Option<&str>) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        html! {
+            @if let Some(note) = note { p role="status" { (note) } }
+            @if let Some(error) = error { p class="error" role="alert" { (error) } }
+            form method="post" action="/console/sign-in" {
+                input type="hidden" name="csrf" value=(csrf);
+                p {
+                    label for="login" { "Sign-in name" }
+                    input id="login" name="login" type="text" autocomplete="username" required autofocus;
+                }
+                p {
+                    label for="password" { "Password" }
+                    input id="password" name="password" type="password" autocomplete="current-password" required;
+                }
+                p { button type="submit" { "Sign in" } }
+            }
+        },
+    )
+}
+
+/// The set-password page of a one-time link.
+pub fn set_password_page(csrf: &str, token: &str, name: &str, error: Option<&str>) -> Markup {
+    layout(
+        "Set your password",
+        None,
+        html! {
+            p { "Welcome, " (name) ". Choose a password of at least "
+                (super::MIN_PASSWORD_CHARS) " characters. This link works once." }
+            @if let Some(error) = error { p class="error" role="alert" { (error) } }
+            form method="post" action="/console/set-password" {
+                input type="hidden" name="csrf" value=(csrf);
+                input type="hidden" name="token" value=(token);
+                p {
+                    label for="password" { "New password" }
+                    input id="password" name="password" type="password" autocomplete="new-password"
+                        minlength=(super::MIN_PASSWORD_CHARS) required;
+                }
+                p {
+                    label for="confirm" { "Repeat it" }
+                    input id="confirm" name="confirm" type="password" autocomplete="new-password" required;
+                }
+                p { button type="submit" { "Set password" } }
+            }
+        },
+    )
+}
+
+/// `GET /console/` — the patients the user may open.
+pub async fn patients(State(state): State<AppState>, office: Office) -> ConsoleResult<Markup> {
+    let list = records::patients(&state, &office.principal).await?;
+    Ok(layout("Patients", Some(&office), patients_body(&list)))
+}
+
+fn patients_body(list: &[PatientSummary]) -> Markup {
+    html! {
+        @if list.is_empty() {
+            p { "No patients to show." }
+        } @else {
+            ul class="patients" {
+                @for p in list {
+                    li { a href={"/console/patients/" (p.patient.id)} {
+                        @if p.name.is_empty() { (p.patient.id) } @else { (p.name) }
+                    } }
+                }
+            }
+        }
+    }
+}
+
+/// `GET /console/patients/{id}` — the chart (audited).
+pub async fn chart(
+    State(state): State<AppState>,
+    office: Office,
+    Path(patient_id): Path<PatientId>,
+) -> ConsoleResult<Markup> {
+    let view = records::open_chart(&state, &office.principal, &patient_id).await?;
+    let title = view.chart.name().unwrap_or("Patient").to_owned();
+    Ok(layout(&title, Some(&office), chart_body(&view)))
+}
+
+fn status_text(status: &str) -> &str {
+    if status.is_empty() { "—" } else { status }
+}
+
+fn chart_body(v: &ChartView) -> Markup {
+    let c = &v.chart;
+    html! {
+        section aria-labelledby="demographics" {
+            h2 id="demographics" { "Demographics" }
+            dl {
+                @for (k, val) in &c.demographics { dt { (k) } dd { (val) } }
+            }
+        }
+        section aria-labelledby="allergies" {
+            h2 id="allergies" { "Allergies" }
+            @if c.allergies.is_empty() { p { "No allergies recorded." } } @else {
+                table {
+                    thead { tr { th scope="col" { "Substance" } th scope="col" { "Reaction" } th scope="col" { "Severity" } th scope="col" { "Status" } } }
+                    tbody { @for a in &c.allergies { tr { td { (a.substance) } td { (a.reaction) } td { (a.severity) } td { (status_text(&a.status)) } } } }
+                }
+            }
+        }
+        section aria-labelledby="medications" {
+            h2 id="medications" { "Medications" }
+            @if c.medications.is_empty() { p { "No medications recorded." } } @else {
+                table {
+                    thead { tr { th scope="col" { "Drug" } th scope="col" { "Dose" } th scope="col" { "Route" } th scope="col" { "Frequency" } th scope="col" { "Status" } } }
+                    tbody { @for m in &c.medications { tr { td { (m.name) } td { (m.dose) } td { (m.route) } td { (m.frequency) } td { (status_text(&m.status)) } } } }
+                }
+            }
+        }
+        section aria-labelledby="care-team" {
+            h2 id="care-team" { "Care team" }
+            @if v.care_team.is_empty() { p { "Nobody is assigned." } } @else {
+                ul { @for u in &v.care_team { li { (u.name) " (" (u.role.as_str()) ")" } } }
+            }
+        }
+        section aria-labelledby="care-plan" {
+            h2 id="care-plan" { "Care plan" }
+            @if c.care_plan.is_empty() { p { "No care plan yet." } } @else {
+                ul class="care-plan" {
+                    @for problem in &c.care_plan {
+                        li {
+                            strong { "Problem: " } (problem.description) " — " (status_text(&problem.status))
+                            ul { @for goal in &problem.children {
+                                li {
+                                    "Goal: " (goal.description) " — " (status_text(&goal.status))
+                                    ul { @for i in &goal.children {
+                                        li { "Intervention: " (i.description) " — " (status_text(&i.status)) }
+                                    } }
+                                }
+                            } }
+                        }
+                    }
+                }
+            }
+        }
+        section aria-labelledby="vitals" {
+            h2 id="vitals" { "Vital signs" }
+            (vitals::chart(&v.vitals))
+        }
+        section aria-labelledby="notes" {
+            h2 id="notes" { "Visit notes" }
+            @if v.notes.is_empty() { p { "No visit notes yet." } } @else {
+                table {
+                    thead { tr { th scope="col" { "Date" } th scope="col" { "Service" } th scope="col" { "Status" } th scope="col" { "Note" } } }
+                    tbody {
+                        @for n in &v.notes {
+                            tr {
+                                td { (n.note.evv["date"].as_str().unwrap_or("")) }
+                                td { (n.note.evv["serviceType"].as_str().unwrap_or("")) }
+                                td { (n.note.status.as_str()) }
+                                td { a href={"/console/notes/" (n.note.document_id)} { "Open note" } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `GET /console/notes/{id}` — a visit note with its signatures verified (audited).
+pub async fn note(
+    State(state): State<AppState>,
+    office: Office,
+    Path(document_id): Path<String>,
+) -> ConsoleResult<Markup> {
+    let id: DocumentId = document_id.parse().map_err(|_| Error::NotFound("note"))?;
+    let view = records::open_note(&state, &office.principal, id).await?;
+    let title = format!(
+        "Visit note — {}",
+        if view.patient_name.is_empty() {
+            view.patient.id.as_str()
+        } else {
+            &view.patient_name
+        }
+    );
+    Ok(layout(&title, Some(&office), note_body(&view)))
+}
+
+fn review_reason(reason: &ReviewReason) -> String {
+    match reason {
+        ReviewReason::ConcurrentWithSignature => "made offline without seeing the signature".into(),
+        ReviewReason::BodyEditAfterSignature => "edited the body after signing".into(),
+        ReviewReason::Tampered(t) => format!("tampering: {t:?}"),
+    }
+}
+
+fn note_body(v: &NoteView) -> Markup {
+    let n = &v.note;
+    html! {
+        p { a href={"/console/patients/" (v.patient.id)} { "Back to the chart" } }
+        section aria-labelledby="signature" {
+            h2 id="signature" { "Signature" }
+            @if v.signatures.is_empty() { p { "Not signed." } }
+            @for s in &v.signatures {
+                div class="signature" {
+                    @match &s.verdict {
+                        Ok(()) => p class="valid" { strong { "Valid" } },
+                        Err(reason) => p class="invalid" { strong { "Not valid: " } (reason) },
+                    }
+                    dl {
+                        dt { "Signed by" } dd { (s.signer_name.as_deref().unwrap_or(&s.signature.signed_by)) " (" (s.signature.role) ")" }
+                        dt { "Device" } dd { (s.signature.device_id) }
+                        dt { "Signed at" } dd { (format_ms(s.signature.signed_at_ms)) }
+                    }
+                }
+            }
+        }
+        section aria-labelledby="evv" {
+            h2 id="evv" { "Electronic visit verification" }
+            dl {
+                @if let Some(map) = n.evv.as_object() {
+                    @for (k, val) in map {
+                        dt { (k) }
+                        dd {
+                            @if let (true, Some(ms)) = (k.ends_with("At"), val.as_i64()) { (format_ms(ms)) }
+                            @else if let Some(s) = val.as_str() { (s) }
+                            @else { (val.to_string()) }
+                        }
+                    }
+                }
+            }
+        }
+        section aria-labelledby="body" {
+            h2 id="body" { @if v.rendering.is_some() { "As signed" } @else { "Draft" } }
+            @if let Some(rendering) = &v.rendering {
+                pre class="rendering" { (rendering) }
+            } @else {
+                h3 { "Assessment" } p { (n.assessment) }
+                h3 { "Plan" } p { (n.plan) }
+            }
+        }
+        section aria-labelledby="note-vitals" {
+            h2 id="note-vitals" { "Vital signs" }
+            @let current: Vec<_> = n.current_vitals().into_iter().cloned().collect();
+            (vitals::chart(&current))
+            @if !current.is_empty() {
+                table {
+                    thead { tr { th scope="col" { "Measure" } th scope="col" { "Value" } th scope="col" { "Taken" } } }
+                    tbody { @for r in &current { tr { td { (format!("{:?}", r.vital)) } td { (r.value) " " (r.unit) } td { (format_ms(r.taken_at_ms)) } } } }
+                }
+            }
+        }
+        section aria-labelledby="addenda" {
+            h2 id="addenda" { "Addenda" }
+            @if n.addenda.is_empty() { p { "None." } }
+            @for a in &n.addenda {
+                div class="addendum" { p { (a.text) } p class="meta" { (a.author) ", " (format_ms(a.created_at_ms)) } }
+            }
+        }
+        section aria-labelledby="review" {
+            h2 id="review" { "Changes awaiting review" }
+            @if v.review.is_empty() { p { "None." } } @else {
+                table {
+                    thead { tr { th scope="col" { "Who" } th scope="col" { "When" } th scope="col" { "Fields" } th scope="col" { "Why listed" } } }
+                    tbody {
+                        @for item in &v.review {
+                            tr {
+                                td { (item.author.as_ref().map(|a| format!("{} on {}", a.user_id, a.device_id)).unwrap_or_else(|| "unknown".into())) }
+                                td { (format_ms(item.time_ms)) }
+                                td { (item.fields.join(", ")) }
+                                td { (review_reason(&item.reason)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

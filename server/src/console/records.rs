@@ -1,0 +1,415 @@
+//! What the console's pages read, and the audit rows reading writes: patients, a patient's
+//! chart, a visit note with its signatures verified, the vitals over time.
+//!
+//! Every read goes through the relay's own services: the access rule ([`crate::access`]),
+//! the loaded documents ([`crate::docs::DocHub`], so the console sees exactly what devices
+//! sync), core's document model (`PatientChart::read`, `VisitNote::read`) and core's
+//! `signing::verify`, the routine the relay and the devices run. Opening a chart or a note
+//! writes one `read` audit row per document shown, naming the office user and the browser
+//! session (as a device would be named), before the page is returned.
+
+use automerge::{AutoCommit, Automerge, ChangeHash};
+use fieldchart_core::model::PatientChart;
+use fieldchart_core::model::signing::{
+    self, DirectoryKey, InvalidSignature, KeyDirectory, ReviewItem, RoleOnly, SignatureEntry,
+    Verdict,
+};
+use fieldchart_core::model::{Signature, VisitNote, VitalReading};
+use fieldchart_core::protocol::DocumentId;
+
+use crate::access;
+use crate::auth::Principal;
+use crate::clock::now_ms;
+use crate::error::{Error, Result};
+use crate::identity::{Patient, PatientId, User};
+use crate::state::AppState;
+use crate::storage::{AuditAction, AuditEvent, DocMeta};
+
+/// A patient as the list shows them.
+#[derive(Debug, Clone)]
+pub struct PatientSummary {
+    /// The patient.
+    pub patient: Patient,
+    /// Name from the chart.
+    pub name: String,
+}
+
+/// The patients `principal` may open: the agency's for office and admin users, the care team's
+/// for clinicians. Names come from the charts (not audited: a list of names is what every
+/// device of the agency holds; opening a chart is).
+pub async fn patients(state: &AppState, principal: &Principal) -> Result<Vec<PatientSummary>> {
+    let store = console_store(state)?;
+    let mut out = Vec::new();
+    for patient in store.agency_patients(principal.agency_id().clone()).await? {
+        let meta = chart_meta(&patient);
+        if !access::may_access(state.storage(), principal, &meta).await? {
+            continue;
+        }
+        let id = patient.chart_document_id;
+        let name = read_doc(state, id, move |doc| {
+            PatientChart::read(id, doc).name().unwrap_or("").to_owned()
+        })
+        .await?
+        .map(|(name, _)| name)
+        .unwrap_or_default();
+        out.push(PatientSummary { patient, name });
+    }
+    Ok(out)
+}
+
+/// One visit note in a chart's list.
+#[derive(Debug, Clone)]
+pub struct NoteSummary {
+    /// The note.
+    pub note: VisitNote,
+}
+
+/// A patient's chart as the chart page shows it.
+#[derive(Debug, Clone)]
+pub struct ChartView {
+    /// The patient.
+    pub patient: Patient,
+    /// The chart document, read.
+    pub chart: PatientChart,
+    /// Users on the care team (the relay's table, which decides access).
+    pub care_team: Vec<User>,
+    /// Visit notes, oldest first.
+    pub notes: Vec<NoteSummary>,
+    /// Every current (not superseded) vital reading of every note, by time.
+    pub vitals: Vec<VitalReading>,
+}
+
+/// Open a patient's chart (and, for the vitals chart, their notes) as `principal`: one `read`
+/// audit row per document read. Another agency's patient is `NotFound`, one the principal may
+/// not open `Forbidden` (with a `deny` row).
+pub async fn open_chart(
+    state: &AppState,
+    principal: &Principal,
+    patient_id: &PatientId,
+) -> Result<ChartView> {
+    let store = console_store(state)?;
+    let patient = visible_patient(state, principal, patient_id).await?;
+    let chart_id = patient.chart_document_id;
+    let (chart, heads) = read_doc(state, chart_id, move |doc| {
+        PatientChart::read(chart_id, doc)
+    })
+    .await?
+    .ok_or(Error::NotFound("chart"))?;
+    audit(
+        state,
+        principal,
+        &patient,
+        chart_id,
+        AuditAction::Read,
+        heads,
+    )
+    .await?;
+    let mut care_team = Vec::new();
+    for user_id in store.care_team(patient.id.clone()).await? {
+        if let Some(user) = state.storage().user(user_id).await? {
+            care_team.push(user);
+        }
+    }
+    let mut notes = Vec::new();
+    for (id, kind) in store.patient_documents(patient.id.clone()).await? {
+        if kind != "visit-note" {
+            continue;
+        }
+        if let Some((note, heads)) = read_doc_with_ledger(state, id).await? {
+            audit(state, principal, &patient, id, AuditAction::Read, heads).await?;
+            notes.push(NoteSummary { note: note.note });
+        }
+    }
+    let mut vitals: Vec<VitalReading> = notes
+        .iter()
+        .flat_map(|n| n.note.current_vitals().into_iter().cloned())
+        .collect();
+    vitals.sort_by_key(|v| v.taken_at_ms);
+    notes.sort_by_key(|n| n.note.evv["startedAt"].as_i64().unwrap_or_default());
+    Ok(ChartView {
+        patient,
+        chart,
+        care_team,
+        notes,
+        vitals,
+    })
+}
+
+/// A signature and whether it verifies now.
+#[derive(Debug, Clone)]
+pub struct CheckedSignature {
+    /// Who signed, on which device, when.
+    pub signature: Signature,
+    /// The signer's name, when the relay knows the user.
+    pub signer_name: Option<String>,
+    /// `Ok(())`: valid; otherwise why not.
+    pub verdict: std::result::Result<(), String>,
+}
+
+/// A visit note as the note page shows it.
+#[derive(Debug, Clone)]
+pub struct NoteView {
+    /// The patient.
+    pub patient: Patient,
+    /// The patient's name.
+    pub patient_name: String,
+    /// The note (a signed note's body as signed).
+    pub note: VisitNote,
+    /// The canonical rendering at the signature heads, when signed.
+    pub rendering: Option<String>,
+    /// Every signature entry in the note's history, verified.
+    pub signatures: Vec<CheckedSignature>,
+    /// Changes awaiting review (after or concurrent with the signature, tampering).
+    pub review: Vec<ReviewItem>,
+}
+
+/// Open a visit note as `principal` (one `read` audit row), verifying every signature entry
+/// against the agency's enrolled device keys with core's `signing::verify`.
+pub async fn open_note(
+    state: &AppState,
+    principal: &Principal,
+    document_id: DocumentId,
+) -> Result<NoteView> {
+    let row = state
+        .storage()
+        .document_row(document_id)
+        .await?
+        .filter(|row| row.meta.kind == "visit-note")
+        .ok_or(Error::NotFound("note"))?;
+    let patient = visible_patient(state, principal, &row.meta.patient_id).await?;
+    let read = read_doc_with_ledger(state, document_id)
+        .await?
+        .ok_or(Error::NotFound("note"))?;
+    let (read, heads) = read;
+    audit(
+        state,
+        principal,
+        &patient,
+        document_id,
+        AuditAction::Read,
+        heads,
+    )
+    .await?;
+    let keys = key_directory(state, &row.meta).await?;
+    let entries = read.entries.clone();
+    let doc = read.doc;
+    let checked = tokio::task::spawn_blocking(move || {
+        entries
+            .iter()
+            .filter_map(|entry| {
+                let signature = Signature::from_entry(entry)?;
+                let verdict = match signing::verify(&doc, document_id, entry, &keys, &RoleOnly) {
+                    Verdict::Valid => Ok(()),
+                    Verdict::HeadsMissing => Err("the signed version is not on the relay".into()),
+                    Verdict::Invalid(reason) => Err(invalid_reason(&reason).to_owned()),
+                };
+                Some((signature, verdict))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    let mut signatures = Vec::new();
+    for (signature, verdict) in checked {
+        let signer_name = state
+            .storage()
+            .user(crate::identity::UserId::new(signature.signed_by.as_str()))
+            .await?
+            .filter(|u| u.agency_id == patient.agency_id)
+            .map(|u| u.name);
+        signatures.push(CheckedSignature {
+            signature,
+            signer_name,
+            verdict,
+        });
+    }
+    let chart_id = patient.chart_document_id;
+    let patient_name = read_doc(state, chart_id, move |doc| {
+        PatientChart::read(chart_id, doc)
+            .name()
+            .unwrap_or("")
+            .to_owned()
+    })
+    .await?
+    .map(|(n, _)| n)
+    .unwrap_or_default();
+    Ok(NoteView {
+        patient,
+        patient_name,
+        note: read.note,
+        rendering: read.rendering,
+        signatures,
+        review: read.review,
+    })
+}
+
+/// Why a signature does not verify, for a person.
+pub fn invalid_reason(reason: &InvalidSignature) -> &'static str {
+    match reason {
+        InvalidSignature::Malformed => "the signature entry is malformed",
+        InvalidSignature::WrongDocument => "it was made for another note",
+        InvalidSignature::UnknownKey => "no enrolled key for the signing device",
+        InvalidSignature::KeyOfAnotherUser => "the device key belongs to another user",
+        InvalidSignature::KeyRevoked => "the device was revoked before the signing time",
+        InvalidSignature::BadTime => "the signing time is before enrollment or in the future",
+        InvalidSignature::BadSignature => "the cryptographic signature does not verify",
+        InvalidSignature::ContentMismatch => "the signed content has been altered",
+        InvalidSignature::NotAllowed => "the signer's role may not sign notes",
+    }
+}
+
+// --- helpers ---------------------------------------------------------------------------------
+
+fn console_store(state: &AppState) -> Result<&dyn super::store::ConsoleStore> {
+    state
+        .console()
+        .map(|c| c.store())
+        .ok_or(Error::NotFound("console"))
+}
+
+fn chart_meta(patient: &Patient) -> DocMeta {
+    DocMeta {
+        agency_id: patient.agency_id.clone(),
+        patient_id: patient.id.clone(),
+        kind: "patient".into(),
+    }
+}
+
+/// The patient, if `principal` may open their records: another agency's (or an unknown)
+/// patient is `NotFound`; one of the agency the principal may not open is `Forbidden`, with a
+/// `deny` audit row.
+async fn visible_patient(
+    state: &AppState,
+    principal: &Principal,
+    patient_id: &PatientId,
+) -> Result<Patient> {
+    let patient = state
+        .storage()
+        .patient(patient_id.clone())
+        .await?
+        .filter(|p| p.agency_id == *principal.agency_id())
+        .ok_or(Error::NotFound("patient"))?;
+    if !access::may_access(state.storage(), principal, &chart_meta(&patient)).await? {
+        audit(
+            state,
+            principal,
+            &patient,
+            patient.chart_document_id,
+            AuditAction::Deny,
+            Vec::new(),
+        )
+        .await?;
+        return Err(Error::Forbidden("you are not on this patient's care team"));
+    }
+    Ok(patient)
+}
+
+/// Append one audit row and wait until it is durable (the page is shown only after).
+async fn audit(
+    state: &AppState,
+    principal: &Principal,
+    patient: &Patient,
+    document_id: DocumentId,
+    action: AuditAction,
+    heads: Vec<ChangeHash>,
+) -> Result<()> {
+    state
+        .audit()
+        .record(AuditEvent {
+            at_ms: now_ms(),
+            agency_id: patient.agency_id.clone(),
+            user_id: principal.user_id().clone(),
+            device_id: principal.device_id.clone(),
+            document_id,
+            patient_id: Some(patient.id.clone()),
+            action,
+            heads,
+        })
+        .await
+}
+
+/// Run `f` on a loaded document on the blocking pool; `None` if the relay does not hold it.
+async fn read_doc<T, F>(
+    state: &AppState,
+    id: DocumentId,
+    f: F,
+) -> Result<Option<(T, Vec<ChangeHash>)>>
+where
+    T: Send + 'static,
+    F: FnOnce(&Automerge) -> T + Send + 'static,
+{
+    let Some(guard) = state.docs().open(id).await? else {
+        return Ok(None);
+    };
+    let (_guard, out) = state
+        .docs()
+        .blocking(guard, move |g| (f(g.doc()), g.heads()))
+        .await?;
+    Ok(Some(out))
+}
+
+/// A note read with its ledger (the relay's trusted one: stored signatures were verified when
+/// accepted; the page verifies them again).
+struct ReadNote {
+    note: VisitNote,
+    rendering: Option<String>,
+    entries: Vec<SignatureEntry>,
+    review: Vec<ReviewItem>,
+    doc: Automerge,
+}
+
+async fn read_doc_with_ledger(
+    state: &AppState,
+    id: DocumentId,
+) -> Result<Option<(ReadNote, Vec<ChangeHash>)>> {
+    let Some(guard) = state.docs().open(id).await? else {
+        return Ok(None);
+    };
+    let (_guard, out) = state
+        .docs()
+        .blocking(guard, move |g| -> Result<(ReadNote, Vec<ChangeHash>)> {
+            let heads = g.heads();
+            let (doc, ledger) = g.doc_and_ledger();
+            // VisitNote::read takes an AutoCommit; a copy keeps the shared document untouched.
+            let mut copy = AutoCommit::load(&doc.save())?;
+            let note = VisitNote::read(id, &mut copy, ledger);
+            let rendering = ledger
+                .signature()
+                .and_then(|e| e.payload.as_ref())
+                .and_then(|p| p.change_hashes())
+                .map(|h| fieldchart_core::model::canonical_rendering(&copy, &h));
+            Ok((
+                ReadNote {
+                    note,
+                    rendering,
+                    entries: ledger.signatures().cloned().collect(),
+                    review: ledger.review_items().to_vec(),
+                    doc: doc.clone(),
+                },
+                heads,
+            ))
+        })
+        .await?;
+    out.map(Some)
+}
+
+/// The agency's device keys, as devices get them from `/v1/keys`.
+async fn key_directory(state: &AppState, meta: &DocMeta) -> Result<KeyDirectory> {
+    let keys = state
+        .storage()
+        .agency_device_keys(meta.agency_id.clone())
+        .await?;
+    Ok(KeyDirectory {
+        agency_id: meta.agency_id.as_str().to_owned(),
+        keys: keys
+            .into_iter()
+            .map(|k| DirectoryKey {
+                user_id: k.user_id.as_str().to_owned(),
+                role: k.role.as_str().to_owned(),
+                device_id: k.device_id.as_str().to_owned(),
+                public_key: hex::encode(k.public_key),
+                enrolled_at_ms: k.enrolled_at_ms,
+                revoked_at_ms: k.revoked_at_ms,
+            })
+            .collect(),
+    })
+}
