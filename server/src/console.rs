@@ -129,6 +129,7 @@ pub fn routes() -> Router<AppState> {
             "/console/set-password",
             get(auth::set_password_page).post(auth::set_password),
         )
+        .route("/console/review", get(pages::review))
         .route("/console/patients/{patient_id}", get(pages::chart))
         .route("/console/notes/{document_id}", get(pages::note))
         .merge(admin_pages::routes())

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use automerge::{AutoCommit, Automerge};
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, Automerge, ReadDoc};
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
@@ -304,6 +305,19 @@ impl Relay {
         device: &DeviceId,
         key: &DeviceKey,
     ) -> DocumentId {
+        self.note_with(patient, nurse, device, key, false).await
+    }
+
+    /// Like `signed_note`; with `offline_edit`, another copy of the note (made before the
+    /// signing) sets `nextVisit` concurrently, and both are merged: a change for review.
+    async fn note_with(
+        &self,
+        patient: &Patient,
+        nurse: &User,
+        device: &DeviceId,
+        key: &DeviceKey,
+        offline_edit: bool,
+    ) -> DocumentId {
         let actor = Actor {
             user_id: nurse.id.to_string(),
             device_id: device.to_string(),
@@ -352,8 +366,18 @@ impl Relay {
         let mut doc = AutoCommit::load(&store.export_changes(note).expect("export")).expect("load");
         doc.set_actor(automerge::ActorId::random());
         doc.set_author(Some(actor.author()));
+        let mut offline = doc.fork();
         signing::sign(&mut doc, note, key, &actor, Role::Clinician, now_ms()).expect("sign");
         doc.commit();
+        if offline_edit {
+            offline.set_actor(automerge::ActorId::random());
+            offline.set_author(Some(actor.author()));
+            offline
+                .put(automerge::ROOT, "nextVisit", "Thursday")
+                .expect("offline edit");
+            offline.commit();
+            doc.merge(&mut offline).expect("merge");
+        }
         let saved = doc.save();
         let heads = Automerge::load(&saved).expect("reload").get_heads();
         self.storage
@@ -1116,4 +1140,94 @@ async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes()
             "{action} logged with the browser session"
         );
     }
+}
+
+#[tokio::test]
+async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side() {
+    let relay = Relay::start(ConsoleOptions::default()).await;
+    let a = relay.agency.clone();
+    let grace = relay.patient(&a, "Grace Hopper").await;
+    let (nurse, device, key) = relay.enrolled_nurse(&a, "Ana Ruiz").await;
+    let note = relay.note_with(&grace, &nurse, &device, &key, true).await;
+    // Two offline edits of the chart's phone number, by two authors.
+    let stored = relay
+        .storage
+        .load_document(grace.chart_document_id)
+        .await
+        .expect("load")
+        .expect("chart");
+    let mut chart = AutoCommit::load(&stored.snapshot.expect("snapshot")).expect("chart doc");
+    let before = chart.get_heads();
+    let demographics = match chart.get(automerge::ROOT, "demographics").expect("get") {
+        Some((automerge::Value::Object(_), id)) => id,
+        other => panic!("demographics: {other:?}"),
+    };
+    let mut other = chart.fork();
+    for (doc, who, phone) in [
+        (&mut chart, "usr_olga", "555-0100"),
+        (&mut other, "usr_nina", "555-0199"),
+    ] {
+        doc.set_actor(automerge::ActorId::random());
+        doc.set_author(Some(
+            Actor {
+                user_id: who.into(),
+                device_id: "dev_x".into(),
+            }
+            .author(),
+        ));
+        doc.put(&demographics, "phone", phone).expect("phone");
+        doc.commit();
+    }
+    chart.merge(&mut other).expect("merge");
+    let changes: Vec<u8> = chart
+        .get_changes(&before)
+        .iter()
+        .flat_map(|c| c.raw_bytes().to_vec())
+        .collect();
+    relay
+        .storage
+        .write_document(DocumentWrite {
+            document_id: grace.chart_document_id,
+            meta: DocMeta {
+                agency_id: a.clone(),
+                patient_id: grace.id.clone(),
+                kind: "patient".into(),
+            },
+            create: false,
+            data: DocumentData::Chunk(changes),
+            heads: chart.get_heads(),
+            audit: None,
+        })
+        .await
+        .expect("store the conflict");
+
+    relay.console_user(&a, Role::Office, "olga").await;
+    let (mut browser, _) = relay.signed_in("olga").await;
+    let page = relay.get(&mut browser, "/console/review").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(
+        page.body
+            .contains("made offline without seeing the signature"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("nextVisit"), "the field is named");
+    assert!(page.body.contains(&format!("/console/notes/{note}")));
+    assert!(page.body.contains("demographics/phone"), "{}", page.body);
+    for value in ["555-0100", "555-0199", "usr_olga", "usr_nina"] {
+        assert!(page.body.contains(value), "{value} shown side by side");
+    }
+    // The note page lists the same change as awaiting review; the signed version is unchanged.
+    let page = relay
+        .get(&mut browser, &format!("/console/notes/{note}"))
+        .await;
+    assert!(page.body.contains("<strong>Valid</strong>"));
+    assert!(
+        page.body
+            .contains("made offline without seeing the signature")
+    );
+    assert!(
+        !page.body.contains("Thursday"),
+        "not part of the signed rendering"
+    );
 }

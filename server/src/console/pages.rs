@@ -34,6 +34,7 @@ pub fn layout(title: &str, office: Option<&Office>, body: Markup) -> Markup {
                         nav aria-label="Console" {
                             ul {
                                 li { a href="/console/" { "Patients" } }
+                                li { a href="/console/review" { "Review queue" } }
                                 @if office.user().role == Role::Admin {
                                     li { a href="/console/admin/users" { "Users" } }
                                     li { a href="/console/admin/audit" { "Audit" } }
@@ -136,6 +137,63 @@ fn patients_body(list: &[PatientSummary]) -> Markup {
                     li { a href={"/console/patients/" (p.patient.id)} {
                         @if p.name.is_empty() { (p.patient.id) } @else { (p.name) }
                     } }
+                }
+            }
+        }
+    }
+}
+
+/// `GET /console/review` — changes after signatures, tampering and open conflicts, each linked
+/// to its note or chart.
+pub async fn review(State(state): State<AppState>, office: Office) -> ConsoleResult<Markup> {
+    let entries = records::review_queue(&state, &office.principal).await?;
+    Ok(layout("Review queue", Some(&office), review_body(&entries)))
+}
+
+fn review_body(entries: &[records::ReviewEntry]) -> Markup {
+    html! {
+        @if entries.is_empty() { p { "Nothing is waiting for review." } } @else {
+            table class="review" {
+                thead { tr {
+                    th scope="col" { "Patient" } th scope="col" { "What" } th scope="col" { "Details" }
+                    th scope="col" { "Open" }
+                } }
+                tbody {
+                    @for e in entries {
+                        tr {
+                            td { (e.patient_name) }
+                            @match &e.what {
+                                records::ReviewWhat::Item(item) => {
+                                    td { (review_reason(&item.reason)) }
+                                    td {
+                                        (item.author.as_ref().map(|a| format!("{} on {}", a.user_id, a.device_id)).unwrap_or_else(|| "unknown author".into()))
+                                        ", " (format_ms(item.time_ms)) ": " (item.fields.join(", "))
+                                    }
+                                }
+                                records::ReviewWhat::Conflict(c) => {
+                                    td { "Conflicting values of " code { (c.path) } }
+                                    td {
+                                        ul class="conflict" {
+                                            @for v in &c.values {
+                                                li {
+                                                    strong { (v.value.as_str().map(str::to_owned).unwrap_or_else(|| v.value.to_string())) }
+                                                    " — " (v.author.as_ref().map(|a| a.user_id.clone()).unwrap_or_else(|| "unknown author".into()))
+                                                    ", " (format_ms(v.time_ms))
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                            td {
+                                @if e.kind == "visit-note" {
+                                    a href={"/console/notes/" (e.document_id)} { "Open note" }
+                                } @else {
+                                    a href={"/console/patients/" (e.patient.id)} { "Open chart" }
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -254,6 +312,20 @@ pub async fn note(
     Ok(layout(&title, Some(&office), note_body(&view)))
 }
 
+fn vital_label(v: fieldchart_core::model::VitalType) -> &'static str {
+    use fieldchart_core::model::VitalType as V;
+    match v {
+        V::BloodPressure => "Blood pressure",
+        V::Pulse => "Pulse",
+        V::Respirations => "Respirations",
+        V::Temperature => "Temperature",
+        V::Spo2 => "SpO2",
+        V::Weight => "Weight",
+        V::Pain => "Pain",
+        V::Glucose => "Glucose",
+    }
+}
+
 fn review_reason(reason: &ReviewReason) -> String {
     match reason {
         ReviewReason::ConcurrentWithSignature => "made offline without seeing the signature".into(),
@@ -314,7 +386,7 @@ fn note_body(v: &NoteView) -> Markup {
             @if !current.is_empty() {
                 table {
                     thead { tr { th scope="col" { "Measure" } th scope="col" { "Value" } th scope="col" { "Taken" } } }
-                    tbody { @for r in &current { tr { td { (format!("{:?}", r.vital)) } td { (r.value) " " (r.unit) } td { (format_ms(r.taken_at_ms)) } } } }
+                    tbody { @for r in &current { tr { td { (vital_label(r.vital)) } td { (r.value) " " (r.unit) } td { (format_ms(r.taken_at_ms)) } } } }
                 }
             }
         }

@@ -413,3 +413,73 @@ async fn key_directory(state: &AppState, meta: &DocMeta) -> Result<KeyDirectory>
             .collect(),
     })
 }
+
+/// What a review-queue entry is about.
+#[derive(Debug, Clone)]
+pub enum ReviewWhat {
+    /// A note's post-signature change or tampering ([`ReviewItem`]).
+    Item(ReviewItem),
+    /// A field with concurrent values, every one listed with its author and time (never
+    /// resolved automatically).
+    Conflict(fieldchart_core::model::Conflict),
+}
+
+/// One entry of the review queue, linked to its document.
+#[derive(Debug, Clone)]
+pub struct ReviewEntry {
+    /// Whose record.
+    pub patient: Patient,
+    /// The patient's name.
+    pub patient_name: String,
+    /// The document (a note or the chart).
+    pub document_id: DocumentId,
+    /// Its kind (`visit-note`, `patient`, ...).
+    pub kind: String,
+    /// What needs a person.
+    pub what: ReviewWhat,
+}
+
+/// Everything awaiting a person across the patients `principal` may open: post-signature
+/// changes and tampering found in notes' histories, and open conflicts in any document. The
+/// listing holds who/when/which field, not chart content, and is not audited; opening the
+/// linked note or chart is.
+pub async fn review_queue(state: &AppState, principal: &Principal) -> Result<Vec<ReviewEntry>> {
+    let store = console_store(state)?;
+    let mut out = Vec::new();
+    for summary in patients(state, principal).await? {
+        for (id, kind) in store.patient_documents(summary.patient.id.clone()).await? {
+            let Some(guard) = state.docs().open(id).await? else {
+                continue;
+            };
+            let note = kind == "visit-note";
+            let (_guard, found) = state
+                .docs()
+                .blocking(guard, move |g| -> Result<(Vec<ReviewItem>, Vec<_>)> {
+                    let items = if note {
+                        let (_, ledger) = g.doc_and_ledger();
+                        ledger.review_items().to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    let copy = AutoCommit::load(&g.doc().save())?;
+                    Ok((items, fieldchart_core::model::find_conflicts(&copy)))
+                })
+                .await?;
+            let (items, conflicts) = found?;
+            let entry = |what| ReviewEntry {
+                patient: summary.patient.clone(),
+                patient_name: summary.name.clone(),
+                document_id: id,
+                kind: kind.clone(),
+                what,
+            };
+            out.extend(items.into_iter().map(|i| entry(ReviewWhat::Item(i))));
+            out.extend(
+                conflicts
+                    .into_iter()
+                    .map(|c| entry(ReviewWhat::Conflict(c))),
+            );
+        }
+    }
+    Ok(out)
+}

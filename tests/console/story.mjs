@@ -1,0 +1,158 @@
+// The agency console in a real browser: Debian's headless Chromium driven by playwright-core
+// (pointed at the system browser; nothing is downloaded), each page checked with axe-core.
+//
+// Run by tests/tests/console_e2e.rs, which starts the relay and plays the nurse's phone.
+// Protocol: one JSON object per line on stdout ({"step": ...}); the Rust side answers on stdin
+// with one JSON line when the phone has synced. Every wait is bounded (--timeout-ms).
+//
+// Env: BASE (relay URL), ADMIN_LINK, MANAGER_LINK (set-password links), MANAGER_ID, PASSWORD,
+// ARTIFACTS (screenshot directory), CHROMIUM (browser executable), TIMEOUT_MS.
+
+import { createRequire } from "node:module";
+import { mkdirSync } from "node:fs";
+import { createInterface } from "node:readline";
+import { chromium } from "playwright-core";
+
+const require = createRequire(import.meta.url);
+const AXE = require.resolve("axe-core/axe.min.js");
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`missing env ${name}`);
+  return v;
+};
+const BASE = env("BASE");
+const PASSWORD = env("PASSWORD");
+const ARTIFACTS = env("ARTIFACTS");
+const TIMEOUT_MS = Number(process.env.TIMEOUT_MS ?? "30000");
+mkdirSync(ARTIFACTS, { recursive: true });
+
+const emit = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function nextLine() {
+  const timer = new Promise((_, reject) =>
+    setTimeout(() => reject(new Error("no answer from the test on stdin")), TIMEOUT_MS * 4),
+  );
+  const { value, done } = await Promise.race([lines.next(), timer]);
+  if (done) throw new Error("stdin closed");
+  return JSON.parse(value);
+}
+
+const violations = [];
+let shot = 0;
+// Screenshot and accessibility check of the current page. axe-core is injected into a
+// context that bypasses the console's CSP (which otherwise refuses every script: the check
+// needs one, the console never does).
+async function check(page, name) {
+  shot += 1;
+  const file = `${ARTIFACTS}/${String(shot).padStart(2, "0")}-${name}.png`;
+  await page.screenshot({ path: file, fullPage: true });
+  await page.addScriptTag({ path: AXE });
+  const result = await page.evaluate(async () =>
+    // eslint-disable-next-line no-undef
+    await axe.run(document, { resultTypes: ["violations"] }),
+  );
+  const bad = result.violations.filter((v) => v.impact === "serious" || v.impact === "critical");
+  for (const v of bad) {
+    violations.push({ page: name, id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.length });
+  }
+  emit({ step: "checked", page: name, screenshot: file, serious: bad.length });
+}
+
+async function expectText(page, text) {
+  const body = await page.textContent("body");
+  if (!body.includes(text)) throw new Error(`page ${page.url()} lacks ${JSON.stringify(text)}`);
+}
+
+async function setPassword(page, link) {
+  await page.goto(link);
+  await check(page, "set-password");
+  await page.fill("#password", PASSWORD);
+  await page.fill("#confirm", PASSWORD);
+  await page.click("button[type=submit]");
+  await expectText(page, "Your password is set");
+}
+
+async function signIn(page, login) {
+  await page.goto(`${BASE}/console/sign-in`);
+  await page.fill("#login", login);
+  await page.fill("#password", PASSWORD);
+  await page.click("button[type=submit]");
+  await page.waitForURL(`${BASE}/console/`);
+}
+
+const browser = await chromium.launch({
+  executablePath: env("CHROMIUM"),
+  args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  timeout: TIMEOUT_MS,
+});
+try {
+  const newPage = async () => {
+    const context = await browser.newContext({ bypassCSP: true, viewport: { width: 1200, height: 900 } });
+    context.setDefaultTimeout(TIMEOUT_MS);
+    return context.newPage();
+  };
+
+  // 1. The administrator sets her password, signs in, creates a patient and a nurse, assigns
+  //    her, and enrolls the nurse's phone from the QR page.
+  const admin = await newPage();
+  await setPassword(admin, env("ADMIN_LINK"));
+  await admin.goto(`${BASE}/console/sign-in`);
+  await check(admin, "sign-in");
+  await signIn(admin, "ada");
+  await admin.goto(`${BASE}/console/admin/users`);
+  await admin.fill("#patient-name", "Grace Hopper");
+  await admin.click("form[action='/console/admin/patients'] button");
+  await admin.waitForURL(/\/console\/patients\/pat_/);
+  const patientId = admin.url().split("/").pop();
+  await admin.goto(`${BASE}/console/admin/users`);
+  await admin.fill("#name", "Ana Ruiz");
+  await admin.selectOption("#role", "clinician");
+  await admin.click("form[action='/console/admin/users'] button");
+  await expectText(admin, "Added Ana Ruiz");
+  await admin.selectOption("#assign-user", { label: "Ana Ruiz" });
+  await admin.selectOption("#assign-patient", patientId);
+  await admin.click("form[action='/console/admin/assign'] button");
+  await expectText(admin, "Assigned Ana Ruiz");
+  await check(admin, "users");
+  await admin.click("table a:has-text('Ana Ruiz')");
+  await admin.fill("#device", "Ana's phone");
+  await admin.click("form[action$='/enroll'] button");
+  const code = (await admin.textContent("#enrollment-code")).trim();
+  const qr = await admin.$("figure.qr svg");
+  if (!qr) throw new Error("no QR code on the enrollment page");
+  await check(admin, "enroll-qr");
+  const nurseId = admin.url().match(/users\/(usr_[0-9a-f]+)/)?.[1];
+  emit({ step: "enroll", code, patientId, nurseId });
+
+  // 2. The phone enrolls, charts, signs and syncs (the Rust side); it answers with the note.
+  const { noteId } = await nextLine();
+
+  // 3. The case manager signs in, opens the chart (vitals chart) and the note (signature Valid).
+  const manager = await newPage();
+  await setPassword(manager, env("MANAGER_LINK"));
+  await signIn(manager, "carl");
+  await check(manager, "patients");
+  await manager.click("main a:has-text('Grace Hopper')");
+  await manager.waitForSelector("svg.vitals-panel");
+  await expectText(manager, "Blood pressure");
+  await check(manager, "chart");
+  await manager.click(`a[href='/console/notes/${noteId}']`);
+  await expectText(manager, "Valid");
+  await expectText(manager, "Ana Ruiz");
+  await manager.waitForSelector("svg.vitals-panel");
+  await check(manager, "note");
+
+  // 4. The administrator's audit search lists the case manager's views.
+  await admin.goto(`${BASE}/console/admin/audit?user=${env("MANAGER_ID")}&action=read`);
+  const rows = await admin.$$eval("table.audit tbody tr", (trs) => trs.length);
+  if (rows < 2) throw new Error(`audit search shows ${rows} rows of the case manager's views`);
+  await check(admin, "audit");
+  const csv = await admin.evaluate(async (url) => (await fetch(url)).text(),
+    `${BASE}/console/admin/audit?user=${env("MANAGER_ID")}&action=read&format=csv`);
+  emit({ step: "done", auditRows: rows, csvLines: csv.trim().split("\n").length, violations });
+} finally {
+  await browser.close();
+}
+// stdin's reader would keep the process alive.
+process.exit(0);

@@ -1,0 +1,321 @@
+//! The agency console end to end, in a real browser: Debian's headless Chromium driven by
+//! `playwright-core` (`tests/console/story.mjs`, pinned by its package-lock.json; pointed at the
+//! system browser, nothing downloads one), each page checked with `axe-core` (no serious or
+//! critical violations), against a real relay process, with a Rust test peer as the nurse's
+//! phone.
+//!
+//! The story: an admin sets her password from the CLI's one-time link, signs in, creates a
+//! patient and a nurse, assigns her and enrolls her phone by reading the code from the QR page;
+//! the phone (here) redeems the code, charts and signs a visit with vitals and syncs; the case
+//! manager signs in, opens the chart (vitals chart) and the note (signature Valid); the admin's
+//! audit search lists the case manager's views. Screenshots of every step go to
+//! `target/console-e2e/` (not committed).
+//!
+//! Needs `chromium` (Debian package; or `FIELDCHART_CHROMIUM=/path`), Node.js 20+ and npm; runs
+//! `npm ci` in `tests/console` when its packages are missing. Without them the test fails and
+//! says what is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use automerge::{AutoCommit, Automerge};
+use fieldchart_core::model::signing::{self, DeviceKey};
+use fieldchart_core::model::{Actor, NoteText, Role, VisitStart, VitalReading, VitalType};
+use fieldchart_core::store::{Store, StoreConfig, StoreKey};
+use fieldchart_mobile::TlsConfig;
+use fieldchart_tests::relay_process::{Admin, RelayProcess, SyncOutcome, TestPeer, now_ms};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// The browser story's own bound on each wait (`TIMEOUT_MS`).
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the test waits for the next line from the story (its step bound plus slack).
+const LINE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long `npm ci` may take on a cold cache.
+const NPM_CI_TIMEOUT: Duration = Duration::from_secs(300);
+/// Versions the story runs (package.json pins them; a stale node_modules is reinstalled).
+const PINNED: [(&str, &str); 2] = [("playwright-core", "1.49.1"), ("axe-core", "4.10.3")];
+const PASSWORD: &str = "a long office password";
+
+fn console_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("console")
+}
+
+fn installed_version(package: &str) -> Option<String> {
+    let text = std::fs::read_to_string(
+        console_dir()
+            .join("node_modules")
+            .join(package)
+            .join("package.json"),
+    )
+    .ok()?;
+    serde_json::from_str::<Value>(&text).ok()?["version"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("FIELDCHART_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.is_file(),
+        "the console end-to-end test needs headless Chromium at {} (Debian: `apt-get install chromium`, \
+         or set FIELDCHART_CHROMIUM)",
+        path.display()
+    );
+    path
+}
+
+async fn ensure_packages() {
+    let current = PINNED
+        .iter()
+        .all(|(p, v)| installed_version(p).as_deref() == Some(*v));
+    if current {
+        return;
+    }
+    let mut ci = tokio::process::Command::new("npm");
+    ci.args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(console_dir())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(NPM_CI_TIMEOUT, ci.output())
+        .await
+        .expect("`npm ci` in tests/console did not finish in time")
+        .expect("the console end-to-end test needs Node.js 20+ and npm on PATH");
+    assert!(
+        out.status.success(),
+        "`npm ci` in tests/console failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (package, version) in PINNED {
+        assert_eq!(
+            installed_version(package).as_deref(),
+            Some(version),
+            "{package}"
+        );
+    }
+}
+
+/// The next JSON line from the story, skipping progress lines until `step`.
+async fn next_step(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    step: &str,
+    checked: &mut Vec<Value>,
+) -> Value {
+    loop {
+        let line = tokio::time::timeout(LINE_TIMEOUT, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no `{step}` from the browser story in time"))
+            .expect("story stdout")
+            .unwrap_or_else(|| panic!("the browser story ended before `{step}` (see its stderr)"));
+        let event: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("story printed {line:?}: {e}"));
+        match event["step"].as_str() {
+            Some(s) if s == step => return event,
+            Some("checked") => checked.push(event),
+            _ => panic!("unexpected story line {line}"),
+        }
+    }
+}
+
+/// The nurse's phone: enroll with the code read from the QR page, chart and sign a visit with
+/// vitals on a real device store, sync it to the relay. Returns the note's id.
+async fn phone_charts_and_signs(relay: &RelayProcess, dir: &Path, enroll: &Value) -> String {
+    let code = enroll["code"].as_str().expect("code");
+    let patient = enroll["patientId"].as_str().expect("patient");
+    let key = DeviceKey::generate();
+    let done = fieldchart_mobile::enroll(
+        &relay.http_base(),
+        code,
+        Some("Ana's phone"),
+        key.public_key(),
+        &TlsConfig::default(),
+    )
+    .await
+    .expect("the code from the QR page enrolls the phone");
+    let actor = Actor {
+        user_id: done.user_id.clone(),
+        device_id: done.device_id.clone(),
+    };
+    let store = Store::open(StoreConfig {
+        path: dir.join("ana-phone.db"),
+        key: StoreKey::random(),
+        actor: actor.clone(),
+        role: Role::Clinician,
+        keystroke_journal: true,
+    })
+    .expect("device store");
+    let note = store
+        .start_visit(&VisitStart {
+            agency_id: done.agency_id.clone(),
+            patient_id: patient.to_owned(),
+            service_type: "skilled-nursing".into(),
+            date: "2026-11-30".into(),
+            location: "12 Elm St".into(),
+            started_at_ms: now_ms() - 3_600_000,
+            start_monotonic_ms: 1,
+        })
+        .expect("start visit");
+    store
+        .update_text(
+            note,
+            NoteText::Assessment,
+            "Sacral wound 2x3 cm, clean, dressing changed.",
+        )
+        .expect("assessment");
+    for (vital, value, unit, ago) in [
+        (VitalType::BloodPressure, "142/90", "mmHg", 3_000_000),
+        (VitalType::BloodPressure, "128/82", "mmHg", 1_800_000),
+        (VitalType::Pulse, "88", "/min", 3_000_000),
+        (VitalType::Pulse, "76", "/min", 1_800_000),
+        (VitalType::Pain, "4", "/10", 2_000_000),
+    ] {
+        store
+            .record_vital(
+                note,
+                &VitalReading {
+                    id: String::new(),
+                    vital,
+                    value: value.into(),
+                    unit: unit.into(),
+                    taken_at_ms: now_ms() - ago,
+                    recorded_by: String::new(),
+                    supersedes: None,
+                },
+            )
+            .expect("vital");
+    }
+    // Signed with the enrolled key through the model API (the test holds the secret).
+    let mut doc = AutoCommit::load(&store.export_changes(note).expect("export")).expect("load");
+    doc.set_actor(automerge::ActorId::random());
+    doc.set_author(Some(actor.author()));
+    signing::sign(&mut doc, note, &key, &actor, Role::Clinician, now_ms()).expect("sign");
+    doc.commit();
+    let signed = Automerge::load(&doc.save()).expect("reload");
+    let mut peer = TestPeer::connect(&relay.ws_url(&done.token), None)
+        .await
+        .expect("connect");
+    peer.create_with_id(note, signed.clone());
+    assert_eq!(
+        peer.sync(note).await,
+        SyncOutcome::InSync(signed.get_heads()),
+        "the relay accepts the signed note"
+    );
+    peer.close().await;
+    note.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_and_a_case_manager_work_in_chromium() {
+    let chromium = chromium();
+    ensure_packages().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(dir.path());
+    let admin = Admin::new(dir.path());
+    let agency = admin.create_agency("Riverside Home Health");
+    let base = relay.http_base();
+    let office_user = |name: &str, role: &str, login: &str| {
+        admin.run(&[
+            "create-office-user",
+            "--agency",
+            &agency,
+            "--name",
+            name,
+            "--role",
+            role,
+            "--login",
+            login,
+            "--relay-url",
+            &base,
+        ])
+    };
+    let ada = office_user("Ada Admin", "admin", "ada");
+    let carl = office_user("Carl Case", "office", "carl");
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("console-e2e");
+
+    let mut story = tokio::process::Command::new("node");
+    story
+        .arg(console_dir().join("story.mjs"))
+        .current_dir(console_dir())
+        .env("BASE", &base)
+        .env("ADMIN_LINK", ada["setPasswordLink"].as_str().expect("link"))
+        .env(
+            "MANAGER_LINK",
+            carl["setPasswordLink"].as_str().expect("link"),
+        )
+        .env("MANAGER_ID", carl["userId"].as_str().expect("id"))
+        .env("PASSWORD", PASSWORD)
+        .env("ARTIFACTS", &artifacts)
+        .env("CHROMIUM", &chromium)
+        .env("TIMEOUT_MS", STEP_TIMEOUT.as_millis().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = story
+        .spawn()
+        .expect("the console end-to-end test needs Node.js 20+ on PATH");
+    let stderr = child.stderr.take().expect("stderr");
+    let stderr_text = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut all = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut checked = Vec::new();
+
+    let enroll = next_step(&mut lines, "enroll", &mut checked).await;
+    let note = phone_charts_and_signs(&relay, dir.path(), &enroll).await;
+    stdin
+        .write_all(format!("{}\n", serde_json::json!({ "noteId": note })).as_bytes())
+        .await
+        .expect("answer the story");
+    stdin.flush().await.expect("flush");
+    drop(stdin);
+
+    let done = tokio::time::timeout(LINE_TIMEOUT, async {
+        let mut checked_late = Vec::new();
+        let done = next_step(&mut lines, "done", &mut checked_late).await;
+        (done, checked_late)
+    })
+    .await;
+    let status = tokio::time::timeout(LINE_TIMEOUT, child.wait()).await;
+    let stderr = stderr_text.await.unwrap_or_default();
+    let (done, late) = done.unwrap_or_else(|_| panic!("the story never finished:\n{stderr}"));
+    checked.extend(late);
+    assert!(
+        matches!(status, Ok(Ok(s)) if s.success()),
+        "the browser story failed: {status:?}\n{stderr}"
+    );
+    assert_eq!(
+        done["violations"],
+        serde_json::json!([]),
+        "axe-core found serious or critical violations"
+    );
+    assert!(done["auditRows"].as_u64().unwrap_or(0) >= 2, "{done}");
+    assert!(
+        done["csvLines"].as_u64().unwrap_or(0) >= 3,
+        "header + rows: {done}"
+    );
+    let pages: Vec<&str> = checked.iter().filter_map(|c| c["page"].as_str()).collect();
+    for page in ["sign-in", "users", "enroll-qr", "chart", "note", "audit"] {
+        assert!(pages.contains(&page), "{page} checked: {pages:?}");
+    }
+    for c in &checked {
+        let shot = c["screenshot"].as_str().expect("screenshot path");
+        assert!(
+            std::fs::metadata(shot).is_ok_and(|m| m.len() > 1_000),
+            "{shot} written"
+        );
+    }
+}
