@@ -47,6 +47,7 @@
 pub(crate) mod conflicts;
 mod history;
 pub(crate) mod patient;
+pub mod schedule;
 pub mod signing;
 pub(crate) mod visit_note;
 

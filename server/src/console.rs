@@ -130,6 +130,8 @@ pub fn routes() -> Router<AppState> {
             get(auth::set_password_page).post(auth::set_password),
         )
         .route("/console/review", get(pages::review))
+        .route("/console/board", get(pages::board))
+        .route("/console/schedule", post(pages::schedule))
         .route("/console/patients/{patient_id}", get(pages::chart))
         .route("/console/notes/{document_id}", get(pages::note))
         .merge(admin_pages::routes())

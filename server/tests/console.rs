@@ -1231,3 +1231,111 @@ async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side() {
         "not part of the signed rendering"
     );
 }
+
+#[tokio::test]
+async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got() {
+    let relay = Relay::start(ConsoleOptions::default()).await;
+    let a = relay.agency.clone();
+    let grace = relay.patient(&a, "Grace Hopper").await;
+    let (nurse, device, key) = relay.enrolled_nurse(&a, "Ana Ruiz").await;
+    relay.console_user(&a, Role::Office, "sam").await;
+    relay.console_user(&a, Role::Clinician, "nina").await;
+    let (mut sam, csrf) = relay.signed_in("sam").await;
+    let board = relay.get(&mut sam, "/console/board?date=2026-11-29").await;
+    assert_eq!(board.status, StatusCode::OK, "{}", board.body);
+    assert!(board.body.contains("No visits scheduled"));
+
+    let schedule = |date: &'static str, start: &'static str, end: &'static str| {
+        vec![
+            ("patient", grace.id.to_string()),
+            ("clinician", nurse.id.to_string()),
+            ("date", date.to_owned()),
+            ("start", start.to_owned()),
+            ("end", end.to_owned()),
+            ("service", "skilled-nursing".to_owned()),
+            ("csrf", csrf.clone()),
+        ]
+    };
+    let post = |fields: &Vec<(&'static str, String)>| {
+        fields
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect::<Vec<_>>()
+    };
+    let bad = post(&schedule("2026-11-29", "10:00", "09:00"));
+    let bad: Vec<(&str, &str)> = bad.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let page = relay.post(&mut sam, "/console/schedule", &bad).await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+    assert!(
+        !relay
+            .storage
+            .on_care_team(nurse.id.clone(), grace.id.clone())
+            .await
+            .expect("team"),
+        "a refused visit changes nothing"
+    );
+    for (date, start, end) in [
+        ("2026-11-29", "09:00", "10:00"),
+        ("2099-01-01", "09:00", "10:00"),
+    ] {
+        let fields = post(&schedule(date, start, end));
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let page = relay.post(&mut sam, "/console/schedule", &fields).await;
+        assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    }
+    // One schedule document for the patient, holding both visits; the nurse is on the care
+    // team now, so her phone syncs the chart and the schedule.
+    let docs = console::store::ConsoleStore::patient_documents(&*relay.storage, grace.id.clone())
+        .await
+        .expect("docs");
+    let schedules: Vec<_> = docs.iter().filter(|(_, k)| k == "schedule").collect();
+    assert_eq!(schedules.len(), 1, "{docs:?}");
+    let stored = relay
+        .storage
+        .load_document(schedules[0].0)
+        .await
+        .expect("load")
+        .expect("schedule");
+    let mut bytes = stored.snapshot.clone().unwrap_or_default();
+    for chunk in &stored.chunks {
+        bytes.extend_from_slice(chunk);
+    }
+    let doc = AutoCommit::load(&bytes).expect("schedule doc");
+    let visits = fieldchart_core::model::schedule::read_schedule(&doc);
+    assert_eq!(visits.len(), 2);
+    assert!(visits.iter().all(|v| v.clinician_id == nurse.id.as_str()));
+    assert!(
+        relay
+            .storage
+            .on_care_team(nurse.id.clone(), grace.id.clone())
+            .await
+            .expect("team")
+    );
+
+    // Yesterday's visit, no note: late and missing.
+    let board = relay.get(&mut sam, "/console/board?date=2026-11-29").await;
+    assert!(board.body.contains("Ana Ruiz") && board.body.contains("Grace Hopper"));
+    assert!(
+        board.body.contains("Late") && board.body.contains("Note missing"),
+        "{}",
+        board.body
+    );
+    let future = relay.get(&mut sam, "/console/board?date=2099-01-01").await;
+    assert!(future.body.contains("scheduled") && !future.body.contains("Late"));
+
+    // The note arrives signed: received, signed, nothing flagged.
+    let note = relay.signed_note(&grace, &nurse, &device, &key).await;
+    let board = relay.get(&mut sam, "/console/board?date=2026-11-29").await;
+    assert!(board.body.contains("signed, received"), "{}", board.body);
+    assert!(!board.body.contains("Late") && !board.body.contains("Note missing"));
+    assert!(board.body.contains(&format!("/console/notes/{note}")));
+
+    // Clinicians read the board but do not schedule.
+    let (mut nina, nina_csrf) = relay.signed_in("nina").await;
+    let mut fields = post(&schedule("2026-11-29", "09:00", "10:00"));
+    fields.retain(|(k, _)| *k != "csrf");
+    fields.push(("csrf", nina_csrf));
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let page = relay.post(&mut nina, "/console/schedule", &fields).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+}

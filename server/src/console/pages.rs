@@ -1,11 +1,13 @@
 //! The console's pages (maud templates, compiled with the relay) and the handlers of the
 //! patient list, the chart and the note. Templates only lay out what [`super::records`] read.
 
-use axum::extract::{Path, State};
+use axum::Form;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use fieldchart_core::model::signing::ReviewReason;
 use fieldchart_core::protocol::DocumentId;
 use maud::{DOCTYPE, Markup, html};
+use serde::Deserialize;
 
 use super::auth::Office;
 use super::records::{self, ChartView, NoteView, PatientSummary};
@@ -33,6 +35,7 @@ pub fn layout(title: &str, office: Option<&Office>, body: Markup) -> Markup {
                     @if let Some(office) = office {
                         nav aria-label="Console" {
                             ul {
+                                li { a href="/console/board" { "Today" } }
                                 li { a href="/console/" { "Patients" } }
                                 li { a href="/console/review" { "Review queue" } }
                                 @if office.user().role == Role::Admin {
@@ -141,6 +144,145 @@ fn patients_body(list: &[PatientSummary]) -> Markup {
             }
         }
     }
+}
+
+/// Query of the board.
+#[derive(Debug, Deserialize)]
+pub struct BoardQuery {
+    /// `YYYY-MM-DD`; today (UTC) by default.
+    #[serde(default)]
+    pub date: Option<String>,
+}
+
+fn today() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%d").to_string()
+}
+
+/// `GET /console/board` — each clinician's visits of the day and how far each got; late and
+/// missing notes stand out. Office and admin users also get the scheduling form.
+pub async fn board(
+    State(state): State<AppState>,
+    office: Office,
+    Query(q): Query<BoardQuery>,
+) -> ConsoleResult<Markup> {
+    let date = q.date.filter(|d| !d.is_empty()).unwrap_or_else(today);
+    let visits = records::board(&state, &office.principal, &date).await?;
+    let can_schedule = office.user().role != Role::Clinician;
+    let (patients, clinicians) = if can_schedule {
+        let store = state
+            .console()
+            .map(|c| c.store())
+            .ok_or(Error::NotFound("console"))?;
+        let users = store.agency_users(office.user().agency_id.clone()).await?;
+        (
+            records::patients(&state, &office.principal).await?,
+            users
+                .into_iter()
+                .filter(|u| u.user.role == Role::Clinician && u.disabled_at.is_none())
+                .map(|u| u.user)
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    Ok(layout(
+        &format!("Visits on {date}"),
+        Some(&office),
+        html! {
+            form method="get" action="/console/board" class="search" {
+                p { label for="date" { "Date" } input id="date" name="date" type="date" value=(date); }
+                p { button type="submit" { "Show" } }
+            }
+            @if visits.is_empty() { p { "No visits scheduled." } } @else {
+                table class="board" {
+                    thead { tr {
+                        th scope="col" { "Clinician" } th scope="col" { "Window" } th scope="col" { "Patient" }
+                        th scope="col" { "Service" } th scope="col" { "Status" } th scope="col" { "Note" }
+                    } }
+                    tbody {
+                        @for v in &visits {
+                            tr class=[(v.late || v.note_missing).then_some("attention")] {
+                                td { (v.clinician_name) }
+                                td { (v.visit.window_start) "–" (v.visit.window_end) }
+                                td { (v.patient_name) }
+                                td { (v.visit.service_type) }
+                                td {
+                                    (match v.state {
+                                        records::VisitState::Scheduled => "scheduled",
+                                        records::VisitState::Started => "started, received",
+                                        records::VisitState::Finished => "finished, received",
+                                        records::VisitState::Signed => "signed, received",
+                                    })
+                                    @if v.late { " " strong class="flag" { "Late" } }
+                                    @if v.note_missing { " " strong class="flag" { "Note missing" } }
+                                }
+                                td { @if let Some(n) = v.note { a href={"/console/notes/" (n)} { "Open note" } } }
+                            }
+                        }
+                    }
+                }
+            }
+            @if can_schedule {
+                section aria-labelledby="schedule" {
+                    h2 id="schedule" { "Schedule a visit" }
+                    form method="post" action="/console/schedule" {
+                        input type="hidden" name="csrf" value=(office.csrf);
+                        p { label for="s-patient" { "Patient" } select id="s-patient" name="patient" {
+                            @for p in &patients { option value=(p.patient.id) { (p.name) } } } }
+                        p { label for="s-clinician" { "Clinician" } select id="s-clinician" name="clinician" {
+                            @for u in &clinicians { option value=(u.id) { (u.name) } } } }
+                        p { label for="s-date" { "Date" } input id="s-date" name="date" type="date" value=(date) required; }
+                        p { label for="s-start" { "From" } input id="s-start" name="start" type="time" value="09:00" required; }
+                        p { label for="s-end" { "To" } input id="s-end" name="end" type="time" value="10:00" required; }
+                        p { label for="s-service" { "Service" } input id="s-service" name="service" type="text" value="skilled-nursing" required; }
+                        p { button type="submit" { "Schedule" } }
+                    }
+                }
+            }
+        },
+    ))
+}
+
+/// The scheduling form.
+#[derive(Debug, Deserialize)]
+pub struct ScheduleForm {
+    patient: PatientId,
+    clinician: String,
+    date: String,
+    start: String,
+    end: String,
+    service: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /console/schedule`
+pub async fn schedule(
+    State(state): State<AppState>,
+    office: Office,
+    Form(form): Form<ScheduleForm>,
+) -> ConsoleResult<axum::response::Response> {
+    office.check_csrf(&form.csrf)?;
+    records::schedule_visit(
+        &state,
+        &office.principal,
+        &office.ctx,
+        &form.patient,
+        fieldchart_core::model::schedule::ScheduledVisit {
+            id: String::new(),
+            clinician_id: form.clinician,
+            date: form.date.clone(),
+            window_start: form.start,
+            window_end: form.end,
+            service_type: form.service,
+            status: String::new(),
+        },
+    )
+    .await?;
+    Ok(super::redirect(&format!(
+        "/console/board?date={}",
+        form.date
+    )))
 }
 
 /// `GET /console/review` — changes after signatures, tampering and open conflicts, each linked

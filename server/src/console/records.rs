@@ -10,6 +10,7 @@
 
 use automerge::{AutoCommit, Automerge, ChangeHash};
 use fieldchart_core::model::PatientChart;
+use fieldchart_core::model::schedule::{self, ScheduledVisit};
 use fieldchart_core::model::signing::{
     self, DirectoryKey, InvalidSignature, KeyDirectory, ReviewItem, RoleOnly, SignatureEntry,
     Verdict,
@@ -481,5 +482,247 @@ pub async fn review_queue(state: &AppState, principal: &Principal) -> Result<Vec
             );
         }
     }
+    Ok(out)
+}
+
+// --- schedule and board ------------------------------------------------------------------------
+
+/// Plan a visit: appended to the patient's `schedule` document (created with the first visit)
+/// as an automerge change authored by the scheduler through the browser session, stored and
+/// forwarded to connected devices like a device's change, with a `write` audit row. A clinician
+/// not yet on the patient's care team is assigned (admin log row): her phone then syncs the
+/// patient's chart and schedule before the day. Office and admin users only.
+pub async fn schedule_visit(
+    state: &AppState,
+    principal: &Principal,
+    ctx: &crate::admin::AdminContext,
+    patient_id: &PatientId,
+    visit: ScheduledVisit,
+) -> Result<String> {
+    if principal.role() == crate::identity::Role::Clinician {
+        return Err(Error::Forbidden("scheduling is for office and admin users"));
+    }
+    visit.validate()?;
+    let patient = visible_patient(state, principal, patient_id).await?;
+    let clinician = state
+        .storage()
+        .user(crate::identity::UserId::new(visit.clinician_id.as_str()))
+        .await?
+        .filter(|u| u.agency_id == patient.agency_id && u.role == crate::identity::Role::Clinician)
+        .ok_or(Error::NotFound("clinician"))?;
+    if state
+        .storage()
+        .user_disabled_at(clinician.id.clone())
+        .await?
+        .is_some()
+    {
+        return Err(Error::BadRequest("the clinician is disabled".into()));
+    }
+    if !state
+        .storage()
+        .on_care_team(clinician.id.clone(), patient.id.clone())
+        .await?
+    {
+        crate::admin::assign(state.storage(), ctx, &clinician.id, &patient.id).await?;
+    }
+    let author = fieldchart_core::model::Actor {
+        user_id: principal.user_id().to_string(),
+        device_id: principal.device_id.to_string(),
+    };
+    let existing = console_store(state)?
+        .patient_documents(patient.id.clone())
+        .await?
+        .into_iter()
+        .find(|(_, kind)| kind == schedule::SCHEDULE_KIND)
+        .map(|(id, _)| id);
+    let meta = DocMeta {
+        agency_id: patient.agency_id.clone(),
+        patient_id: patient.id.clone(),
+        kind: schedule::SCHEDULE_KIND.into(),
+    };
+    let now = now_ms();
+    let write_audit = |id: DocumentId, heads: Vec<ChangeHash>| AuditEvent {
+        at_ms: now,
+        agency_id: patient.agency_id.clone(),
+        user_id: principal.user_id().clone(),
+        device_id: principal.device_id.clone(),
+        document_id: id,
+        patient_id: Some(patient.id.clone()),
+        action: AuditAction::Write,
+        heads,
+    };
+    if let Some(id) = existing {
+        let guard = state
+            .docs()
+            .open(id)
+            .await?
+            .ok_or(Error::NotFound("schedule"))?;
+        let (guard, made) = state
+            .docs()
+            .blocking(
+                guard,
+                move |g| -> Result<(String, Vec<automerge::Change>)> {
+                    let before = g.heads();
+                    let mut copy = fieldchart_core::model::load_document(&g.doc().save())?;
+                    copy.set_actor(automerge::ActorId::random());
+                    copy.set_author(Some(author.author()));
+                    let visit_id = schedule::add_visit(&mut copy, &visit, now)?;
+                    let changes: Vec<automerge::Change> = copy.get_changes(&before);
+                    g.doc_mut().apply_changes(changes.clone())?;
+                    Ok((visit_id, changes))
+                },
+            )
+            .await?;
+        let (visit_id, changes) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                state.docs().discard(guard);
+                return Err(e);
+            }
+        };
+        let heads = guard.heads();
+        // `u64::MAX` is no session's id: every device syncing the schedule is told.
+        state
+            .docs()
+            .commit(guard, &changes, write_audit(id, heads), u64::MAX)
+            .await?;
+        Ok(visit_id)
+    } else {
+        let (id, mut doc) = schedule::new_schedule(
+            patient.agency_id.as_str(),
+            patient.id.as_str(),
+            &author,
+            now,
+        )?;
+        let visit_id = schedule::add_visit(&mut doc, &visit, now)?;
+        let snapshot = doc.save();
+        let doc = Automerge::load(&snapshot)?;
+        let heads = doc.get_heads();
+        match state
+            .docs()
+            .create(id, doc, snapshot, meta, write_audit(id, heads))
+            .await?
+        {
+            crate::docs::Created::Stored(_) => Ok(visit_id),
+            _ => Err(Error::Conflict(
+                "the schedule was created meanwhile; try again".into(),
+            )),
+        }
+    }
+}
+
+/// Where a scheduled visit stands on the board.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisitState {
+    /// Planned; no note yet.
+    Scheduled,
+    /// A note exists (EVV start) and is on the relay: received by the agency.
+    Started,
+    /// EVV end recorded.
+    Finished,
+    /// Signed.
+    Signed,
+}
+
+/// One line of the Today board.
+#[derive(Debug, Clone)]
+pub struct BoardVisit {
+    /// The visit as planned.
+    pub visit: ScheduledVisit,
+    /// The patient.
+    pub patient: Patient,
+    /// The patient's name.
+    pub patient_name: String,
+    /// The clinician's name.
+    pub clinician_name: String,
+    /// How far it got.
+    pub state: VisitState,
+    /// The note, when one was received.
+    pub note: Option<DocumentId>,
+    /// The window has ended and the visit has not started.
+    pub late: bool,
+    /// The window ended more than [`NOTE_DUE_AFTER_MS`] ago and no signed note was received.
+    pub note_missing: bool,
+}
+
+/// A note is expected signed this long after the visit window ends.
+pub const NOTE_DUE_AFTER_MS: i64 = 2 * 3600 * 1000;
+
+/// Milliseconds of `date` `HH:MM` (UTC: the relay has no agency time zone yet).
+fn at_ms(date: &str, time: &str) -> Option<i64> {
+    format!("{date}T{time}:00Z")
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond())
+}
+
+/// Every clinician's visits on `date` across the patients `principal` may open, with what
+/// the relay received (note started, finished, signed). Statuses only, not chart content: not
+/// audited.
+pub async fn board(state: &AppState, principal: &Principal, date: &str) -> Result<Vec<BoardVisit>> {
+    let store = console_store(state)?;
+    let now = now_ms();
+    let mut out = Vec::new();
+    for summary in patients(state, principal).await? {
+        let docs = store.patient_documents(summary.patient.id.clone()).await?;
+        let mut visits = Vec::new();
+        let mut notes = Vec::new();
+        for (id, kind) in &docs {
+            if kind == schedule::SCHEDULE_KIND {
+                if let Some((found, _)) = read_doc(state, *id, schedule::read_schedule).await? {
+                    visits.extend(
+                        found
+                            .into_iter()
+                            .filter(|v| v.date == date && v.status != "cancelled"),
+                    );
+                }
+            }
+        }
+        if visits.is_empty() {
+            continue;
+        }
+        for (id, kind) in &docs {
+            if kind == "visit-note"
+                && let Some((read, _)) = read_doc_with_ledger(state, *id).await?
+            {
+                notes.push(read.note);
+            }
+        }
+        for visit in visits {
+            let note = notes.iter().find(|n| {
+                n.evv["date"].as_str() == Some(date)
+                    && n.evv["clinicianId"].as_str() == Some(visit.clinician_id.as_str())
+            });
+            let state_of = match note {
+                None => VisitState::Scheduled,
+                Some(n) if n.status == fieldchart_core::model::NoteStatus::Signed => {
+                    VisitState::Signed
+                }
+                Some(n) if n.evv.get("endedAt").is_some() => VisitState::Finished,
+                Some(_) => VisitState::Started,
+            };
+            let end = at_ms(&visit.date, &visit.window_end).unwrap_or(i64::MAX);
+            let clinician_name = state
+                .storage()
+                .user(crate::identity::UserId::new(visit.clinician_id.as_str()))
+                .await?
+                .map(|u| u.name)
+                .unwrap_or_else(|| visit.clinician_id.clone());
+            out.push(BoardVisit {
+                late: state_of == VisitState::Scheduled && now > end,
+                note_missing: state_of != VisitState::Signed
+                    && now > end.saturating_add(NOTE_DUE_AFTER_MS),
+                note: note.map(|n| n.document_id),
+                patient: summary.patient.clone(),
+                patient_name: summary.name.clone(),
+                clinician_name,
+                state: state_of,
+                visit,
+            });
+        }
+    }
+    out.sort_by(|a, b| {
+        (&a.clinician_name, &a.visit.window_start).cmp(&(&b.clinician_name, &b.visit.window_start))
+    });
     Ok(out)
 }
