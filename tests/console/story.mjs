@@ -115,6 +115,18 @@ try {
   await admin.click("form[action='/console/admin/assign'] button");
   await expectText(admin, "Assigned Ana Ruiz");
   await check(admin, "users");
+  // Schedule Ana's visit to Grace today (the board's default date, UTC).
+  const today = new Date().toISOString().slice(0, 10);
+  await admin.goto(`${BASE}/console/board`);
+  await admin.selectOption("#s-patient", patientId);
+  await admin.selectOption("#s-clinician", { label: "Ana Ruiz" });
+  await admin.fill("#s-date", today);
+  await admin.fill("#s-start", "00:00");
+  await admin.fill("#s-end", "23:59");
+  await admin.click("form[action='/console/schedule'] button");
+  await admin.waitForURL(/\/console\/board/);
+  await expectText(admin, "scheduled");
+  await admin.goto(`${BASE}/console/admin/users`);
   await admin.click("table a:has-text('Ana Ruiz')");
   await admin.fill("#device", "Ana's phone");
   await admin.click("form[action$='/enroll'] button");
@@ -123,7 +135,7 @@ try {
   if (!qr) throw new Error("no QR code on the enrollment page");
   await check(admin, "enroll-qr");
   const nurseId = admin.url().match(/users\/(usr_[0-9a-f]+)/)?.[1];
-  emit({ step: "enroll", code, patientId, nurseId });
+  emit({ step: "enroll", code, patientId, nurseId, date: today });
 
   // 2. The phone enrolls, charts, signs and syncs (the Rust side); it answers with the note.
   const { noteId } = await nextLine();
@@ -133,6 +145,10 @@ try {
   await setPassword(manager, env("MANAGER_LINK"));
   await signIn(manager, "carl");
   await check(manager, "patients");
+  await manager.goto(`${BASE}/console/board`);
+  await expectText(manager, "signed, received");
+  await check(manager, "board");
+  await manager.goto(`${BASE}/console/`);
   await manager.click("main a:has-text('Grace Hopper')");
   await manager.waitForSelector("svg.vitals-panel");
   await expectText(manager, "Blood pressure");

@@ -5,9 +5,10 @@
 //! phone.
 //!
 //! The story: an admin sets her password from the CLI's one-time link, signs in, creates a
-//! patient and a nurse, assigns her and enrolls her phone by reading the code from the QR page;
-//! the phone (here) redeems the code, charts and signs a visit with vitals and syncs; the case
-//! manager signs in, opens the chart (vitals chart) and the note (signature Valid); the admin's
+//! patient and a nurse, assigns her, schedules her visit for today and enrolls her phone by
+//! reading the code from the QR page; the phone (here) redeems the code, charts and signs a visit
+//! with vitals and syncs; the case manager signs in, sees the visit signed and received on the
+//! Today board, opens the chart (vitals chart) and the note (signature Valid); the admin's
 //! audit search lists the case manager's views. Screenshots of every step go to
 //! `target/console-e2e/` (not committed).
 //!
@@ -152,7 +153,7 @@ async fn phone_charts_and_signs(relay: &RelayProcess, dir: &Path, enroll: &Value
             agency_id: done.agency_id.clone(),
             patient_id: patient.to_owned(),
             service_type: "skilled-nursing".into(),
-            date: "2026-11-30".into(),
+            date: enroll["date"].as_str().expect("date").to_owned(),
             location: "12 Elm St".into(),
             started_at_ms: now_ms() - 3_600_000,
             start_monotonic_ms: 1,
@@ -308,7 +309,15 @@ async fn an_admin_and_a_case_manager_work_in_chromium() {
         "header + rows: {done}"
     );
     let pages: Vec<&str> = checked.iter().filter_map(|c| c["page"].as_str()).collect();
-    for page in ["sign-in", "users", "enroll-qr", "chart", "note", "audit"] {
+    for page in [
+        "sign-in",
+        "users",
+        "enroll-qr",
+        "board",
+        "chart",
+        "note",
+        "audit",
+    ] {
         assert!(pages.contains(&page), "{page} checked: {pages:?}");
     }
     for c in &checked {
