@@ -581,7 +581,7 @@ async fn run_admin(
                 }
             };
             // Checked before the user is made, so a bad name leaves nothing behind.
-            console::auth::normalise_login(&login)?;
+            console::auth::free_login(storage, &login).await?;
             let user =
                 admin::create_user(storage, ctx, &AgencyId::new(agency), &name, role).await?;
             let token = console::auth::create_login(storage, ctx, &user, &login).await?;

@@ -19,21 +19,31 @@ use fieldchart_core::store::{Store, StoreConfig, StoreKey};
 use fieldchart_server::admin::{self, AdminContext};
 use fieldchart_server::auth::hash_secret;
 use fieldchart_server::config::Limits;
+use fieldchart_server::console::store::ConsoleStore;
 use fieldchart_server::console::{self, ConsoleOptions};
 use fieldchart_server::identity::{AgencyId, DeviceId, Patient, Role, User};
+use fieldchart_server::storage::memory::MemoryConsole;
 use fieldchart_server::storage::{
-    AuditAction, AuditQuery, DocMeta, DocumentData, DocumentWrite, Redemption, SqliteStorage,
-    Storage,
+    AuditAction, AuditQuery, DocMeta, DocumentData, DocumentWrite, MemoryStorage, Redemption,
+    SqliteStorage, Storage,
 };
 use fieldchart_server::{AppState, clock::now_ms};
 use tower::ServiceExt;
 
 const PASSWORD: &str = "correct horse battery";
 
+/// Which storage backend a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Memory,
+}
+
 struct Relay {
     _dir: tempfile::TempDir,
     dir: std::path::PathBuf,
-    storage: Arc<SqliteStorage>,
+    storage: Arc<dyn Storage>,
+    console: Arc<dyn ConsoleStore>,
     app: Router,
     agency: AgencyId,
 }
@@ -145,15 +155,28 @@ fn form_body(fields: &[(&str, &str)]) -> String {
 
 impl Relay {
     async fn start(options: ConsoleOptions) -> Relay {
+        Relay::start_on(Backend::Sqlite, options).await
+    }
+
+    async fn start_on(backend: Backend, options: ConsoleOptions) -> Relay {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().to_owned();
-        let storage = Arc::new(
-            SqliteStorage::open(&path.join("relay.sqlite3")).expect("open relay database"),
-        );
+        let (storage, console): (Arc<dyn Storage>, Arc<dyn ConsoleStore>) = match backend {
+            Backend::Sqlite => {
+                let s = Arc::new(
+                    SqliteStorage::open(&path.join("relay.sqlite3")).expect("open relay database"),
+                );
+                (s.clone(), s)
+            }
+            Backend::Memory => {
+                let s = Arc::new(MemoryStorage::new());
+                (s.clone(), Arc::new(MemoryConsole::new(s)))
+            }
+        };
         let state = AppState::new(storage.clone(), Limits::default())
             .await
             .expect("state");
-        state.attach_console(storage.clone(), options);
+        state.attach_console(console.clone(), options);
         let agency = admin::create_agency(&*storage, &cli(), "Riverside")
             .await
             .expect("agency")
@@ -162,6 +185,7 @@ impl Relay {
             _dir: dir,
             dir: path,
             storage,
+            console,
             app: fieldchart_server::app(state),
             agency,
         }
@@ -213,7 +237,7 @@ impl Relay {
         let user = admin::create_user(&*self.storage, &cli(), agency, login, role)
             .await
             .expect("user");
-        let token = console::auth::create_login(&*self.storage, &cli(), &user, login)
+        let token = console::auth::create_login(&*self.console, &cli(), &user, login)
             .await
             .expect("login");
         let mut browser = Browser::default();
@@ -458,7 +482,7 @@ async fn a_link_sets_the_password_once_and_sign_in_sets_a_strict_cookie() {
     let user = admin::create_user(&*relay.storage, &cli(), &relay.agency, "Olga", Role::Office)
         .await
         .expect("user");
-    let token = console::auth::create_login(&*relay.storage, &cli(), &user, "Olga@Example.org")
+    let token = console::auth::create_login(&*relay.console, &cli(), &user, "Olga@Example.org")
         .await
         .expect("login");
     // Before the password is set, nothing signs in.
@@ -532,7 +556,9 @@ async fn a_link_sets_the_password_once_and_sign_in_sets_a_strict_cookie() {
     }
     assert!(!cookie.contains("Secure"), "no TLS here: {cookie}");
     // The password is stored as argon2id, not as given.
-    let record = console::store::ConsoleStore::login(&*relay.storage, "olga@example.org".into())
+    let record = relay
+        .console
+        .login("olga@example.org".into())
         .await
         .expect("login")
         .expect("record");
@@ -593,7 +619,9 @@ async fn forms_without_the_csrf_token_are_refused() {
     assert_eq!(page.status, StatusCode::FORBIDDEN);
 
     let (mut browser, csrf) = relay.signed_in("ada").await;
-    let before = console::store::ConsoleStore::agency_users(&*relay.storage, relay.agency.clone())
+    let before = relay
+        .console
+        .agency_users(relay.agency.clone())
         .await
         .expect("users")
         .len();
@@ -622,7 +650,9 @@ async fn forms_without_the_csrf_token_are_refused() {
     assert_eq!(page.status, StatusCode::FORBIDDEN);
     let page = relay.post(&mut browser, "/console/sign-out", &[]).await;
     assert_eq!(page.status, StatusCode::FORBIDDEN);
-    let after = console::store::ConsoleStore::agency_users(&*relay.storage, relay.agency.clone())
+    let after = relay
+        .console
+        .agency_users(relay.agency.clone())
         .await
         .expect("users")
         .len();
@@ -666,7 +696,9 @@ async fn idle_sessions_and_signed_out_sessions_end() {
     // The session is gone, not just refused once.
     let secret = browser.session.clone().expect("cookie");
     assert!(
-        console::store::ConsoleStore::session(&*relay.storage, hash_secret(&secret))
+        relay
+            .console
+            .session(hash_secret(&secret))
             .await
             .expect("lookup")
             .is_none()
@@ -699,9 +731,8 @@ async fn a_signed_out_cookie_no_longer_works() {
     assert_eq!(page.status, StatusCode::SEE_OTHER, "the old cookie is dead");
 }
 
-#[tokio::test]
-async fn agencies_roles_and_care_teams_scope_what_the_console_shows() {
-    let relay = Relay::start(ConsoleOptions::default()).await;
+async fn agencies_roles_and_care_teams_scope_what_the_console_shows_on(backend: Backend) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
     let a = relay.agency.clone();
     let b = admin::create_agency(&*relay.storage, &cli(), "Elsewhere")
         .await
@@ -798,9 +829,8 @@ async fn agencies_roles_and_care_teams_scope_what_the_console_shows() {
     assert_eq!(page.status, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
-async fn the_note_page_verifies_the_signature_and_every_view_is_audited() {
-    let relay = Relay::start(ConsoleOptions::default()).await;
+async fn the_note_page_verifies_the_signature_and_every_view_is_audited_on(backend: Backend) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
     let a = relay.agency.clone();
     let grace = relay.patient(&a, "Grace Hopper").await;
     let (nurse, device, key) = relay.enrolled_nurse(&a, "Ana Ruiz").await;
@@ -919,9 +949,10 @@ async fn the_note_page_verifies_the_signature_and_every_view_is_audited() {
     let _ = ada;
 }
 
-#[tokio::test]
-async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes() {
-    let relay = Relay::start(ConsoleOptions::default()).await;
+async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes_on(
+    backend: Backend,
+) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
     let a = relay.agency.clone();
     relay.console_user(&a, Role::Admin, "ada").await;
     let (mut browser, csrf) = relay.signed_in("ada").await;
@@ -947,9 +978,7 @@ async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes()
         )
         .await;
     assert_eq!(page.status, StatusCode::OK);
-    let users = console::store::ConsoleStore::agency_users(&*relay.storage, a.clone())
-        .await
-        .expect("users");
+    let users = relay.console.agency_users(a.clone()).await.expect("users");
     let ana = users
         .iter()
         .find(|u| u.user.name == "Ana Ruiz")
@@ -993,6 +1022,29 @@ async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes()
         )
         .await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    // A taken sign-in name refuses the whole request: no user without a login is left behind.
+    let taken = relay
+        .post(
+            &mut browser,
+            "/console/admin/users",
+            &[
+                ("name", "Other Olga"),
+                ("role", "office"),
+                ("login", "OLGA"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(taken.status, StatusCode::CONFLICT, "{}", taken.body);
+    assert!(
+        !relay
+            .console
+            .agency_users(a.clone())
+            .await
+            .expect("users")
+            .iter()
+            .any(|u| u.user.name == "Other Olga")
+    );
     let start = page
         .body
         .find("/console/set-password?token=")
@@ -1066,7 +1118,9 @@ async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes()
     );
 
     // Disabling a console user ends their session.
-    let olga_user = console::store::ConsoleStore::agency_users(&*relay.storage, a.clone())
+    let olga_user = relay
+        .console
+        .agency_users(a.clone())
         .await
         .expect("users")
         .into_iter()
@@ -1142,9 +1196,8 @@ async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes()
     }
 }
 
-#[tokio::test]
-async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side() {
-    let relay = Relay::start(ConsoleOptions::default()).await;
+async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side_on(backend: Backend) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
     let a = relay.agency.clone();
     let grace = relay.patient(&a, "Grace Hopper").await;
     let (nurse, device, key) = relay.enrolled_nurse(&a, "Ana Ruiz").await;
@@ -1232,9 +1285,8 @@ async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side() {
     );
 }
 
-#[tokio::test]
-async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got() {
-    let relay = Relay::start(ConsoleOptions::default()).await;
+async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got_on(backend: Backend) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
     let a = relay.agency.clone();
     let grace = relay.patient(&a, "Grace Hopper").await;
     let (nurse, device, key) = relay.enrolled_nurse(&a, "Ana Ruiz").await;
@@ -1285,7 +1337,9 @@ async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got() {
     }
     // One schedule document for the patient, holding both visits; the nurse is on the care
     // team now, so her phone syncs the chart and the schedule.
-    let docs = console::store::ConsoleStore::patient_documents(&*relay.storage, grace.id.clone())
+    let docs = relay
+        .console
+        .patient_documents(grace.id.clone())
         .await
         .expect("docs");
     let schedules: Vec<_> = docs.iter().filter(|(_, k)| k == "schedule").collect();
@@ -1338,4 +1392,54 @@ async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got() {
     let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let page = relay.post(&mut nina, "/console/schedule", &fields).await;
     assert_eq!(page.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn agencies_roles_and_care_teams_scope_what_the_console_shows() {
+    agencies_roles_and_care_teams_scope_what_the_console_shows_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn agencies_roles_and_care_teams_scope_what_the_console_shows_in_memory() {
+    agencies_roles_and_care_teams_scope_what_the_console_shows_on(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn the_note_page_verifies_the_signature_and_every_view_is_audited() {
+    the_note_page_verifies_the_signature_and_every_view_is_audited_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn the_note_page_verifies_the_signature_and_every_view_is_audited_in_memory() {
+    the_note_page_verifies_the_signature_and_every_view_is_audited_on(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes() {
+    administration_creates_users_and_patients_assigns_enrolls_and_revokes_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes_in_memory() {
+    administration_creates_users_and_patients_assigns_enrolls_and_revokes_on(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got() {
+    schedulers_plan_visits_and_the_board_shows_how_far_each_got_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got_in_memory() {
+    schedulers_plan_visits_and_the_board_shows_how_far_each_got_on(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side() {
+    the_review_queue_lists_late_changes_and_conflicts_side_by_side_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side_in_memory() {
+    the_review_queue_lists_late_changes_and_conflicts_side_by_side_on(Backend::Memory).await;
 }

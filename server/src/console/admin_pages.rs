@@ -189,7 +189,7 @@ async fn create_user(
         return Err(Error::BadRequest("office and admin users need a sign-in name".into()).into());
     }
     if !login.is_empty() {
-        auth::normalise_login(login)?;
+        auth::free_login(console_store(&state)?, login).await?;
     }
     let user = admin::create_user(
         state.storage(),

@@ -115,6 +115,18 @@ pub fn normalise_login(login: &str) -> Result<String, Error> {
     Ok(login)
 }
 
+/// A normalised sign-in name nobody has yet: checked before a user is created for it, so a
+/// taken name refuses the whole request instead of leaving a user without a login.
+pub async fn free_login(store: &dyn ConsoleStore, login: &str) -> Result<String, Error> {
+    let login = normalise_login(login)?;
+    if store.login(login.clone()).await?.is_some() {
+        return Err(Error::Conflict(format!(
+            "the sign-in name {login:?} is taken"
+        )));
+    }
+    Ok(login)
+}
+
 // --- set-password links ---------------------------------------------------------------------
 
 /// A fresh link token and its stored record.

@@ -668,14 +668,14 @@ pub async fn board(state: &AppState, principal: &Principal, date: &str) -> Resul
         let mut visits = Vec::new();
         let mut notes = Vec::new();
         for (id, kind) in &docs {
-            if kind == schedule::SCHEDULE_KIND {
-                if let Some((found, _)) = read_doc(state, *id, schedule::read_schedule).await? {
-                    visits.extend(
-                        found
-                            .into_iter()
-                            .filter(|v| v.date == date && v.status != "cancelled"),
-                    );
-                }
+            if kind == schedule::SCHEDULE_KIND
+                && let Some((found, _)) = read_doc(state, *id, schedule::read_schedule).await?
+            {
+                visits.extend(
+                    found
+                        .into_iter()
+                        .filter(|v| v.date == date && v.status != "cancelled"),
+                );
             }
         }
         if visits.is_empty() {
