@@ -1,7 +1,9 @@
 //! The agency console: the office's screen, served by the relay itself at `/console/`.
 //!
-//! Server-rendered HTML (maud, compiled templates) with no script at all: every action is a
-//! plain form, so the pages work with a keyboard and a screen reader and need no build step.
+//! Server-rendered HTML (maud, compiled templates): every action is a plain form, so the pages
+//! work with a keyboard and a screen reader and need no build step. The one script
+//! (`static/live.js`, a few lines) reloads the board and the review queue on Server-Sent
+//! Events ([`live`]); without it they are still correct, just not live.
 //! A strict Content-Security-Policy (`default-src 'none'`, styles from the relay only) keeps
 //! anything from loading from elsewhere.
 //!
@@ -21,6 +23,7 @@
 
 pub mod admin_pages;
 pub mod auth;
+pub mod live;
 pub mod pages;
 pub mod records;
 pub mod store;
@@ -60,8 +63,9 @@ pub const MIN_PASSWORD_CHARS: usize = 12;
 pub const MAX_PASSWORD_BYTES: usize = 1_024;
 
 /// The policy every console response carries: nothing loads from anywhere but the relay, no
-/// script runs, nothing frames the console, forms post only to the relay.
-pub const CONTENT_SECURITY_POLICY_VALUE: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// inline script runs (the one script is `live.js`, served here), nothing frames the console,
+/// forms post only to the relay.
+pub const CONTENT_SECURITY_POLICY_VALUE: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// How the console is set up.
 #[derive(Debug, Clone)]
@@ -120,6 +124,8 @@ pub fn routes() -> Router<AppState> {
         .route("/console", get(|| async { redirect("/console/") }))
         .route("/console/", get(pages::patients))
         .route("/console/console.css", get(stylesheet))
+        .route("/console/live.js", get(live_script))
+        .route("/console/events", get(live::events))
         .route(
             "/console/sign-in",
             get(auth::sign_in_page).post(auth::sign_in),
@@ -162,6 +168,17 @@ async fn stylesheet() -> Response {
             (CACHE_CONTROL, "public, max-age=3600"),
         ],
         include_str!("console/static/console.css"),
+    )
+        .into_response()
+}
+
+async fn live_script() -> Response {
+    (
+        [
+            (CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        include_str!("console/static/live.js"),
     )
         .into_response()
 }

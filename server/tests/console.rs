@@ -1443,3 +1443,104 @@ async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side() {
 async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side_in_memory() {
     the_review_queue_lists_late_changes_and_conflicts_side_by_side_on(Backend::Memory).await;
 }
+
+/// Reads the event stream until an `event: changed` frame, bounded; returns its data.
+async fn next_change(
+    stream: &mut (impl futures::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin),
+) -> String {
+    use futures::StreamExt;
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("an event within 20 s")
+            .expect("stream open")
+            .expect("chunk");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if let Some(at) = text.find("event: changed") {
+            let rest = &text[at..];
+            if let Some(data) = rest.lines().find_map(|l| l.strip_prefix("data: "))
+                && rest.contains("\n\n")
+            {
+                return data.to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn live_updates_follow_the_users_own_agency_only() {
+    let relay = Relay::start(ConsoleOptions::default()).await;
+    let a = relay.agency.clone();
+    let b = admin::create_agency(&*relay.storage, &cli(), "Elsewhere")
+        .await
+        .expect("agency b")
+        .id;
+    relay.console_user(&a, Role::Office, "olga").await;
+    let (browser, _) = relay.signed_in("olga").await;
+    let response = relay
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/console/events")
+                .header(header::COOKIE, browser.cookie_header())
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"))
+    );
+    let mut stream = response.into_body().into_data_stream();
+    // A write in agency B, then one in A: the first event is A's.
+    relay.patient(&b, "Bob Otherside").await;
+    let seq_b = relay.storage.current_seq().await.expect("seq");
+    relay.patient(&a, "Grace Hopper").await;
+    let seq_a = relay.storage.current_seq().await.expect("seq");
+    let data = next_change(&mut stream).await;
+    let seen: u64 = data.parse().expect("a feed position");
+    assert!(
+        seen > seq_b && seen <= seq_a,
+        "event {seen}, B at {seq_b}, A at {seq_a}"
+    );
+
+    // The board and the review queue load the script; the CSP allows only the relay's own.
+    let mut browser = browser;
+    let board = relay.get(&mut browser, "/console/board").await;
+    assert!(
+        board
+            .body
+            .contains("<script src=\"/console/live.js\" defer>")
+    );
+    let csp = board
+        .headers
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .expect("csp");
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"));
+    let script = relay.get(&mut browser, "/console/live.js").await;
+    assert!(script.body.contains("EventSource(\"/console/events\")"));
+
+    // Signed out, the stream ends.
+    let csrf = board.csrf();
+    relay
+        .post(&mut browser, "/console/sign-out", &[("csrf", &csrf)])
+        .await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        use futures::StreamExt;
+        while let Some(chunk) = stream.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the event stream ends with the session");
+}

@@ -135,18 +135,26 @@ try {
   if (!qr) throw new Error("no QR code on the enrollment page");
   await check(admin, "enroll-qr");
   const nurseId = admin.url().match(/users\/(usr_[0-9a-f]+)/)?.[1];
-  emit({ step: "enroll", code, patientId, nurseId, date: today });
 
-  // 2. The phone enrolls, charts, signs and syncs (the Rust side); it answers with the note.
-  const { noteId } = await nextLine();
-
-  // 3. The case manager signs in, opens the chart (vitals chart) and the note (signature Valid).
+  // 2. The case manager signs in and watches the Today board: the visit is scheduled.
   const manager = await newPage();
   await setPassword(manager, env("MANAGER_LINK"));
   await signIn(manager, "carl");
   await check(manager, "patients");
   await manager.goto(`${BASE}/console/board`);
-  await expectText(manager, "signed, received");
+  await expectText(manager, "scheduled");
+  emit({ step: "enroll", code, patientId, nurseId, date: today });
+
+  // 3. The phone enrolls, charts, signs and syncs (the Rust side); it answers with the note.
+  const { noteId } = await nextLine();
+
+  // 4. The board updates by itself (Server-Sent Events), then the case manager opens the chart
+  //    (vitals chart) and the note (signature Valid).
+  await manager.waitForFunction(
+    () => document.body.textContent.includes("signed, received"),
+    null,
+    { timeout: TIMEOUT_MS },
+  );
   await check(manager, "board");
   await manager.goto(`${BASE}/console/`);
   await manager.click("main a:has-text('Grace Hopper')");
@@ -159,7 +167,7 @@ try {
   await manager.waitForSelector("svg.vitals-panel");
   await check(manager, "note");
 
-  // 4. The administrator's audit search lists the case manager's views.
+  // 5. The administrator's audit search lists the case manager's views.
   await admin.goto(`${BASE}/console/admin/audit?user=${env("MANAGER_ID")}&action=read`);
   const rows = await admin.$$eval("table.audit tbody tr", (trs) => trs.length);
   if (rows < 2) throw new Error(`audit search shows ${rows} rows of the case manager's views`);

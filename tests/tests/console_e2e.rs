@@ -7,8 +7,9 @@
 //! The story: an admin sets her password from the CLI's one-time link, signs in, creates a
 //! patient and a nurse, assigns her, schedules her visit for today and enrolls her phone by
 //! reading the code from the QR page; the phone (here) redeems the code, charts and signs a visit
-//! with vitals and syncs; the case manager signs in, sees the visit signed and received on the
-//! Today board, opens the chart (vitals chart) and the note (signature Valid); the admin's
+//! with vitals and syncs; the case manager, watching the Today board, sees the visit turn signed
+//! and received without reloading (Server-Sent Events), opens the chart (vitals chart) and the
+//! note (signature Valid); the admin's
 //! audit search lists the case manager's views. Screenshots of every step go to
 //! `target/console-e2e/` (not committed).
 //!

@@ -61,6 +61,18 @@ pub fn layout(title: &str, office: Option<&Office>, body: Markup) -> Markup {
     }
 }
 
+/// [`layout`] plus the live-update script (the board and the review queue).
+pub fn live_layout(title: &str, office: &Office, body: Markup) -> Markup {
+    layout(
+        title,
+        Some(office),
+        html! {
+            (body)
+            script src="/console/live.js" defer {}
+        },
+    )
+}
+
 /// A failure as a page.
 pub fn error_page(status: StatusCode, message: &str) -> Markup {
     layout(
@@ -185,9 +197,9 @@ pub async fn board(
     } else {
         (Vec::new(), Vec::new())
     };
-    Ok(layout(
+    Ok(live_layout(
         &format!("Visits on {date}"),
-        Some(&office),
+        &office,
         html! {
             form method="get" action="/console/board" class="search" {
                 p { label for="date" { "Date" } input id="date" name="date" type="date" value=(date); }
@@ -289,7 +301,7 @@ pub async fn schedule(
 /// to its note or chart.
 pub async fn review(State(state): State<AppState>, office: Office) -> ConsoleResult<Markup> {
     let entries = records::review_queue(&state, &office.principal).await?;
-    Ok(layout("Review queue", Some(&office), review_body(&entries)))
+    Ok(live_layout("Review queue", &office, review_body(&entries)))
 }
 
 fn review_body(entries: &[records::ReviewEntry]) -> Markup {
