@@ -23,6 +23,7 @@
 
 pub mod admin_pages;
 pub mod auth;
+pub mod editing;
 pub mod live;
 pub mod pages;
 pub mod records;
@@ -139,6 +140,14 @@ pub fn routes() -> Router<AppState> {
         .route("/console/board", get(pages::board))
         .route("/console/schedule", post(pages::schedule))
         .route("/console/patients/{patient_id}", get(pages::chart))
+        .route(
+            "/console/patients/{patient_id}/care-plan",
+            post(pages::edit_care_plan),
+        )
+        .route(
+            "/console/patients/{patient_id}/resolve",
+            post(pages::resolve_conflict),
+        )
         .route("/console/notes/{document_id}", get(pages::note))
         .merge(admin_pages::routes())
         .layer(axum::middleware::map_response(security_headers))

@@ -1544,3 +1544,383 @@ async fn live_updates_follow_the_users_own_agency_only() {
     .await;
     assert!(ended.is_ok(), "the event stream ends with the session");
 }
+
+/// The stored chart (snapshot and every chunk after it), as a device would load it.
+async fn stored_chart(relay: &Relay, patient: &Patient) -> AutoCommit {
+    let stored = relay
+        .storage
+        .load_document(patient.chart_document_id)
+        .await
+        .expect("load")
+        .expect("chart");
+    let mut doc = AutoCommit::load(&stored.snapshot.expect("snapshot")).expect("chart doc");
+    for chunk in &stored.chunks {
+        doc.load_incremental(chunk).expect("chunk");
+    }
+    doc
+}
+
+fn goal_status(doc: &AutoCommit, problem: &str, goal: &str) -> Vec<String> {
+    let path = format!("carePlan/problems/{problem}/goals/{goal}/status");
+    fieldchart_core::model::find_conflicts(doc)
+        .into_iter()
+        .filter(|c| c.path == path)
+        .flat_map(|c| c.values.into_iter().map(|v| v.value.to_string()))
+        .collect()
+}
+
+async fn care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person_on(
+    backend: Backend,
+) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
+    let a = relay.agency.clone();
+    let grace = relay.patient(&a, "Grace Hopper").await;
+    // A problem and a goal a nurse charted, then two offline status changes of the goal by two
+    // authors (two concurrent automerge changes), stored on the relay like a device's sync.
+    let mut chart = stored_chart(&relay, &grace).await;
+    let before = chart.get_heads();
+    chart.set_author(Some(
+        Actor {
+            user_id: "usr_ana".into(),
+            device_id: "dev_a".into(),
+        }
+        .author(),
+    ));
+    let problem =
+        fieldchart_core::model::add_care_plan_item(&mut chart, &[], "Impaired mobility", "active")
+            .expect("problem");
+    let goal = fieldchart_core::model::add_care_plan_item(
+        &mut chart,
+        std::slice::from_ref(&problem),
+        "Walks 50 m with a frame",
+        "active",
+    )
+    .expect("goal");
+    chart.commit();
+    let mut other = chart.fork();
+    let path = [problem.clone(), goal.clone()];
+    for (doc, who, status) in [
+        (&mut chart, "usr_ana", "met"),
+        (&mut other, "usr_ben", "on hold"),
+    ] {
+        doc.set_actor(automerge::ActorId::random());
+        doc.set_author(Some(
+            Actor {
+                user_id: who.into(),
+                device_id: "dev_x".into(),
+            }
+            .author(),
+        ));
+        fieldchart_core::model::set_care_plan_status(doc, &path, status).expect("status");
+        doc.commit();
+    }
+    chart.merge(&mut other).expect("merge");
+    assert_eq!(
+        goal_status(&chart, &problem, &goal).len(),
+        2,
+        "the goal's status is in conflict"
+    );
+    let changes: Vec<u8> = chart
+        .get_changes(&before)
+        .iter()
+        .flat_map(|c| c.raw_bytes().to_vec())
+        .collect();
+    relay
+        .storage
+        .write_document(DocumentWrite {
+            document_id: grace.chart_document_id,
+            meta: DocMeta {
+                agency_id: a.clone(),
+                patient_id: grace.id.clone(),
+                kind: "patient".into(),
+            },
+            create: false,
+            data: DocumentData::Chunk(changes),
+            heads: chart.get_heads(),
+            audit: None,
+        })
+        .await
+        .expect("store the conflict");
+
+    let olga = relay.console_user(&a, Role::Office, "olga").await;
+    let chart_page = format!("/console/patients/{}", grace.id);
+    let edit = format!("/console/patients/{}/care-plan", grace.id);
+    let resolve = format!("/console/patients/{}/resolve", grace.id);
+    let (mut browser, csrf) = relay.signed_in("olga").await;
+
+    // The chart shows both values with author and time, each with a "keep" button.
+    let page = relay.get(&mut browser, &chart_page).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("Conflicting values"), "{}", page.body);
+    for shown in ["met", "on hold", "usr_ana on dev_x", "usr_ben on dev_x"] {
+        assert!(page.body.contains(shown), "{shown} shown side by side");
+    }
+    assert_eq!(page.body.matches("Keep this value").count(), 2);
+    let listed = hidden(&page.body, "listed");
+    let ids: Vec<&str> = listed.split(' ').collect();
+    assert_eq!(ids.len(), 2);
+    let conflict_path = format!("carePlan/problems/{problem}/goals/{goal}/status");
+    // The review queue offers the same buttons.
+    let queue = relay.get(&mut browser, "/console/review").await;
+    assert!(queue.body.contains(&conflict_path), "{}", queue.body);
+    assert_eq!(queue.body.matches("Keep this value").count(), 2);
+
+    // A clinician's console account cannot edit or resolve; nothing changes.
+    relay.console_user(&a, Role::Clinician, "nina").await;
+    let (mut nina, nina_csrf) = relay.signed_in("nina").await;
+    let refused = relay
+        .post(
+            &mut nina,
+            &edit,
+            &[
+                ("csrf", &nina_csrf),
+                ("action", "add"),
+                ("path", ""),
+                ("description", "Falls"),
+                ("status", "active"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    let refused = relay
+        .post(
+            &mut nina,
+            &resolve,
+            &[
+                ("csrf", &nina_csrf),
+                ("path", &conflict_path),
+                ("listed", &listed),
+                ("choice", ids[0]),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    // Without the CSRF token: refused.
+    let refused = relay
+        .post(
+            &mut browser,
+            &edit,
+            &[
+                ("action", "add"),
+                ("path", ""),
+                ("description", "Falls"),
+                ("status", "active"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let refused = relay
+        .post(
+            &mut browser,
+            &resolve,
+            &[
+                ("path", &conflict_path),
+                ("listed", &listed),
+                ("choice", ids[0]),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        goal_status(&stored_chart(&relay, &grace).await, &problem, &goal).len(),
+        2,
+        "refused requests changed nothing"
+    );
+
+    // A list that is not what the field holds (a value the page never showed) is refused.
+    let stale = relay
+        .post(
+            &mut browser,
+            &resolve,
+            &[
+                ("csrf", &csrf),
+                ("path", &conflict_path),
+                ("listed", &format!("{} 9@00ff", ids[0])),
+                ("choice", ids[0]),
+            ],
+        )
+        .await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    assert!(stale.body.contains("changed since the page was shown"));
+
+    // Olga keeps "on hold" (whichever id it has).
+    let keep = if page.body.find("on hold").expect("on hold")
+        < page.body.find("<strong>met</strong>").expect("met")
+    {
+        ids[0]
+    } else {
+        ids[1]
+    };
+    let done = relay
+        .post(
+            &mut browser,
+            &resolve,
+            &[
+                ("csrf", &csrf),
+                ("path", &conflict_path),
+                ("listed", &listed),
+                ("choice", keep),
+                ("back", "review"),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    let mut stored = stored_chart(&relay, &grace).await;
+    assert!(goal_status(&stored, &problem, &goal).is_empty(), "resolved");
+    let read = fieldchart_core::model::PatientChart::read(grace.chart_document_id, &stored);
+    assert_eq!(read.care_plan[0].children[0].status, "on hold");
+    let last = fieldchart_core::model::history(&mut stored)
+        .pop()
+        .expect("a change");
+    assert_eq!(
+        last.author.as_ref().map(|a| a.user_id.as_str()),
+        Some(olga.id.as_str()),
+        "the resolution is the office user's change"
+    );
+    // The same form again (the page is now stale: the conflict is gone) is refused clearly.
+    let again = relay
+        .post(
+            &mut browser,
+            &resolve,
+            &[
+                ("csrf", &csrf),
+                ("path", &conflict_path),
+                ("listed", &listed),
+                ("choice", keep),
+            ],
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.body);
+
+    // Edits: add a problem, a goal under it, set the goal's status, rewrite its description.
+    let added = relay
+        .post(
+            &mut browser,
+            &edit,
+            &[
+                ("csrf", &csrf),
+                ("action", "add"),
+                ("path", ""),
+                ("description", "Risk of falls"),
+                ("status", "active"),
+            ],
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::SEE_OTHER, "{}", added.body);
+    let read = fieldchart_core::model::PatientChart::read(
+        grace.chart_document_id,
+        &stored_chart(&relay, &grace).await,
+    );
+    let falls = read
+        .care_plan
+        .iter()
+        .find(|p| p.description == "Risk of falls")
+        .expect("the new problem")
+        .id
+        .clone();
+    for (fields, what) in [
+        (
+            vec![
+                ("action", "add"),
+                ("path", falls.as_str()),
+                ("description", "No falls this month"),
+                ("status", "active"),
+            ],
+            "add goal",
+        ),
+        (
+            vec![
+                ("action", "status"),
+                ("path", "NOTSET"),
+                ("status", "not a status"),
+            ],
+            "bad status",
+        ),
+    ] {
+        let mut fields = fields;
+        fields.push(("csrf", &csrf));
+        let page = relay.post(&mut browser, &edit, &fields).await;
+        if what == "bad status" {
+            assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+            assert!(page.body.contains("unknown status"));
+        } else {
+            assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+        }
+    }
+    let read = fieldchart_core::model::PatientChart::read(
+        grace.chart_document_id,
+        &stored_chart(&relay, &grace).await,
+    );
+    let falls_item = read
+        .care_plan
+        .iter()
+        .find(|p| p.id == falls)
+        .expect("problem");
+    let goal_path = format!("{falls}/{}", falls_item.children[0].id);
+    for fields in [
+        [
+            ("action", "status"),
+            ("path", goal_path.as_str()),
+            ("status", "met"),
+            ("description", ""),
+        ],
+        [
+            ("action", "description"),
+            ("path", goal_path.as_str()),
+            ("status", ""),
+            ("description", "No falls for 30 days"),
+        ],
+    ] {
+        let mut fields = fields.to_vec();
+        fields.push(("csrf", &csrf));
+        let page = relay.post(&mut browser, &edit, &fields).await;
+        assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    }
+    let page = relay.get(&mut browser, &chart_page).await;
+    assert!(page.body.contains("No falls for 30 days"), "{}", page.body);
+    assert!(!page.body.contains("Conflicting values"));
+    let mut stored = stored_chart(&relay, &grace).await;
+    let read = fieldchart_core::model::PatientChart::read(grace.chart_document_id, &stored);
+    let g = &read
+        .care_plan
+        .iter()
+        .find(|p| p.id == falls)
+        .expect("problem")
+        .children[0];
+    assert_eq!(
+        (g.description.as_str(), g.status.as_str()),
+        ("No falls for 30 days", "met")
+    );
+    // Every write is the office user's change and a `write` audit row.
+    let writes = relay
+        .audit_rows(&olga)
+        .await
+        .into_iter()
+        .filter(|(action, _, patient)| {
+            *action == AuditAction::Write && patient.as_deref() == Some(grace.id.as_str())
+        })
+        .count();
+    assert_eq!(writes, 5, "resolution, problem, goal, status, description");
+    let authors: std::collections::BTreeSet<String> = fieldchart_core::model::history(&mut stored)
+        .into_iter()
+        .rev()
+        .take(5)
+        .filter_map(|h| h.author.map(|a| a.user_id))
+        .collect();
+    assert_eq!(
+        authors.into_iter().collect::<Vec<_>>(),
+        vec![olga.id.to_string()]
+    );
+}
+
+#[tokio::test]
+async fn care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person() {
+    care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person_on(Backend::Sqlite)
+        .await;
+}
+
+#[tokio::test]
+async fn care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person_in_memory() {
+    care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person_on(Backend::Memory)
+        .await;
+}

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::auth::Office;
 use super::records::{self, ChartView, NoteView, PatientSummary};
-use super::{ConsoleResult, vitals};
+use super::{ConsoleResult, editing, vitals};
 use crate::clock::format_ms;
 use crate::error::Error;
 use crate::identity::{PatientId, Role};
@@ -301,10 +301,15 @@ pub async fn schedule(
 /// to its note or chart.
 pub async fn review(State(state): State<AppState>, office: Office) -> ConsoleResult<Markup> {
     let entries = records::review_queue(&state, &office.principal).await?;
-    Ok(live_layout("Review queue", &office, review_body(&entries)))
+    Ok(live_layout(
+        "Review queue",
+        &office,
+        review_body(&entries, &office),
+    ))
 }
 
-fn review_body(entries: &[records::ReviewEntry]) -> Markup {
+fn review_body(entries: &[records::ReviewEntry], office: &Office) -> Markup {
+    let csrf = (office.user().role != Role::Clinician).then_some(office.csrf.as_str());
     html! {
         @if entries.is_empty() { p { "Nothing is waiting for review." } } @else {
             table class="review" {
@@ -327,15 +332,7 @@ fn review_body(entries: &[records::ReviewEntry]) -> Markup {
                                 records::ReviewWhat::Conflict(c) => {
                                     td { "Conflicting values of " code { (c.path) } }
                                     td {
-                                        ul class="conflict" {
-                                            @for v in &c.values {
-                                                li {
-                                                    strong { (v.value.as_str().map(str::to_owned).unwrap_or_else(|| v.value.to_string())) }
-                                                    " — " (v.author.as_ref().map(|a| a.user_id.clone()).unwrap_or_else(|| "unknown author".into()))
-                                                    ", " (format_ms(v.time_ms))
-                                                }
-                                            }
-                                        }
+                                        (conflict_values(c, csrf.filter(|_| e.kind == "patient").map(|t| (&e.patient.id, t, "review"))))
                                     }
                                 }
                             }
@@ -362,16 +359,225 @@ pub async fn chart(
 ) -> ConsoleResult<Markup> {
     let view = records::open_chart(&state, &office.principal, &patient_id).await?;
     let title = view.chart.name().unwrap_or("Patient").to_owned();
-    Ok(layout(&title, Some(&office), chart_body(&view)))
+    Ok(layout(&title, Some(&office), chart_body(&view, &office)))
+}
+
+/// A care-plan form: `action` is `add` (under `path`, empty for a problem), `status` or
+/// `description` (of the entry at `path`, ids joined by `/`).
+#[derive(Debug, Deserialize)]
+pub struct CarePlanForm {
+    action: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /console/patients/{id}/care-plan` — one care-plan edit, as the office user.
+pub async fn edit_care_plan(
+    State(state): State<AppState>,
+    office: Office,
+    Path(patient_id): Path<PatientId>,
+    Form(form): Form<CarePlanForm>,
+) -> ConsoleResult<axum::response::Response> {
+    office.check_csrf(&form.csrf)?;
+    let path: Vec<String> = form
+        .path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let edit = match form.action.as_str() {
+        "add" => editing::CarePlanEdit::Add {
+            parent: path,
+            description: form.description,
+            status: form.status,
+        },
+        "status" | "description" if path.is_empty() => {
+            return Err(Error::BadRequest("which care-plan entry?".into()).into());
+        }
+        "status" => editing::CarePlanEdit::Status {
+            path,
+            status: form.status,
+        },
+        "description" => editing::CarePlanEdit::Description {
+            path,
+            text: form.description,
+        },
+        _ => return Err(Error::BadRequest("unknown care-plan action".into()).into()),
+    };
+    editing::edit_care_plan(&state, &office.principal, &patient_id, edit).await?;
+    Ok(super::redirect(&format!(
+        "/console/patients/{patient_id}#care-plan"
+    )))
+}
+
+/// "Keep this value": the conflicted field `path`, the ids of the values the page listed
+/// (space separated), the chosen one, and where to go back to (`review` or the chart).
+#[derive(Debug, Deserialize)]
+pub struct ResolveForm {
+    path: String,
+    listed: String,
+    choice: String,
+    #[serde(default)]
+    back: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /console/patients/{id}/resolve` — a person resolves a conflict of the chart.
+pub async fn resolve_conflict(
+    State(state): State<AppState>,
+    office: Office,
+    Path(patient_id): Path<PatientId>,
+    Form(form): Form<ResolveForm>,
+) -> ConsoleResult<axum::response::Response> {
+    office.check_csrf(&form.csrf)?;
+    let listed = form.listed.split_whitespace().map(str::to_owned).collect();
+    editing::resolve_conflict(
+        &state,
+        &office.principal,
+        &patient_id,
+        form.path,
+        listed,
+        form.choice,
+    )
+    .await?;
+    Ok(super::redirect(&if form.back == "review" {
+        "/console/review".to_owned()
+    } else {
+        format!("/console/patients/{patient_id}#conflicts")
+    }))
+}
+
+fn shown_value(v: &serde_json::Value) -> String {
+    v.as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string())
+}
+
+/// Every value of a conflict with author and time, and (for office users, on the chart) a
+/// "keep this value" button per value.
+fn conflict_values(
+    c: &fieldchart_core::model::Conflict,
+    resolve: Option<(&PatientId, &str, &str)>,
+) -> Markup {
+    let listed = c
+        .values
+        .iter()
+        .map(|v| v.id.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    html! {
+        ul class="conflict" {
+            @for v in &c.values {
+                li {
+                    strong { (shown_value(&v.value)) }
+                    " — " (v.author.as_ref().map(|a| format!("{} on {}", a.user_id, a.device_id)).unwrap_or_else(|| "unknown author".into()))
+                    ", " (format_ms(v.time_ms))
+                    @if let Some((patient, csrf, back)) = resolve {
+                        form method="post" action={"/console/patients/" (patient) "/resolve"} class="inline" {
+                            input type="hidden" name="csrf" value=(csrf);
+                            input type="hidden" name="path" value=(c.path);
+                            input type="hidden" name="listed" value=(listed);
+                            input type="hidden" name="choice" value=(v.id);
+                            input type="hidden" name="back" value=(back);
+                            button type="submit" aria-label={"Keep " (shown_value(&v.value)) " for " (c.path)} { "Keep this value" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn status_select(id: &str, current: &str) -> Markup {
+    html! {
+        select id=(id) name="status" {
+            @for s in editing::STATUSES {
+                option value=(s) selected[*s == current] { (s) }
+            }
+        }
+    }
+}
+
+/// One care-plan entry with (for office users) its status and description forms.
+fn care_plan_entry(
+    patient: &PatientId,
+    item: &fieldchart_core::model::CarePlanItem,
+    path: &str,
+    level: &str,
+    csrf: Option<&str>,
+) -> Markup {
+    let key = path.replace('/', "-");
+    html! {
+        (level) ": " strong { (item.description) } " — " (status_text(&item.status))
+        @if let Some(csrf) = csrf {
+            div class="edit" {
+                form method="post" action={"/console/patients/" (patient) "/care-plan"} class="inline" {
+                    input type="hidden" name="csrf" value=(csrf);
+                    input type="hidden" name="action" value="status";
+                    input type="hidden" name="path" value=(path);
+                    label for={"status-" (key)} { "Status of " (level) " " (item.description) }
+                    (status_select(&format!("status-{key}"), &item.status))
+                    button type="submit" { "Set status" }
+                }
+                form method="post" action={"/console/patients/" (patient) "/care-plan"} class="inline" {
+                    input type="hidden" name="csrf" value=(csrf);
+                    input type="hidden" name="action" value="description";
+                    input type="hidden" name="path" value=(path);
+                    label for={"text-" (key)} { "Description of " (level) " " (item.description) }
+                    input type="text" id={"text-" (key)} name="description" value=(item.description) required;
+                    button type="submit" { "Save description" }
+                }
+            }
+        }
+    }
+}
+
+/// A form adding a problem (`parent` empty), a goal or an intervention.
+fn add_form(patient: &PatientId, parent: &str, what: &str, csrf: &str) -> Markup {
+    let key = if parent.is_empty() {
+        "root".to_owned()
+    } else {
+        parent.replace('/', "-")
+    };
+    html! {
+        form method="post" action={"/console/patients/" (patient) "/care-plan"} class="add" {
+            input type="hidden" name="csrf" value=(csrf);
+            input type="hidden" name="action" value="add";
+            input type="hidden" name="path" value=(parent);
+            input type="hidden" name="status" value="active";
+            label for={"add-" (key)} { "New " (what) }
+            input type="text" id={"add-" (key)} name="description" required;
+            button type="submit" { "Add " (what) }
+        }
+    }
 }
 
 fn status_text(status: &str) -> &str {
     if status.is_empty() { "—" } else { status }
 }
 
-fn chart_body(v: &ChartView) -> Markup {
+fn chart_body(v: &ChartView, office: &Office) -> Markup {
     let c = &v.chart;
+    let pid = &v.patient.id;
+    let csrf = (office.user().role != Role::Clinician).then_some(office.csrf.as_str());
     html! {
+        @if !v.conflicts.is_empty() {
+            section aria-labelledby="conflicts" {
+                h2 id="conflicts" { "Conflicting values" }
+                p { "These fields were changed concurrently. Nothing is chosen automatically: keep the right value." }
+                @for conflict in &v.conflicts {
+                    h3 { code { (conflict.path) } }
+                    (conflict_values(conflict, csrf.map(|t| (pid, t, "chart"))))
+                }
+            }
+        }
         section aria-labelledby="demographics" {
             h2 id="demographics" { "Demographics" }
             dl {
@@ -408,19 +614,23 @@ fn chart_body(v: &ChartView) -> Markup {
                 ul class="care-plan" {
                     @for problem in &c.care_plan {
                         li {
-                            strong { "Problem: " } (problem.description) " — " (status_text(&problem.status))
+                            (care_plan_entry(pid, problem, &problem.id, "Problem", csrf))
                             ul { @for goal in &problem.children {
+                                @let goal_path = format!("{}/{}", problem.id, goal.id);
                                 li {
-                                    "Goal: " (goal.description) " — " (status_text(&goal.status))
+                                    (care_plan_entry(pid, goal, &goal_path, "Goal", csrf))
                                     ul { @for i in &goal.children {
-                                        li { "Intervention: " (i.description) " — " (status_text(&i.status)) }
+                                        li { (care_plan_entry(pid, i, &format!("{goal_path}/{}", i.id), "Intervention", csrf)) }
                                     } }
+                                    @if let Some(csrf) = csrf { (add_form(pid, &goal_path, "intervention", csrf)) }
                                 }
                             } }
+                            @if let Some(csrf) = csrf { (add_form(pid, &problem.id, "goal", csrf)) }
                         }
                     }
                 }
             }
+            @if let Some(csrf) = csrf { (add_form(pid, "", "problem", csrf)) }
         }
         section aria-labelledby="vitals" {
             h2 id="vitals" { "Vital signs" }

@@ -78,6 +78,8 @@ pub struct ChartView {
     pub notes: Vec<NoteSummary>,
     /// Every current (not superseded) vital reading of every note, by time.
     pub vitals: Vec<VitalReading>,
+    /// The chart's open conflicts, every value with its author and time.
+    pub conflicts: Vec<fieldchart_core::model::Conflict>,
 }
 
 /// Open a patient's chart (and, for the vitals chart, their notes) as `principal`: one `read`
@@ -91,11 +93,14 @@ pub async fn open_chart(
     let store = console_store(state)?;
     let patient = visible_patient(state, principal, patient_id).await?;
     let chart_id = patient.chart_document_id;
-    let (chart, heads) = read_doc(state, chart_id, move |doc| {
-        PatientChart::read(chart_id, doc)
+    let ((chart, conflicts), heads) = read_doc(state, chart_id, move |doc| {
+        let conflicts =
+            AutoCommit::load(&doc.save()).map(|copy| fieldchart_core::model::find_conflicts(&copy));
+        (PatientChart::read(chart_id, doc), conflicts)
     })
     .await?
     .ok_or(Error::NotFound("chart"))?;
+    let conflicts = conflicts?;
     audit(
         state,
         principal,
@@ -128,6 +133,7 @@ pub async fn open_chart(
     vitals.sort_by_key(|v| v.taken_at_ms);
     notes.sort_by_key(|n| n.note.evv["startedAt"].as_i64().unwrap_or_default());
     Ok(ChartView {
+        conflicts,
         patient,
         chart,
         care_team,
@@ -278,7 +284,7 @@ fn chart_meta(patient: &Patient) -> DocMeta {
 /// The patient, if `principal` may open their records: another agency's (or an unknown)
 /// patient is `NotFound`; one of the agency the principal may not open is `Forbidden`, with a
 /// `deny` audit row.
-async fn visible_patient(
+pub(super) async fn visible_patient(
     state: &AppState,
     principal: &Principal,
     patient_id: &PatientId,
