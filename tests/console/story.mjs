@@ -167,7 +167,43 @@ try {
   await manager.waitForSelector("svg.vitals-panel");
   await check(manager, "note");
 
-  // 5. The administrator's audit search lists the case manager's views.
+  // 5. The case manager adds a problem and a goal to the care plan; the phone fetches the
+  //    chart and sets the goal's status offline while she sets it "on hold" in the browser.
+  await manager.goto(`${BASE}/console/patients/${patientId}`);
+  await manager.fill("#add-root", "Impaired mobility");
+  await manager.click("form.add:has(#add-root) button");
+  await manager.waitForURL(/#care-plan$/);
+  await expectText(manager, "Impaired mobility");
+  const goalInput = manager.locator("form.add input[id^='add-']:not(#add-root)").first();
+  await goalInput.fill("Walks 50 m with a frame");
+  await manager.locator("form.add:has(input[id^='add-']:not(#add-root)) button").first().click();
+  await manager.waitForURL(/#care-plan$/);
+  await expectText(manager, "Walks 50 m with a frame");
+  await check(manager, "care-plan");
+  emit({ step: "plan", patientId });
+  const { goal } = await nextLine();
+  const key = goal.replaceAll("/", "-");
+  await manager.selectOption(`#status-${key}`, "on hold");
+  await manager.click(`form:has(#status-${key}) button`);
+  await manager.waitForURL(/#care-plan$/);
+  emit({ step: "edited" });
+
+  // 6. The phone synced its offline edit: the conflict is in the review queue, every value with
+  //    its author; she keeps the nurse's value.
+  await nextLine();
+  await manager.goto(`${BASE}/console/review`);
+  await expectText(manager, "Conflicting values of");
+  await expectText(manager, "on hold");
+  await check(manager, "review-conflict");
+  await manager.click(`button[aria-label^='Keep met for carePlan/']`);
+  await manager.waitForURL(`${BASE}/console/review`);
+  if ((await manager.locator("text=Keep this value").count()) !== 0) {
+    throw new Error("the conflict is still listed after it was resolved");
+  }
+  await check(manager, "review-resolved");
+  emit({ step: "resolved", kept: "met" });
+
+  // 7. The administrator's audit search lists the case manager's views.
   await admin.goto(`${BASE}/console/admin/audit?user=${env("MANAGER_ID")}&action=read`);
   const rows = await admin.$$eval("table.audit tbody tr", (trs) => trs.length);
   if (rows < 2) throw new Error(`audit search shows ${rows} rows of the case manager's views`);

@@ -9,7 +9,10 @@
 //! reading the code from the QR page; the phone (here) redeems the code, charts and signs a visit
 //! with vitals and syncs; the case manager, watching the Today board, sees the visit turn signed
 //! and received without reloading (Server-Sent Events), opens the chart (vitals chart) and the
-//! note (signature Valid); the admin's
+//! note (signature Valid); she adds a problem and a goal to the care plan, and sets the goal
+//! "on hold" while the phone, which fetched the chart, sets it "met" offline; the phone syncs,
+//! the conflict appears in the review queue with both values and their authors, she keeps the
+//! nurse's value, and the phone's store receives the resolution; the admin's
 //! audit search lists the case manager's views. Screenshots of every step go to
 //! `target/console-e2e/` (not committed).
 //!
@@ -24,6 +27,7 @@ use std::time::Duration;
 use automerge::{AutoCommit, Automerge};
 use fieldchart_core::model::signing::{self, DeviceKey};
 use fieldchart_core::model::{Actor, NoteText, Role, VisitStart, VitalReading, VitalType};
+use fieldchart_core::protocol::DocumentId;
 use fieldchart_core::store::{Store, StoreConfig, StoreKey};
 use fieldchart_mobile::TlsConfig;
 use fieldchart_tests::relay_process::{Admin, RelayProcess, SyncOutcome, TestPeer, now_ms};
@@ -122,9 +126,16 @@ async fn next_step(
     }
 }
 
+/// The nurse's phone after its first sync: its store, its token and the signed note's id.
+struct Phone {
+    store: Store,
+    token: String,
+    note: String,
+}
+
 /// The nurse's phone: enroll with the code read from the QR page, chart and sign a visit with
-/// vitals on a real device store, sync it to the relay. Returns the note's id.
-async fn phone_charts_and_signs(relay: &RelayProcess, dir: &Path, enroll: &Value) -> String {
+/// vitals on a real device store, sync it to the relay.
+async fn phone_charts_and_signs(relay: &RelayProcess, dir: &Path, enroll: &Value) -> Phone {
     let code = enroll["code"].as_str().expect("code");
     let patient = enroll["patientId"].as_str().expect("patient");
     let key = DeviceKey::generate();
@@ -206,7 +217,36 @@ async fn phone_charts_and_signs(relay: &RelayProcess, dir: &Path, enroll: &Value
         "the relay accepts the signed note"
     );
     peer.close().await;
-    note.to_string()
+    Phone {
+        store,
+        token: done.token.clone(),
+        note: note.to_string(),
+    }
+}
+
+/// Fetch the chart from the relay into a fresh peer and import it into the phone's store (what
+/// the phone's sync pass does); returns the peer holding it.
+async fn phone_pulls(relay: &RelayProcess, phone: &Phone, chart: DocumentId) -> TestPeer {
+    let mut peer = TestPeer::connect(&relay.ws_url(&phone.token), None)
+        .await
+        .expect("connect");
+    assert!(
+        matches!(peer.fetch(chart).await, SyncOutcome::InSync(_)),
+        "the phone may fetch its patient's chart"
+    );
+    phone
+        .store
+        .import(chart, &peer.doc(chart).expect("fetched").save())
+        .expect("import the chart");
+    peer
+}
+
+async fn answer(stdin: &mut tokio::process::ChildStdin, value: Value) {
+    stdin
+        .write_all(format!("{value}\n").as_bytes())
+        .await
+        .expect("answer the story");
+    stdin.flush().await.expect("flush");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,13 +317,89 @@ async fn an_admin_and_a_case_manager_work_in_chromium() {
     let mut checked = Vec::new();
 
     let enroll = next_step(&mut lines, "enroll", &mut checked).await;
-    let note = phone_charts_and_signs(&relay, dir.path(), &enroll).await;
-    stdin
-        .write_all(format!("{}\n", serde_json::json!({ "noteId": note })).as_bytes())
-        .await
-        .expect("answer the story");
-    stdin.flush().await.expect("flush");
+    let phone = phone_charts_and_signs(&relay, dir.path(), &enroll).await;
+    answer(&mut stdin, serde_json::json!({ "noteId": phone.note })).await;
+
+    // The case manager added a problem and a goal; the phone fetches the chart and sets the
+    // goal's status offline while she sets it in the browser.
+    next_step(&mut lines, "plan", &mut checked).await;
+    let (feed, _) = relay.all_changes(&phone.token, None).await;
+    let chart: DocumentId = feed
+        .iter()
+        .find(|e| e["kind"] == "patient")
+        .and_then(|e| e["documentId"].as_str())
+        .expect("the chart is in the phone's feed")
+        .parse()
+        .expect("document id");
+    let mut peer = phone_pulls(&relay, &phone, chart).await;
+    let plan = phone.store.patient_chart(chart).expect("chart").care_plan;
+    let problem = plan
+        .iter()
+        .find(|p| p.description == "Impaired mobility")
+        .expect("the case manager's problem reached the phone");
+    let goal = problem
+        .children
+        .iter()
+        .find(|g| g.description == "Walks 50 m with a frame")
+        .expect("and her goal");
+    let path = [problem.id.clone(), goal.id.clone()];
+    phone
+        .store
+        .set_care_plan_status(chart, &path, "met")
+        .expect("the nurse's offline edit");
+    answer(&mut stdin, serde_json::json!({ "goal": path.join("/") })).await;
+    next_step(&mut lines, "edited", &mut checked).await;
+
+    // The phone comes back online and syncs its edit: both values now stand side by side.
+    let mut offline = Automerge::load(&phone.store.export_changes(chart).expect("export"))
+        .expect("load the phone's chart");
+    peer.doc_mut(chart)
+        .expect("held")
+        .merge(&mut offline)
+        .expect("merge");
+    assert!(
+        matches!(peer.sync(chart).await, SyncOutcome::InSync(_)),
+        "the relay accepts the nurse's edit"
+    );
+    peer.close().await;
+    drop(phone_pulls(&relay, &phone, chart).await);
+    assert_eq!(
+        phone.store.conflicts(chart).expect("conflicts").len(),
+        1,
+        "the phone sees the conflict too"
+    );
+    answer(&mut stdin, serde_json::json!({ "synced": true })).await;
+
+    // She resolves it in the browser; the phone receives the resolution.
+    let resolved = next_step(&mut lines, "resolved", &mut checked).await;
     drop(stdin);
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        drop(phone_pulls(&relay, &phone, chart).await);
+        if phone.store.conflicts(chart).expect("conflicts").is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resolution never reached the phone"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let plan = phone.store.patient_chart(chart).expect("chart").care_plan;
+    let goal = &plan
+        .iter()
+        .find(|p| p.id == path[0])
+        .expect("problem")
+        .children
+        .iter()
+        .find(|g| g.id == path[1])
+        .expect("goal")
+        .status;
+    assert_eq!(
+        Some(goal.as_str()),
+        resolved["kept"].as_str(),
+        "the phone holds the value she kept"
+    );
 
     let done = tokio::time::timeout(LINE_TIMEOUT, async {
         let mut checked_late = Vec::new();
@@ -317,6 +433,9 @@ async fn an_admin_and_a_case_manager_work_in_chromium() {
         "board",
         "chart",
         "note",
+        "care-plan",
+        "review-conflict",
+        "review-resolved",
         "audit",
     ] {
         assert!(pages.contains(&page), "{page} checked: {pages:?}");
