@@ -1876,6 +1876,20 @@ async fn care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person
         let page = relay.post(&mut browser, &edit, &fields).await;
         assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
     }
+    // An entry that does not exist is a clear refusal, not a server error.
+    let missing = relay
+        .post(
+            &mut browser,
+            &edit,
+            &[
+                ("csrf", &csrf),
+                ("action", "status"),
+                ("path", "nosuch/entry"),
+                ("status", "met"),
+            ],
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST, "{}", missing.body);
     let page = relay.get(&mut browser, &chart_page).await;
     assert!(page.body.contains("No falls for 30 days"), "{}", page.body);
     assert!(!page.body.contains("Conflicting values"));

@@ -132,6 +132,12 @@ pub async fn edit_care_plan(
         },
     )
     .await
+    .map_err(|e| match e {
+        Error::Core(c) if matches!(*c, fieldchart_core::Error::ItemNotFound { .. }) => {
+            Error::BadRequest(format!("{c}: it may have been removed; reload the chart"))
+        }
+        other => other,
+    })
 }
 
 /// Resolve the conflict at `path` of the patient's chart by keeping the value `choice`, as
