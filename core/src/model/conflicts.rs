@@ -358,3 +358,78 @@ fn visit(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::patient::{add_care_plan_item, set_care_plan_status};
+
+    fn by(doc: &mut AutoCommit, user: &str) {
+        doc.set_actor(automerge::ActorId::random());
+        doc.set_author(Some(
+            Actor {
+                user_id: user.into(),
+                device_id: "dev".into(),
+            }
+            .author(),
+        ));
+    }
+
+    #[test]
+    fn resolve_keeps_the_chosen_value_only_while_the_listed_values_stand() {
+        let mut doc = AutoCommit::new();
+        by(&mut doc, "usr_a");
+        let problem = add_care_plan_item(&mut doc, &[], "Pain", "active").expect("problem");
+        doc.commit();
+        let mut other = doc.fork();
+        by(&mut other, "usr_b");
+        set_care_plan_status(&mut doc, std::slice::from_ref(&problem), "met").expect("met");
+        set_care_plan_status(&mut other, std::slice::from_ref(&problem), "on hold")
+            .expect("on hold");
+        doc.commit();
+        other.commit();
+        doc.merge(&mut other).expect("merge");
+        let listed = find_conflicts(&doc).pop().expect("a conflict");
+        let path = listed.path.clone();
+        assert_eq!(path, format!("carePlan/problems/{problem}/status"));
+        let met = listed
+            .values
+            .iter()
+            .find(|v| v.value == "met")
+            .expect("met listed")
+            .id
+            .clone();
+
+        // A list the person never saw (one value missing) is refused, and nothing is written.
+        let mut partial = listed.clone();
+        partial.values.truncate(1);
+        let heads = doc.get_heads();
+        assert!(matches!(
+            resolve(&mut doc, &path, &partial, &met, "usr_c", 1_000),
+            Err(Error::ConflictChanged { .. })
+        ));
+        assert!(matches!(
+            resolve(&mut doc, &path, &listed, "1@00", "usr_c", 1_000),
+            Err(Error::ItemNotFound { .. })
+        ));
+        doc.commit();
+        assert_eq!(doc.get_heads(), heads, "refusals wrote nothing");
+
+        resolve(&mut doc, &path, &listed, &met, "usr_c", 1_000).expect("resolve");
+        doc.commit();
+        assert!(find_conflicts(&doc).is_empty());
+        let (parent, prop) = super::super::resolve_path(&doc, &path).expect("path");
+        let status = doc
+            .get(&parent, prop)
+            .expect("get")
+            .map(|(v, _)| v.to_string());
+        assert_eq!(status.as_deref(), Some("\"met\""));
+        let list = super::super::get_obj(&doc, &ROOT, "resolutions").expect("resolutions");
+        assert_eq!(doc.length(&list), 1);
+        // Resolving again (the page is stale now) is refused.
+        assert!(matches!(
+            resolve(&mut doc, &path, &listed, &met, "usr_c", 2_000),
+            Err(Error::ConflictChanged { .. })
+        ));
+    }
+}
