@@ -44,9 +44,10 @@
 //! - `addenda[]` — `{id, author, createdAt, text: Text}`.
 //! - `resolutions[]` — `{path, value, resolvedBy, resolvedAt}`: conflict resolutions (both kinds).
 
-pub(crate) mod conflicts;
+pub mod conflicts;
 mod history;
 pub(crate) mod patient;
+pub mod schedule;
 pub mod signing;
 pub(crate) mod visit_note;
 
@@ -57,11 +58,13 @@ pub use conflicts::{Conflict, ConflictValue, find_conflicts};
 pub use history::{HistoryEntry, changed_fields, history};
 pub use patient::{
     Allergy, CarePlanItem, CarePlanLevel, CareTeamMember, Demographic, Medication, PatientChart,
-    new_patient_chart,
+    add_care_plan_item, new_patient_chart, set_care_plan_status, update_care_plan_description,
 };
 pub use signing::{
     DeviceKey, DirectoryKey, KeyDirectory, NoteLedger, ReviewItem, ReviewReason, Tamper, Verdict,
 };
+/// The canonical rendering a signature hashes (the console shows it as signed).
+pub use visit_note::canonical_rendering;
 pub use visit_note::{
     Addendum, ListEntry, NoteList, NoteStatus, NoteText, Signature, SignatureCheck, VisitNote,
     VisitStart, VitalReading, VitalType,

@@ -39,8 +39,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use automerge::AutoCommit;
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, ReadDoc};
 use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 

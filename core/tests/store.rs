@@ -406,17 +406,24 @@ fn a_second_open_from_another_thread_is_refused_until_close() {
     // The refused open changed nothing: the first handle keeps working.
     first.update_text(note, NoteText::Plan, "Recheck").unwrap();
     first.close().unwrap();
-    let reopened = std::thread::scope(|s| {
-        s.spawn(|| {
-            Store::open(config(dir.path(), &key, "nurse", Role::Clinician))
+    // Another test in this binary spawns a child process; between its fork and exec the child
+    // holds a copy of every descriptor, our lock file's included, so the lock can outlive
+    // `close` by that window. Retry only `StoreInUse`, within a bound far above a fork.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reopened = loop {
+        let opened = std::thread::scope(|s| {
+            s.spawn(|| Store::open(config(dir.path(), &key, "nurse", Role::Clinician)))
+                .join()
                 .unwrap()
-                .visit_note(note)
-                .unwrap()
-                .plan
-        })
-        .join()
-        .unwrap()
-    });
+        });
+        match opened {
+            Ok(store) => break store.visit_note(note).unwrap().plan,
+            Err(Error::StoreInUse) if std::time::Instant::now() < deadline => {
+                std::thread::yield_now()
+            }
+            Err(e) => panic!("reopen after close: {e}"),
+        }
+    };
     assert_eq!(reopened, "Recheck");
 }
 

@@ -12,6 +12,7 @@
 //!   ([`enroll`]).
 //! - `GET /healthz`; `GET /metrics` (Prometheus) with an admin token, or open on the separate
 //!   `--metrics-addr` listener ([`run_metrics`]).
+//! - `/console/` — the agency console for office users in a browser ([`console`]).
 //! - TLS: [`run_tls`] ([`tls`]).
 //!
 //! The binary (`fieldchart-server serve`, `fieldchart-server admin ...`) is a thin shell over
@@ -42,6 +43,7 @@ pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod docs;
 pub mod enroll;
 pub mod error;
@@ -77,6 +79,7 @@ pub fn app(state: AppState) -> Router {
         .nest("/v1/admin", admin::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(admin_metrics))
+        .merge(console::routes())
         .layer(axum::middleware::from_fn(http_log::log_request))
         .with_state(state)
 }

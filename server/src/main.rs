@@ -31,7 +31,8 @@ use fieldchart_server::config::{
     DEFAULT_AUDIT_PAGE, DEFAULT_DATA_DIR, DEFAULT_KEY_FILE, DEFAULT_LISTEN, KEY_ENV, KEY_FILE_ENV,
     Limits, MAX_AUDIT_ROWS, database_path,
 };
-use fieldchart_server::identity::{AgencyId, DeviceId, PatientId, UserId, parse_role};
+use fieldchart_server::console;
+use fieldchart_server::identity::{AgencyId, DeviceId, PatientId, Role, UserId, parse_role};
 use fieldchart_server::storage::{AdminLogQuery, DatabaseKey, SqliteStorage, Storage};
 use fieldchart_server::{AppState, Error, Result, audit};
 use serde_json::{Value, json};
@@ -109,6 +110,31 @@ enum AdminCommand {
         /// clinician, office or admin.
         #[arg(long)]
         role: String,
+    },
+    /// Create an office (or admin) user who signs in to the console, and print their one-time
+    /// set-password link.
+    CreateOfficeUser {
+        #[arg(long)]
+        agency: String,
+        #[arg(long)]
+        name: String,
+        /// office or admin.
+        #[arg(long, default_value = "office")]
+        role: String,
+        /// Console sign-in name (e.g. an e-mail address).
+        #[arg(long)]
+        login: String,
+        /// The relay's URL as the user's browser reaches it (goes into the link).
+        #[arg(long, default_value = "http://127.0.0.1:3030")]
+        relay_url: String,
+    },
+    /// Print a new one-time set-password link for a console user (a reset).
+    ConsolePasswordLink {
+        #[arg(long)]
+        user: String,
+        /// The relay's URL as the user's browser reaches it.
+        #[arg(long, default_value = "http://127.0.0.1:3030")]
+        relay_url: String,
     },
     /// Create a patient and their chart document.
     CreatePatient {
@@ -447,7 +473,15 @@ async fn serve(
     let tls = tls
         .map(|(cert, key)| fieldchart_server::tls::TlsFiles::load(&cert, &key))
         .transpose()?;
-    let state = AppState::new(Arc::new(storage), Limits::default()).await?;
+    let storage = Arc::new(storage);
+    let state = AppState::new(storage.clone(), Limits::default()).await?;
+    state.attach_console(
+        storage,
+        console::ConsoleOptions {
+            secure_cookies: tls.is_some(),
+            ..console::ConsoleOptions::default()
+        },
+    );
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let metrics = match metrics_addr {
@@ -530,6 +564,37 @@ async fn run_admin(
             admin::user_json(
                 &admin::create_user(storage, ctx, &AgencyId::new(agency), &name, role).await?,
             )
+        }
+        AdminCommand::CreateOfficeUser {
+            agency,
+            name,
+            role,
+            login,
+            relay_url,
+        } => {
+            let role = match parse_role(&role) {
+                Some(role @ (Role::Office | Role::Admin)) => role,
+                _ => {
+                    return Err(Error::BadRequest(
+                        "--role must be office or admin (clinicians use the phone app)".into(),
+                    ));
+                }
+            };
+            // Checked before the user is made, so a bad name leaves nothing behind.
+            console::auth::free_login(storage, &login).await?;
+            let user =
+                admin::create_user(storage, ctx, &AgencyId::new(agency), &name, role).await?;
+            let token = console::auth::create_login(storage, ctx, &user, &login).await?;
+            let url = console::auth::link_url(Some(&relay_url), &token);
+            console::auth::login_json(&user, &login.trim().to_lowercase(), &url)
+        }
+        AdminCommand::ConsolePasswordLink { user, relay_url } => {
+            let user = storage
+                .user(UserId::new(user))
+                .await?
+                .ok_or(Error::NotFound("user"))?;
+            let token = console::auth::reset_password_link(storage, ctx, &user).await?;
+            json!({ "userId": user.id, "setPasswordLink": console::auth::link_url(Some(&relay_url), &token) })
         }
         AdminCommand::CreatePatient { agency, name } => admin::patient_json(
             &admin::create_patient(storage, ctx, &AgencyId::new(agency), &name).await?,

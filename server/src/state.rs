@@ -29,6 +29,8 @@ pub struct Relay {
     peer_id: PeerId,
     storage_id: StorageId,
     metrics: PrometheusHandle,
+    /// The agency console, when the storage backend has one ([`AppState::attach_console`]).
+    console: std::sync::OnceLock<Arc<crate::console::Console>>,
 }
 
 impl AppState {
@@ -47,9 +49,24 @@ impl AppState {
             peer_id: PeerId::random("fieldchart-relay"),
             storage_id,
             metrics: crate::metrics::handle(),
+            console: std::sync::OnceLock::new(),
             limits,
             storage,
         })))
+    }
+}
+
+impl AppState {
+    /// Serve the agency console (`/console/…`) from this relay, keeping its own records in
+    /// `store` (the same database as the relay's storage). Set once; a second call is ignored.
+    pub fn attach_console(
+        &self,
+        store: Arc<dyn crate::console::store::ConsoleStore>,
+        options: crate::console::ConsoleOptions,
+    ) {
+        let _ = self
+            .console
+            .set(Arc::new(crate::console::Console::new(store, options)));
     }
 }
 
@@ -95,6 +112,11 @@ impl Relay {
     /// The stable storage id advertised in `peer` messages.
     pub fn storage_id(&self) -> &StorageId {
         &self.storage_id
+    }
+
+    /// The agency console, if attached.
+    pub fn console(&self) -> Option<&Arc<crate::console::Console>> {
+        self.console.get()
     }
 
     /// Renders `/metrics`.

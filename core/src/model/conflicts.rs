@@ -18,7 +18,10 @@ use std::collections::BTreeSet;
 use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, Value};
 use serde::{Deserialize, Serialize};
 
+use automerge::transaction::Transactable;
+
 use super::{Actor, change_author, value_to_json};
+use crate::{Error, Result};
 
 /// Keys whose concurrent values are bookkeeping, not clinical content.
 const IGNORED_KEYS: &[&str] = &["updatedBy", "updatedAt"];
@@ -65,6 +68,62 @@ pub fn find_conflicts(doc: &AutoCommit) -> Vec<Conflict> {
     walk(doc, &ROOT, ObjType::Map, &mut Vec::new(), &mut out);
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out
+}
+
+/// Resolve the conflict `listed` (as a person saw it) at `path` by keeping the value whose id
+/// is `choice`: the chosen value is written over every concurrent one and a `resolutions`
+/// entry records what was replaced, by `user_id`, at `now_ms`. The pending operations are not
+/// committed (the caller commits them as one change with its author).
+///
+/// Refused with [`Error::ConflictChanged`] when the field no longer holds exactly the listed
+/// values (a sync added or resolved one since the person looked), so nothing is resolved on a
+/// set of values nobody saw. Only scalar fields can be resolved by choice.
+pub fn resolve(
+    doc: &mut AutoCommit,
+    path: &str,
+    listed: &Conflict,
+    choice: &str,
+    user_id: &str,
+    now_ms: i64,
+) -> Result<()> {
+    let changed = || Error::ConflictChanged {
+        path: path.to_owned(),
+    };
+    let (parent, prop) = super::resolve_path(doc, path).map_err(|_| changed())?;
+    let current = conflict_at(doc, &parent, prop.clone(), path).ok_or_else(changed)?;
+    if current.value_ids() != listed.value_ids() {
+        return Err(changed());
+    }
+    let chosen = current
+        .values
+        .iter()
+        .find(|v| v.id == choice)
+        .ok_or_else(|| Error::ItemNotFound {
+            what: "conflict value",
+            id: choice.to_owned(),
+        })?
+        .value
+        .clone();
+    let scalar = super::json_to_scalar(&chosen).ok_or_else(|| {
+        Error::InvalidInput(
+            "only scalar fields can be resolved by choice; edit the object instead".into(),
+        )
+    })?;
+    doc.put(&parent, prop, scalar)?;
+    let list = super::ensure_obj(
+        doc,
+        &automerge::ROOT,
+        "resolutions",
+        automerge::ObjType::List,
+    )?;
+    let at = doc.length(&list);
+    let entry = doc.insert_object(&list, at, automerge::ObjType::Map)?;
+    doc.put(&entry, "path", path)?;
+    doc.put(&entry, "value", chosen.to_string())?;
+    doc.put(&entry, "replaced", serde_json::to_string(&current.values)?)?;
+    doc.put(&entry, "resolvedBy", user_id)?;
+    doc.put(&entry, "resolvedAt", now_ms)?;
+    Ok(())
 }
 
 /// Paths of every open conflict of a document (what blocks signing).
@@ -297,5 +356,80 @@ fn visit(
         if let Value::Object(ty) = v {
             walk(doc, &id, ty, path, out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::patient::{add_care_plan_item, set_care_plan_status};
+
+    fn by(doc: &mut AutoCommit, user: &str) {
+        doc.set_actor(automerge::ActorId::random());
+        doc.set_author(Some(
+            Actor {
+                user_id: user.into(),
+                device_id: "dev".into(),
+            }
+            .author(),
+        ));
+    }
+
+    #[test]
+    fn resolve_keeps_the_chosen_value_only_while_the_listed_values_stand() {
+        let mut doc = AutoCommit::new();
+        by(&mut doc, "usr_a");
+        let problem = add_care_plan_item(&mut doc, &[], "Pain", "active").expect("problem");
+        doc.commit();
+        let mut other = doc.fork();
+        by(&mut other, "usr_b");
+        set_care_plan_status(&mut doc, std::slice::from_ref(&problem), "met").expect("met");
+        set_care_plan_status(&mut other, std::slice::from_ref(&problem), "on hold")
+            .expect("on hold");
+        doc.commit();
+        other.commit();
+        doc.merge(&mut other).expect("merge");
+        let listed = find_conflicts(&doc).pop().expect("a conflict");
+        let path = listed.path.clone();
+        assert_eq!(path, format!("carePlan/problems/{problem}/status"));
+        let met = listed
+            .values
+            .iter()
+            .find(|v| v.value == "met")
+            .expect("met listed")
+            .id
+            .clone();
+
+        // A list the person never saw (one value missing) is refused, and nothing is written.
+        let mut partial = listed.clone();
+        partial.values.truncate(1);
+        let heads = doc.get_heads();
+        assert!(matches!(
+            resolve(&mut doc, &path, &partial, &met, "usr_c", 1_000),
+            Err(Error::ConflictChanged { .. })
+        ));
+        assert!(matches!(
+            resolve(&mut doc, &path, &listed, "1@00", "usr_c", 1_000),
+            Err(Error::ItemNotFound { .. })
+        ));
+        doc.commit();
+        assert_eq!(doc.get_heads(), heads, "refusals wrote nothing");
+
+        resolve(&mut doc, &path, &listed, &met, "usr_c", 1_000).expect("resolve");
+        doc.commit();
+        assert!(find_conflicts(&doc).is_empty());
+        let (parent, prop) = super::super::resolve_path(&doc, &path).expect("path");
+        let status = doc
+            .get(&parent, prop)
+            .expect("get")
+            .map(|(v, _)| v.to_string());
+        assert_eq!(status.as_deref(), Some("\"met\""));
+        let list = super::super::get_obj(&doc, &ROOT, "resolutions").expect("resolutions");
+        assert_eq!(doc.length(&list), 1);
+        // Resolving again (the page is stale now) is refused.
+        assert!(matches!(
+            resolve(&mut doc, &path, &listed, &met, "usr_c", 2_000),
+            Err(Error::ConflictChanged { .. })
+        ));
     }
 }

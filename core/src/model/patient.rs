@@ -414,7 +414,7 @@ fn care_plan_entry(doc: &impl ReadDoc, path: &[String]) -> Option<(ObjId, CarePl
 
 /// Add a problem (empty `parent`), a goal (parent = [problem]) or an intervention
 /// (parent = [problem, goal]). Returns the new entry's id.
-pub(crate) fn add_care_plan_item(
+pub fn add_care_plan_item(
     doc: &mut AutoCommit,
     parent: &[String],
     description: &str,
@@ -450,11 +450,9 @@ pub(crate) fn add_care_plan_item(
     Ok(id)
 }
 
-pub(crate) fn set_care_plan_status(
-    doc: &mut AutoCommit,
-    path: &[String],
-    status: &str,
-) -> Result<()> {
+/// Set the status of the care-plan entry at `path` (problem id, goal id, intervention id);
+/// an unchanged status writes nothing.
+pub fn set_care_plan_status(doc: &mut AutoCommit, path: &[String], status: &str) -> Result<()> {
     let (entry, _) = care_plan_entry(doc, path).ok_or_else(|| Error::ItemNotFound {
         what: "care-plan entry",
         id: path.join("/"),
@@ -463,7 +461,9 @@ pub(crate) fn set_care_plan_status(
     Ok(())
 }
 
-pub(crate) fn update_care_plan_description(
+/// Replace the description of the care-plan entry at `path` (a text edit: concurrent edits of
+/// the same description merge character by character).
+pub fn update_care_plan_description(
     doc: &mut AutoCommit,
     path: &[String],
     text: &str,

@@ -79,47 +79,14 @@ impl Store {
                 {
                     return Err(Error::NoteSigned(id));
                 }
-                let doc = &mut loaded.doc;
-                let changed = || Error::ConflictChanged {
-                    path: path.to_owned(),
-                };
-                let (parent, prop) = model::resolve_path(doc, path).map_err(|_| changed())?;
-                let current = model::conflicts::conflict_at(doc, &parent, prop.clone(), path)
-                    .ok_or_else(changed)?;
-                if current.value_ids() != listed.value_ids() {
-                    return Err(changed());
-                }
-                let chosen = current
-                    .values
-                    .iter()
-                    .find(|v| v.id == choice)
-                    .ok_or_else(|| Error::ItemNotFound {
-                        what: "conflict value",
-                        id: choice.to_owned(),
-                    })?
-                    .value
-                    .clone();
-                let scalar = model::json_to_scalar(&chosen).ok_or_else(|| {
-                    Error::InvalidInput(
-                        "only scalar fields can be resolved by choice; edit the object instead"
-                            .into(),
-                    )
-                })?;
-                doc.put(&parent, prop, scalar)?;
-                let list = model::ensure_obj(
-                    doc,
-                    &automerge::ROOT,
-                    "resolutions",
-                    automerge::ObjType::List,
-                )?;
-                let at = doc.length(&list);
-                let entry = doc.insert_object(&list, at, automerge::ObjType::Map)?;
-                doc.put(&entry, "path", path)?;
-                doc.put(&entry, "value", chosen.to_string())?;
-                doc.put(&entry, "replaced", serde_json::to_string(&current.values)?)?;
-                doc.put(&entry, "resolvedBy", actor.user_id.as_str())?;
-                doc.put(&entry, "resolvedAt", now)?;
-                Ok(())
+                model::conflicts::resolve(
+                    &mut loaded.doc,
+                    path,
+                    listed,
+                    choice,
+                    &actor.user_id,
+                    now,
+                )
             },
         )
     }

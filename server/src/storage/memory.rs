@@ -17,6 +17,9 @@ use super::{
 use crate::error::{Error, Result};
 use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, User, UserId};
 
+mod console;
+pub use console::MemoryConsole;
+
 /// Everything in memory, behind one mutex (held only inside a method, never across `.await`).
 #[derive(Debug)]
 pub struct MemoryStorage {

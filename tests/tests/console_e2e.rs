@@ -1,0 +1,450 @@
+//! The agency console end to end, in a real browser: Debian's headless Chromium driven by
+//! `playwright-core` (`tests/console/story.mjs`, pinned by its package-lock.json; pointed at the
+//! system browser, nothing downloads one), each page checked with `axe-core` (no serious or
+//! critical violations), against a real relay process, with a Rust test peer as the nurse's
+//! phone.
+//!
+//! The story: an admin sets her password from the CLI's one-time link, signs in, creates a
+//! patient and a nurse, assigns her, schedules her visit for today and enrolls her phone by
+//! reading the code from the QR page; the phone (here) redeems the code, charts and signs a visit
+//! with vitals and syncs; the case manager, watching the Today board, sees the visit turn signed
+//! and received without reloading (Server-Sent Events), opens the chart (vitals chart) and the
+//! note (signature Valid); she adds a problem and a goal to the care plan, and sets the goal
+//! "on hold" while the phone, which fetched the chart, sets it "met" offline; the phone syncs,
+//! the conflict appears in the review queue with both values and their authors, she keeps the
+//! nurse's value, and the phone's store receives the resolution; the admin's
+//! audit search lists the case manager's views. Screenshots of every step go to
+//! `target/console-e2e/` (not committed).
+//!
+//! Needs `chromium` (Debian package; or `FIELDCHART_CHROMIUM=/path`), Node.js 20+ and npm; runs
+//! `npm ci` in `tests/console` when its packages are missing. Without them the test fails and
+//! says what is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use automerge::{AutoCommit, Automerge};
+use fieldchart_core::model::signing::{self, DeviceKey};
+use fieldchart_core::model::{Actor, NoteText, Role, VisitStart, VitalReading, VitalType};
+use fieldchart_core::protocol::DocumentId;
+use fieldchart_core::store::{Store, StoreConfig, StoreKey};
+use fieldchart_mobile::TlsConfig;
+use fieldchart_tests::relay_process::{Admin, RelayProcess, SyncOutcome, TestPeer, now_ms};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// The browser story's own bound on each wait (`TIMEOUT_MS`).
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the test waits for the next line from the story (its step bound plus slack).
+const LINE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long `npm ci` may take on a cold cache.
+const NPM_CI_TIMEOUT: Duration = Duration::from_secs(300);
+/// Versions the story runs (package.json pins them; a stale node_modules is reinstalled).
+const PINNED: [(&str, &str); 2] = [("playwright-core", "1.49.1"), ("axe-core", "4.10.3")];
+const PASSWORD: &str = "a long office password";
+
+fn console_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("console")
+}
+
+fn installed_version(package: &str) -> Option<String> {
+    let text = std::fs::read_to_string(
+        console_dir()
+            .join("node_modules")
+            .join(package)
+            .join("package.json"),
+    )
+    .ok()?;
+    serde_json::from_str::<Value>(&text).ok()?["version"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("FIELDCHART_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.is_file(),
+        "the console end-to-end test needs headless Chromium at {} (Debian: `apt-get install chromium`, \
+         or set FIELDCHART_CHROMIUM)",
+        path.display()
+    );
+    path
+}
+
+async fn ensure_packages() {
+    let current = PINNED
+        .iter()
+        .all(|(p, v)| installed_version(p).as_deref() == Some(*v));
+    if current {
+        return;
+    }
+    let mut ci = tokio::process::Command::new("npm");
+    ci.args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(console_dir())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(NPM_CI_TIMEOUT, ci.output())
+        .await
+        .expect("`npm ci` in tests/console did not finish in time")
+        .expect("the console end-to-end test needs Node.js 20+ and npm on PATH");
+    assert!(
+        out.status.success(),
+        "`npm ci` in tests/console failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (package, version) in PINNED {
+        assert_eq!(
+            installed_version(package).as_deref(),
+            Some(version),
+            "{package}"
+        );
+    }
+}
+
+/// The next JSON line from the story, skipping progress lines until `step`.
+async fn next_step(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    step: &str,
+    checked: &mut Vec<Value>,
+) -> Value {
+    loop {
+        let line = tokio::time::timeout(LINE_TIMEOUT, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no `{step}` from the browser story in time"))
+            .expect("story stdout")
+            .unwrap_or_else(|| panic!("the browser story ended before `{step}` (see its stderr)"));
+        let event: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("story printed {line:?}: {e}"));
+        match event["step"].as_str() {
+            Some(s) if s == step => return event,
+            Some("checked") => checked.push(event),
+            _ => panic!("unexpected story line {line}"),
+        }
+    }
+}
+
+/// The nurse's phone after its first sync: its store, its token and the signed note's id.
+struct Phone {
+    store: Store,
+    token: String,
+    note: String,
+}
+
+/// The nurse's phone: enroll with the code read from the QR page, chart and sign a visit with
+/// vitals on a real device store, sync it to the relay.
+async fn phone_charts_and_signs(relay: &RelayProcess, dir: &Path, enroll: &Value) -> Phone {
+    let code = enroll["code"].as_str().expect("code");
+    let patient = enroll["patientId"].as_str().expect("patient");
+    let key = DeviceKey::generate();
+    let done = fieldchart_mobile::enroll(
+        &relay.http_base(),
+        code,
+        Some("Ana's phone"),
+        key.public_key(),
+        &TlsConfig::default(),
+    )
+    .await
+    .expect("the code from the QR page enrolls the phone");
+    let actor = Actor {
+        user_id: done.user_id.clone(),
+        device_id: done.device_id.clone(),
+    };
+    let store = Store::open(StoreConfig {
+        path: dir.join("ana-phone.db"),
+        key: StoreKey::random(),
+        actor: actor.clone(),
+        role: Role::Clinician,
+        keystroke_journal: true,
+    })
+    .expect("device store");
+    let note = store
+        .start_visit(&VisitStart {
+            agency_id: done.agency_id.clone(),
+            patient_id: patient.to_owned(),
+            service_type: "skilled-nursing".into(),
+            date: enroll["date"].as_str().expect("date").to_owned(),
+            location: "12 Elm St".into(),
+            started_at_ms: now_ms() - 3_600_000,
+            start_monotonic_ms: 1,
+        })
+        .expect("start visit");
+    store
+        .update_text(
+            note,
+            NoteText::Assessment,
+            "Sacral wound 2x3 cm, clean, dressing changed.",
+        )
+        .expect("assessment");
+    for (vital, value, unit, ago) in [
+        (VitalType::BloodPressure, "142/90", "mmHg", 3_000_000),
+        (VitalType::BloodPressure, "128/82", "mmHg", 1_800_000),
+        (VitalType::Pulse, "88", "/min", 3_000_000),
+        (VitalType::Pulse, "76", "/min", 1_800_000),
+        (VitalType::Pain, "4", "/10", 2_000_000),
+    ] {
+        store
+            .record_vital(
+                note,
+                &VitalReading {
+                    id: String::new(),
+                    vital,
+                    value: value.into(),
+                    unit: unit.into(),
+                    taken_at_ms: now_ms() - ago,
+                    recorded_by: String::new(),
+                    supersedes: None,
+                },
+            )
+            .expect("vital");
+    }
+    // Signed with the enrolled key through the model API (the test holds the secret).
+    let mut doc = AutoCommit::load(&store.export_changes(note).expect("export")).expect("load");
+    doc.set_actor(automerge::ActorId::random());
+    doc.set_author(Some(actor.author()));
+    signing::sign(&mut doc, note, &key, &actor, Role::Clinician, now_ms()).expect("sign");
+    doc.commit();
+    let signed = Automerge::load(&doc.save()).expect("reload");
+    let mut peer = TestPeer::connect(&relay.ws_url(&done.token), None)
+        .await
+        .expect("connect");
+    peer.create_with_id(note, signed.clone());
+    assert_eq!(
+        peer.sync(note).await,
+        SyncOutcome::InSync(signed.get_heads()),
+        "the relay accepts the signed note"
+    );
+    peer.close().await;
+    Phone {
+        store,
+        token: done.token.clone(),
+        note: note.to_string(),
+    }
+}
+
+/// Fetch the chart from the relay into a fresh peer and import it into the phone's store (what
+/// the phone's sync pass does); returns the peer holding it.
+async fn phone_pulls(relay: &RelayProcess, phone: &Phone, chart: DocumentId) -> TestPeer {
+    let mut peer = TestPeer::connect(&relay.ws_url(&phone.token), None)
+        .await
+        .expect("connect");
+    assert!(
+        matches!(peer.fetch(chart).await, SyncOutcome::InSync(_)),
+        "the phone may fetch its patient's chart"
+    );
+    phone
+        .store
+        .import(chart, &peer.doc(chart).expect("fetched").save())
+        .expect("import the chart");
+    peer
+}
+
+async fn answer(stdin: &mut tokio::process::ChildStdin, value: Value) {
+    stdin
+        .write_all(format!("{value}\n").as_bytes())
+        .await
+        .expect("answer the story");
+    stdin.flush().await.expect("flush");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_and_a_case_manager_work_in_chromium() {
+    let chromium = chromium();
+    ensure_packages().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(dir.path());
+    let admin = Admin::new(dir.path());
+    let agency = admin.create_agency("Riverside Home Health");
+    let base = relay.http_base();
+    let office_user = |name: &str, role: &str, login: &str| {
+        admin.run(&[
+            "create-office-user",
+            "--agency",
+            &agency,
+            "--name",
+            name,
+            "--role",
+            role,
+            "--login",
+            login,
+            "--relay-url",
+            &base,
+        ])
+    };
+    let ada = office_user("Ada Admin", "admin", "ada");
+    let carl = office_user("Carl Case", "office", "carl");
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("console-e2e");
+
+    let mut story = tokio::process::Command::new("node");
+    story
+        .arg(console_dir().join("story.mjs"))
+        .current_dir(console_dir())
+        .env("BASE", &base)
+        .env("ADMIN_LINK", ada["setPasswordLink"].as_str().expect("link"))
+        .env(
+            "MANAGER_LINK",
+            carl["setPasswordLink"].as_str().expect("link"),
+        )
+        .env("MANAGER_ID", carl["userId"].as_str().expect("id"))
+        .env("PASSWORD", PASSWORD)
+        .env("ARTIFACTS", &artifacts)
+        .env("CHROMIUM", &chromium)
+        .env("TIMEOUT_MS", STEP_TIMEOUT.as_millis().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = story
+        .spawn()
+        .expect("the console end-to-end test needs Node.js 20+ on PATH");
+    let stderr = child.stderr.take().expect("stderr");
+    let stderr_text = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut all = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut checked = Vec::new();
+
+    let enroll = next_step(&mut lines, "enroll", &mut checked).await;
+    let phone = phone_charts_and_signs(&relay, dir.path(), &enroll).await;
+    answer(&mut stdin, serde_json::json!({ "noteId": phone.note })).await;
+
+    // The case manager added a problem and a goal; the phone fetches the chart and sets the
+    // goal's status offline while she sets it in the browser.
+    next_step(&mut lines, "plan", &mut checked).await;
+    let (feed, _) = relay.all_changes(&phone.token, None).await;
+    let chart: DocumentId = feed
+        .iter()
+        .find(|e| e["kind"] == "patient")
+        .and_then(|e| e["documentId"].as_str())
+        .expect("the chart is in the phone's feed")
+        .parse()
+        .expect("document id");
+    let mut peer = phone_pulls(&relay, &phone, chart).await;
+    let plan = phone.store.patient_chart(chart).expect("chart").care_plan;
+    let problem = plan
+        .iter()
+        .find(|p| p.description == "Impaired mobility")
+        .expect("the case manager's problem reached the phone");
+    let goal = problem
+        .children
+        .iter()
+        .find(|g| g.description == "Walks 50 m with a frame")
+        .expect("and her goal");
+    let path = [problem.id.clone(), goal.id.clone()];
+    phone
+        .store
+        .set_care_plan_status(chart, &path, "met")
+        .expect("the nurse's offline edit");
+    answer(&mut stdin, serde_json::json!({ "goal": path.join("/") })).await;
+    next_step(&mut lines, "edited", &mut checked).await;
+
+    // The phone comes back online and syncs its edit: both values now stand side by side.
+    let mut offline = Automerge::load(&phone.store.export_changes(chart).expect("export"))
+        .expect("load the phone's chart");
+    peer.doc_mut(chart)
+        .expect("held")
+        .merge(&mut offline)
+        .expect("merge");
+    assert!(
+        matches!(peer.sync(chart).await, SyncOutcome::InSync(_)),
+        "the relay accepts the nurse's edit"
+    );
+    peer.close().await;
+    drop(phone_pulls(&relay, &phone, chart).await);
+    assert_eq!(
+        phone.store.conflicts(chart).expect("conflicts").len(),
+        1,
+        "the phone sees the conflict too"
+    );
+    answer(&mut stdin, serde_json::json!({ "synced": true })).await;
+
+    // She resolves it in the browser; the phone receives the resolution.
+    let resolved = next_step(&mut lines, "resolved", &mut checked).await;
+    drop(stdin);
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        drop(phone_pulls(&relay, &phone, chart).await);
+        if phone.store.conflicts(chart).expect("conflicts").is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resolution never reached the phone"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let plan = phone.store.patient_chart(chart).expect("chart").care_plan;
+    let goal = &plan
+        .iter()
+        .find(|p| p.id == path[0])
+        .expect("problem")
+        .children
+        .iter()
+        .find(|g| g.id == path[1])
+        .expect("goal")
+        .status;
+    assert_eq!(
+        Some(goal.as_str()),
+        resolved["kept"].as_str(),
+        "the phone holds the value she kept"
+    );
+
+    let done = tokio::time::timeout(LINE_TIMEOUT, async {
+        let mut checked_late = Vec::new();
+        let done = next_step(&mut lines, "done", &mut checked_late).await;
+        (done, checked_late)
+    })
+    .await;
+    let status = tokio::time::timeout(LINE_TIMEOUT, child.wait()).await;
+    let stderr = stderr_text.await.unwrap_or_default();
+    let (done, late) = done.unwrap_or_else(|_| panic!("the story never finished:\n{stderr}"));
+    checked.extend(late);
+    assert!(
+        matches!(status, Ok(Ok(s)) if s.success()),
+        "the browser story failed: {status:?}\n{stderr}"
+    );
+    assert_eq!(
+        done["violations"],
+        serde_json::json!([]),
+        "axe-core found serious or critical violations"
+    );
+    assert!(done["auditRows"].as_u64().unwrap_or(0) >= 2, "{done}");
+    assert!(
+        done["csvLines"].as_u64().unwrap_or(0) >= 3,
+        "header + rows: {done}"
+    );
+    let pages: Vec<&str> = checked.iter().filter_map(|c| c["page"].as_str()).collect();
+    for page in [
+        "sign-in",
+        "users",
+        "enroll-qr",
+        "board",
+        "chart",
+        "note",
+        "care-plan",
+        "review-conflict",
+        "review-resolved",
+        "audit",
+    ] {
+        assert!(pages.contains(&page), "{page} checked: {pages:?}");
+    }
+    for c in &checked {
+        let shot = c["screenshot"].as_str().expect("screenshot path");
+        assert!(
+            std::fs::metadata(shot).is_ok_and(|m| m.len() > 1_000),
+            "{shot} written"
+        );
+    }
+}
