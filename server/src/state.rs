@@ -28,6 +28,7 @@ pub struct Relay {
     limits: Limits,
     peer_id: PeerId,
     storage_id: StorageId,
+    epoch: String,
     metrics: PrometheusHandle,
 }
 
@@ -46,6 +47,10 @@ impl AppState {
             // The peer id names this process; the storage id names the data, and stays.
             peer_id: PeerId::random("fieldchart-relay"),
             storage_id,
+            // New at every start: a relay whose database was restored from a backup (or
+            // replaced) can only have been restarted, so devices holding a cursor from before
+            // see a new epoch and reconcile (see `crate::feed`).
+            epoch: crate::identity::random_hex::<8>(),
             metrics: crate::metrics::handle(),
             limits,
             storage,
@@ -95,6 +100,12 @@ impl Relay {
     /// The stable storage id advertised in `peer` messages.
     pub fn storage_id(&self) -> &StorageId {
         &self.storage_id
+    }
+
+    /// This process's feed epoch: 16 hex digits, new at every start, carried in every feed
+    /// cursor. A cursor of another epoch may come from a database that was since restored.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Renders `/metrics`.
