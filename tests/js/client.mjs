@@ -447,7 +447,8 @@ async function create() {
         return () => frameListeners.delete(poke)
       }
     )
-    if (handle.heads().length !== 0) fail("the document was not empty when the relay answered")
+    if (Object.keys(handle.doc() ?? {}).length !== 0)
+      fail("the document had fields before the relay answered its announcement")
     handle.change(doc => Object.assign(doc, root))
   }
   emit("created", { documentId: handle.documentId, url: handle.url, heads: handle.heads() })
