@@ -1,0 +1,43 @@
+//! The randomized fault run (`fieldchart_tests::soak`) for 20 seeds: devices edit offline and
+//! sync through the fault-injecting proxy while the relay is killed, restarted and once
+//! restored from an older copy; then, faults off, everything converges. A failure prints its
+//! seed; rerun one with `fieldchart-bench soak --seed N --runs 1`.
+
+/// Seeds the test command runs (the soak runs many more).
+const SEEDS: u64 = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_seeded_fault_schedules_converge_without_loss_or_false_receipts() {
+    let mut failures = Vec::new();
+    let (mut faults, mut resets, mut kills, mut restores) = (0, 0, 0, 0);
+    for seed in 0..SEEDS {
+        match fieldchart_tests::soak::run(seed).await {
+            Ok(report) => {
+                println!("{}", report.to_json());
+                faults += report.faults;
+                resets += report.resets;
+                kills += report.relay_kills;
+                restores += report.restores;
+            }
+            Err(e) => {
+                println!("FAILED {e}");
+                failures.push(e);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {SEEDS} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The schedules really did fire.
+    assert!(
+        faults > 0 && resets > 0 && kills > 0,
+        "{faults} faults, {resets} resets, {kills} kills"
+    );
+    assert_eq!(
+        restores, SEEDS,
+        "every run restores the relay from an older copy once"
+    );
+}
