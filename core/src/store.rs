@@ -23,6 +23,7 @@
 //! `chart-opened` / `note-viewed` row per (user, document, store session), not one per call.
 
 mod db;
+mod disk_faults;
 mod documents;
 mod index;
 mod journal;

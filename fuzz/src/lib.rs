@@ -12,9 +12,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use automerge::Automerge;
-use fieldchart_core::model::{NoteText, Role, VisitStart};
+use fieldchart_core::model::{Actor, NoteText, Role, VisitStart};
 use fieldchart_core::protocol::{DocSync, DocumentId, Message, PeerId, PeerMetadata};
-use fieldchart_core::store::{Actor, Store, StoreConfig, StoreKey};
+use fieldchart_core::store::{Store, StoreConfig, StoreKey};
 
 /// The frame decoder: any bytes decode to a message or an error; a decoded message encodes
 /// to bytes that decode to the same message.
