@@ -301,8 +301,9 @@ fn relay_world() -> &'static RelayWorld {
             admin::assign(&*storage, &ctx, &user.id, &patient.id)
                 .await
                 .expect("assign");
+            let expires_at = fieldchart_server::clock::now_ms() + 30 * 86_400_000;
             let (device, _token) =
-                admin::issue_token(&*storage, &ctx, &user.id, "phone", i64::MAX / 2)
+                admin::issue_token(&*storage, &ctx, &user.id, "phone", expires_at)
                     .await
                     .expect("token");
             let note = patient.chart_document_id;
@@ -310,7 +311,7 @@ fn relay_world() -> &'static RelayWorld {
             let principal = fieldchart_server::auth::Principal {
                 user,
                 device_id: device.id,
-                expires_at: i64::MAX / 2,
+                expires_at,
             };
             let _ = storage.current_seq().await;
             (state, principal, peer, note)
