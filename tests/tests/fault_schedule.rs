@@ -37,7 +37,7 @@ async fn twenty_seeded_fault_schedules_converge_without_loss_or_false_receipts()
         "{faults} faults, {resets} resets, {kills} kills"
     );
     assert_eq!(
-        restores, SEEDS,
+        restores as u64, SEEDS,
         "every run restores the relay from an older copy once"
     );
 }

@@ -141,12 +141,18 @@ enum Expect {
     Status(u16),
 }
 
+/// Builds a session row's frames, and names the document an `Unavailable` answer must name.
+type FrameBuilder = dyn Fn(&Ctx) -> (Vec<Frame>, Option<DocumentId>);
+
+/// Builds a new document for a refusal row.
+type DocBuilder = fn(&Ctx) -> Automerge;
+
 enum Input {
     /// Frames after a valid `join` (or instead of it, when `join` is false), with the document
     /// id an `Unavailable` answer must name.
     Session {
         join: bool,
-        frames: Box<dyn Fn(&Ctx) -> (Vec<Frame>, Option<DocumentId>)>,
+        frames: Box<FrameBuilder>,
     },
     /// The WebSocket upgrade with this query token (`None`: no token at all).
     Upgrade(Option<TokenKind>),
@@ -560,7 +566,7 @@ fn catalogue() -> Vec<Row> {
         ),
     ];
     // New documents with bad roots: refused with doc-unavailable, nothing stored.
-    let new_doc_rows: Vec<(&'static str, fn(&Ctx) -> Automerge)> = vec![
+    let new_doc_rows: Vec<(&'static str, DocBuilder)> = vec![
         ("a note claiming another agency's patient", |c| {
             note_with(
                 &[
@@ -971,7 +977,7 @@ async fn run_session(
     w: &World,
     token: &str,
     join_first: bool,
-    frames: &dyn Fn(&Ctx) -> (Vec<Frame>, Option<DocumentId>),
+    frames: &FrameBuilder,
 ) -> (Expect, Option<DocumentId>) {
     let mut socket = connect(&w.relay, token).await;
     let me = PeerId::new(format!("hostile-{}", rand::random::<u32>()));
