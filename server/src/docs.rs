@@ -113,6 +113,8 @@ pub struct DocGuard {
     id: DocumentId,
     guard: OwnedMutexGuard<EntryState>,
     dirty: bool,
+    /// Heads when the guard became dirty: if they are still the heads, nothing was applied.
+    clean_heads: Vec<ChangeHash>,
 }
 
 impl Drop for DocGuard {
@@ -161,7 +163,10 @@ impl DocGuard {
     /// The document, to apply a sync message to. Whatever is applied must be committed with
     /// [`DocHub::commit`] or thrown away with [`DocHub::discard`] before the guard is dropped.
     pub fn doc_mut(&mut self) -> &mut Automerge {
-        self.dirty = true;
+        if !self.dirty {
+            self.dirty = true;
+            self.clean_heads = self.loaded().doc.get_heads();
+        }
         &mut self.loaded_mut().doc
     }
 
@@ -186,6 +191,16 @@ impl DocGuard {
     /// Whether the in-memory copy may hold changes that are not stored.
     pub fn is_dirty(&self) -> bool {
         self.dirty
+    }
+
+    /// After applying something that brought no change (a sync message with nothing new):
+    /// if the heads are those the guard had when it became dirty, the copy equals what is
+    /// stored again, so it need not be discarded. Returns whether the guard is clean.
+    pub fn clean_if_unchanged(&mut self) -> bool {
+        if self.dirty && self.loaded().doc.get_heads() == self.clean_heads {
+            self.dirty = false;
+        }
+        !self.dirty
     }
 }
 
@@ -304,6 +319,7 @@ impl DocHub {
                             id,
                             guard,
                             dirty: false,
+                            clean_heads: Vec::new(),
                         }));
                     }
                     EntryState::Gone => continue,
@@ -319,6 +335,7 @@ impl DocHub {
                         id,
                         guard,
                         dirty: false,
+                        clean_heads: Vec::new(),
                     }));
                 }
                 EntryState::Gone => continue,
@@ -331,6 +348,7 @@ impl DocHub {
                         id,
                         guard,
                         dirty: false,
+                        clean_heads: Vec::new(),
                     }))
                 }
                 Ok(None) => {
@@ -432,6 +450,7 @@ impl DocHub {
                         id,
                         guard,
                         dirty: false,
+                        clean_heads: Vec::new(),
                     }))
                 }
                 Err(Error::Conflict(_)) => {
@@ -490,6 +509,7 @@ impl DocHub {
             Ok(seq) => {
                 metrics::counter!(DOC_WRITES).increment(1);
                 guard.dirty = false;
+                guard.clean_heads.clear();
                 let loaded = guard.loaded_mut();
                 loaded.chunks = if compact { 0 } else { loaded.chunks + 1 };
                 self.notify(guard.id, origin);

@@ -743,7 +743,11 @@ impl Session {
                 let mut sync = sync;
                 // The ledger reads the stored history before anything new is applied.
                 guard.doc_and_ledger();
-                let outcome = sync.receive(guard.doc_mut(), &data)?;
+                let outcome = sync.receive(guard.doc_mut(), &data);
+                // Nothing new (the common case: acks, heads exchange): the copy is still what
+                // is stored, so dropping the guard need not discard it.
+                guard.clean_if_unchanged();
+                let outcome = outcome?;
                 // The one place changes from a device are checked before they are committed.
                 // Tampering (identity fields included) is named as such before the owner check.
                 let verdict = {

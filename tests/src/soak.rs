@@ -265,15 +265,18 @@ pub async fn run(seed: u64) -> Result<SoakReport, String> {
     // Faults off: sync until every device holds the same documents with the same heads.
     proxy.set_rates(FaultRates::NONE);
     let mut converged = false;
+    let mut last = Vec::new();
     for cycle in 0..QUIET_CYCLES {
         report.quiet_cycles = cycle + 1;
         let mut all_complete = true;
+        last.clear();
         for phone in &phones {
             let pass = phone
                 .client(&proxy.http_base())
                 .run_pass(PassOptions::default())
                 .await;
             all_complete &= pass.status == PassStatus::Complete;
+            last.push(format!("{:?} {:?}", pass.status, pass.stats));
         }
         if all_complete && same_everywhere(&phones)? {
             converged = true;
@@ -281,9 +284,19 @@ pub async fn run(seed: u64) -> Result<SoakReport, String> {
         }
     }
     if !converged {
+        let mut state = Vec::new();
+        for (i, phone) in phones.iter().enumerate() {
+            state.push(format!(
+                "device {i}: {} documents, unsynced {:?}, failures {:?}, last pass {}",
+                phone.store.document_ids().map_or(0, |d| d.len()),
+                phone.store.unsynced_documents(),
+                phone.store.sync_failures(),
+                last.get(i).map_or("", String::as_str),
+            ));
+        }
         return Err(fail(format!(
-            "the devices did not converge in {QUIET_CYCLES} quiet cycles\nrelay log:\n{}",
-            relay.logs()
+            "the devices did not converge in {QUIET_CYCLES} quiet cycles\n{}",
+            state.join("\n")
         )));
     }
 
