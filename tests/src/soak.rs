@@ -84,8 +84,10 @@ pub struct SoakReport {
     pub relay_kills: usize,
     /// Restarts from an older copy of the data directory.
     pub restores: usize,
-    /// Device passes cut off mid-way (store reopened from disk after).
+    /// Device passes cut off mid-way in this process (store reopened from disk after).
     pub cut_passes: usize,
+    /// Device processes SIGKILLed, observed mid-pass.
+    pub device_kills: usize,
     /// Quiet-phase cycles it took to converge.
     pub quiet_cycles: usize,
     /// Wall time.
@@ -103,6 +105,7 @@ impl SoakReport {
             "relayKills": self.relay_kills,
             "restores": self.restores,
             "cutPasses": self.cut_passes,
+            "deviceKills": self.device_kills,
             "quietCycles": self.quiet_cycles,
             "elapsedS": self.elapsed.as_secs_f64(),
         })
@@ -131,8 +134,110 @@ fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
     heads
 }
 
-/// Run one seeded schedule. `Err` names the seed and what did not hold.
-pub async fn run(seed: u64) -> Result<SoakReport, String> {
+/// One sync pass in this process, as the device child of [`run`] does it
+/// (`fieldchart-bench device-pass`): prints `progress` per report and `done <status>` at the end.
+pub fn device_pass(db: &Path, key_hex: &str, user: &str, base_url: &str, token: &str) {
+    let key: [u8; 32] = hex::decode(key_hex)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .unwrap_or_else(|| panic!("--key must be 64 hex digits"));
+    let store = Arc::new(open_store(
+        db,
+        &StoreKey::from_bytes(key),
+        user,
+        user,
+        Role::Clinician,
+    ));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = SyncClient::new(
+        Arc::clone(&store),
+        RelayConfig {
+            base_url: base_url.into(),
+            token: token.into(),
+        },
+    )
+    .expect("sync client");
+    let progress: fieldchart_mobile::ProgressCallback = Arc::new(|p| {
+        println!("progress {}", p.docs_done);
+    });
+    let report = runtime.block_on(client.run_pass(PassOptions {
+        time_budget: Some(Duration::from_secs(4)),
+        reply_timeout: Duration::from_secs(1),
+        max_docs_in_flight: 2,
+        progress: Some(progress),
+        ..PassOptions::default()
+    }));
+    println!("done {:?}", report.status);
+}
+
+/// Run `device` (the `fieldchart-bench` binary) for one pass of `phone` and SIGKILL it after
+/// `kill_after` progress reports. Returns whether this was observed mid-pass: the child died
+/// of the signal and never reported the end of its pass.
+fn killed_device_pass(
+    device: &Path,
+    phone: &Phone,
+    base_url: &str,
+    kill_after: usize,
+) -> Result<bool, String> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(device)
+        .args(["device-pass", "--db"])
+        .arg(&phone.path)
+        .args([
+            "--key",
+            &hex::encode(phone.key),
+            "--user",
+            &phone.user,
+            "--base-url",
+            base_url,
+            "--token",
+            &phone.token,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn the device process: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = 0;
+    let mut at_progress = false;
+    let mut done = false;
+    // Bounded: the child's pass has a 4 s budget; 30 s is reached only if it hangs.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) {
+        if line.starts_with("done") {
+            done = true;
+            break;
+        }
+        if line.starts_with("progress") {
+            seen += 1;
+            if seen >= kill_after {
+                at_progress = true;
+                break;
+            }
+        }
+    }
+    child
+        .kill()
+        .map_err(|e| format!("SIGKILL the device: {e}"))?;
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let rest: Vec<String> = lines.try_iter().collect();
+    done |= rest.iter().any(|l| l.starts_with("done"));
+    Ok(at_progress && !done && status.signal() == Some(9))
+}
+
+/// Run one seeded schedule. `Err` names the seed and what did not hold. `device` is the
+/// `fieldchart-bench` binary, run as a device process to be SIGKILLed mid-pass.
+pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
     let started = Instant::now();
     let fail = |what: String| format!("seed {seed}: {what}");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -229,7 +334,22 @@ pub async fn run(seed: u64) -> Result<SoakReport, String> {
                 max_docs_in_flight: 2,
                 ..PassOptions::default()
             };
-            if rng.random_bool(0.2) {
+            let roll = rng.random_range(0..10);
+            if roll < 2 {
+                // The app's process is killed mid-pass (SIGKILL at an observed progress report).
+                drop(client);
+                let _ = phone.store.close();
+                let kill_after = rng.random_range(1..=4);
+                let base = proxy.http_base();
+                let killed = tokio::task::block_in_place(|| {
+                    killed_device_pass(device, phone, &base, kill_after)
+                })
+                .map_err(&fail)?;
+                if killed {
+                    report.device_kills += 1;
+                }
+                phone.reopen();
+            } else if roll < 4 {
                 let cut = Duration::from_millis(rng.random_range(0..200));
                 if tokio::time::timeout(cut, client.run_pass(options))
                     .await
@@ -293,6 +413,27 @@ pub async fn run(seed: u64) -> Result<SoakReport, String> {
                 phone.store.sync_failures(),
                 last.get(i).map_or("", String::as_str),
             ));
+        }
+        // Every document any device holds: who holds it with which heads and receipt, and
+        // what the relay answers for it.
+        let mut all = std::collections::BTreeSet::new();
+        for phone in &phones {
+            all.extend(phone.store.document_ids().unwrap_or_default());
+        }
+        if let Ok(mut reader) = TestPeer::connect(&relay.ws_url(&office_token), None).await {
+            for id in all {
+                let relay_says = match reader.fetch(id).await {
+                    SyncOutcome::InSync(h) => format!("relay {:?}", sorted(h)),
+                    SyncOutcome::Unavailable => "relay: unavailable".into(),
+                };
+                let mut line = format!("{id}: {relay_says}");
+                for (i, phone) in phones.iter().enumerate() {
+                    let heads = phone.store.heads(id).ok().map(sorted);
+                    let receipt = phone.store.receipt(id).ok().flatten().map(|r| r.heads);
+                    line.push_str(&format!("; device {i} heads {heads:?} receipt {receipt:?}"));
+                }
+                state.push(line);
+            }
         }
         return Err(fail(format!(
             "the devices did not converge in {QUIET_CYCLES} quiet cycles\n{}",

@@ -8,16 +8,20 @@ const SEEDS: u64 = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_seeded_fault_schedules_converge_without_loss_or_false_receipts() {
+    // The device processes the schedules SIGKILL: the benchmark binary's `device-pass`.
+    let device = std::path::Path::new(env!("CARGO_BIN_EXE_fieldchart-bench"));
     let mut failures = Vec::new();
+    let mut device_kills = 0;
     let (mut faults, mut resets, mut kills, mut restores) = (0, 0, 0, 0);
     for seed in 0..SEEDS {
-        match fieldchart_tests::soak::run(seed).await {
+        match fieldchart_tests::soak::run(seed, device).await {
             Ok(report) => {
                 println!("{}", report.to_json());
                 faults += report.faults;
                 resets += report.resets;
                 kills += report.relay_kills;
                 restores += report.restores;
+                device_kills += report.device_kills;
             }
             Err(e) => {
                 println!("FAILED {e}");
@@ -33,8 +37,8 @@ async fn twenty_seeded_fault_schedules_converge_without_loss_or_false_receipts()
     );
     // The schedules really did fire.
     assert!(
-        faults > 0 && resets > 0 && kills > 0,
-        "{faults} faults, {resets} resets, {kills} kills"
+        faults > 0 && resets > 0 && kills > 0 && device_kills > 0,
+        "{faults} faults, {resets} resets, {kills} relay kills, {device_kills} device kills"
     );
     assert_eq!(
         restores as u64, SEEDS,

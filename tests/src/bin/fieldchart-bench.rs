@@ -57,6 +57,21 @@ enum Workload {
         #[arg(long, default_value_t = 1_000)]
         seed: u64,
     },
+    /// (Used by `soak`.) One sync pass of a device store, reporting progress on stdout, so
+    /// the soak can SIGKILL a device process mid-pass.
+    #[command(hide = true)]
+    DevicePass {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        base_url: String,
+        #[arg(long)]
+        token: String,
+    },
     Reconnect {
         /// Documents the device holds.
         #[arg(long)]
@@ -72,8 +87,10 @@ fn soak_workload(runs: u64, first_seed: u64) -> Result<serde_json::Value, String
     let started = std::time::Instant::now();
     let (mut clean, mut failed) = (0u64, Vec::new());
     let (mut faults, mut resets, mut kills, mut restores, mut edits) = (0, 0, 0, 0, 0);
+    let device = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (mut device_kills, mut cut_passes) = (0, 0);
     for seed in first_seed..first_seed.saturating_add(runs) {
-        match runtime.block_on(fieldchart_tests::soak::run(seed)) {
+        match runtime.block_on(fieldchart_tests::soak::run(seed, &device)) {
             Ok(report) => {
                 clean += 1;
                 faults += report.faults;
@@ -81,6 +98,8 @@ fn soak_workload(runs: u64, first_seed: u64) -> Result<serde_json::Value, String
                 kills += report.relay_kills;
                 restores += report.restores;
                 edits += report.edits;
+                device_kills += report.device_kills;
+                cut_passes += report.cut_passes;
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -98,6 +117,8 @@ fn soak_workload(runs: u64, first_seed: u64) -> Result<serde_json::Value, String
         "connectionsReset": resets,
         "relayKills": kills,
         "restores": restores,
+        "deviceKillsMidPass": device_kills,
+        "passesCutInProcess": cut_passes,
         "elapsedS": started.elapsed().as_secs_f64(),
     });
     if failed.is_empty() {
@@ -210,6 +231,16 @@ fn main() {
         Workload::Trace { file } => trace_workload(&file),
         Workload::Reconnect { docs, changed } => reconnect_workload(docs, changed),
         Workload::Soak { runs, seed } => soak_workload(runs, seed),
+        Workload::DevicePass {
+            db,
+            key,
+            user,
+            base_url,
+            token,
+        } => {
+            fieldchart_tests::soak::device_pass(&db, &key, &user, &base_url, &token);
+            return;
+        }
         Workload::Review { changes, window } => fieldchart_tests::review::measure(changes, window),
     };
     let result = result.and_then(|v| {
