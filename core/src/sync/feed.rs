@@ -142,6 +142,25 @@ mod tests {
     }
 
     #[test]
+    fn epoch_and_reset_are_read_and_absent_ones_default() {
+        let body = br#"{"changes": [], "next": "0123456789abcdef_3", "more": false,
+                        "epoch": "0123456789abcdef", "reset": true}"#;
+        let page = FeedPage::parse(body).unwrap();
+        assert_eq!(page.epoch.as_deref(), Some("0123456789abcdef"));
+        assert!(page.reset);
+        let old = FeedPage::parse(br#"{"changes": [], "next": "3", "more": false}"#).unwrap();
+        assert_eq!(old.epoch, None);
+        assert!(!old.reset);
+        for bad in [
+            &br#"{"changes": [], "next": "3", "more": false, "epoch": ""}"#[..],
+            br#"{"changes": [], "next": "3", "more": false, "epoch": "not hex"}"#,
+            br#"{"changes": [], "next": "3", "more": false, "reset": "yes"}"#,
+        ] {
+            assert!(FeedPage::parse(bad).is_err());
+        }
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         for body in [
             &b""[..],

@@ -1165,3 +1165,25 @@ fn epoch_changed(sent: Option<&str>, answered: Option<&str>) -> bool {
     let sent_epoch = sent.and_then(|c| c.split_once('_')).map(|(epoch, _)| epoch);
     matches!((sent_epoch, answered), (Some(a), Some(b)) if a != b)
 }
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::epoch_changed;
+
+    #[test]
+    fn only_two_named_epochs_that_differ_count_as_a_change() {
+        assert!(epoch_changed(
+            Some("0123456789abcdef_12.doc"),
+            Some("fedcba9876543210")
+        ));
+        assert!(!epoch_changed(
+            Some("0123456789abcdef_12"),
+            Some("0123456789abcdef")
+        ));
+        // Relays older than epochs, cursors from them, and first contact decide nothing here
+        // (the relay's own `reset` flag covers a foreign cursor).
+        assert!(!epoch_changed(Some("12.doc"), Some("0123456789abcdef")));
+        assert!(!epoch_changed(Some("0123456789abcdef_12"), None));
+        assert!(!epoch_changed(None, Some("0123456789abcdef")));
+    }
+}
