@@ -621,7 +621,12 @@ impl SyncPass {
         if index == 0 {
             // A new epoch (the relay restarted, perhaps from a backup), or a cursor the relay
             // says it never issued: it may be behind what it once confirmed.
-            *reset = page.reset || epoch_changed(sent_cursor.as_deref(), page.epoch.as_deref());
+            // No cursor at all also reconciles: the listing is then the whole caseload anyway,
+            // and a device can hold receipts without a cursor (a pass cut after a push was
+            // confirmed but before its first feed page settled) from a relay since restored.
+            *reset = page.reset
+                || sent_cursor.is_none()
+                || epoch_changed(sent_cursor.as_deref(), page.epoch.as_deref());
         }
         *complete = !page.more;
         pages.push(page.next.clone());
