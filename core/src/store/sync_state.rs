@@ -447,7 +447,21 @@ impl Store {
                 let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
                 let mut trial = sync.clone();
                 let before = trial.encode();
-                let outcome = trial.receive_autocommit(&mut loaded.doc, data)?;
+                // automerge 0.12 can panic on malformed chunks (see fuzz/regressions/): data
+                // from the relay that does that is invalid input, and the cached copy, which
+                // may be half-applied, is dropped so the next use reloads what is stored.
+                let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    trial.receive_autocommit(&mut loaded.doc, data)
+                }));
+                let outcome = match received {
+                    Ok(outcome) => outcome?,
+                    Err(_) => {
+                        docs.remove(&id);
+                        return Err(Error::InvalidInput(
+                            "the relay sent sync data the automerge parser failed on".into(),
+                        ));
+                    }
+                };
                 let changed = outcome.changed();
                 if changed {
                     documents::store_merged(tx, id, loaded, now)?;
