@@ -26,6 +26,7 @@ mod audit;
 mod charts;
 mod conflicts;
 mod db;
+mod disk_faults;
 mod documents;
 mod index;
 mod journal;

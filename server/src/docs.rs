@@ -41,7 +41,7 @@ use fieldchart_core::protocol::DocumentId;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
 use crate::error::{Error, Result};
-use crate::metrics::{DOC_WRITES, DOCS_LOADED};
+use crate::metrics::{DIRTY_DISCARDS, DOC_WRITES, DOCS_LOADED};
 use crate::storage::{
     AuditEvent, DocMeta, DocumentData, DocumentWrite, Seq, Storage, StoredDocument,
 };
@@ -102,9 +102,29 @@ impl std::fmt::Debug for DocHub {
 }
 
 /// Exclusive use of one loaded document.
+///
+/// The guard is dirty from the moment the document is handed out mutably
+/// ([`DocGuard::doc_mut`]) until [`DocHub::commit`] stores what was applied. A dirty guard
+/// that is dropped on any other path — an early `?` return, a panic unwinding through the
+/// session, a cancelled future — throws the in-memory copy away (the entry goes back to
+/// "unloaded", so the next user reloads what storage holds): no session can ever be answered
+/// from changes that were not stored.
 pub struct DocGuard {
     id: DocumentId,
     guard: OwnedMutexGuard<EntryState>,
+    dirty: bool,
+    /// Heads when the guard became dirty: if they are still the heads, nothing was applied.
+    clean_heads: Vec<ChangeHash>,
+}
+
+impl Drop for DocGuard {
+    fn drop(&mut self) {
+        if self.dirty {
+            metrics::counter!(DIRTY_DISCARDS).increment(1);
+            tracing::warn!(doc = %self.id, "uncommitted in-memory changes discarded; the document will be reloaded from storage");
+            *self.guard = EntryState::Unloaded;
+        }
+    }
 }
 
 impl std::fmt::Debug for DocGuard {
@@ -143,6 +163,10 @@ impl DocGuard {
     /// The document, to apply a sync message to. Whatever is applied must be committed with
     /// [`DocHub::commit`] or thrown away with [`DocHub::discard`] before the guard is dropped.
     pub fn doc_mut(&mut self) -> &mut Automerge {
+        if !self.dirty {
+            self.dirty = true;
+            self.clean_heads = self.loaded().doc.get_heads();
+        }
         &mut self.loaded_mut().doc
     }
 
@@ -162,6 +186,21 @@ impl DocGuard {
     /// Current heads.
     pub fn heads(&self) -> Vec<ChangeHash> {
         self.doc().get_heads()
+    }
+
+    /// Whether the in-memory copy may hold changes that are not stored.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// After applying something that brought no change (a sync message with nothing new):
+    /// if the heads are those the guard had when it became dirty, the copy equals what is
+    /// stored again, so it need not be discarded. Returns whether the guard is clean.
+    pub fn clean_if_unchanged(&mut self) -> bool {
+        if self.dirty && self.loaded().doc.get_heads() == self.clean_heads {
+            self.dirty = false;
+        }
+        !self.dirty
     }
 }
 
@@ -275,7 +314,14 @@ impl DocHub {
             {
                 let guard = Arc::clone(&entry).lock_owned().await;
                 match &*guard {
-                    EntryState::Loaded(_) => return Ok(Some(DocGuard { id, guard })),
+                    EntryState::Loaded(_) => {
+                        return Ok(Some(DocGuard {
+                            id,
+                            guard,
+                            dirty: false,
+                            clean_heads: Vec::new(),
+                        }));
+                    }
                     EntryState::Gone => continue,
                     EntryState::Unloaded => {}
                 }
@@ -284,14 +330,26 @@ impl DocHub {
             let mut guard = Arc::clone(&entry).lock_owned().await;
             match &*guard {
                 // Installed by someone else while we loaded: theirs may be newer; keep it.
-                EntryState::Loaded(_) => return Ok(Some(DocGuard { id, guard })),
+                EntryState::Loaded(_) => {
+                    return Ok(Some(DocGuard {
+                        id,
+                        guard,
+                        dirty: false,
+                        clean_heads: Vec::new(),
+                    }));
+                }
                 EntryState::Gone => continue,
                 EntryState::Unloaded => {}
             }
             return match loaded {
                 Ok(Some(loaded)) => {
                     *guard = EntryState::Loaded(Box::new(loaded));
-                    Ok(Some(DocGuard { id, guard }))
+                    Ok(Some(DocGuard {
+                        id,
+                        guard,
+                        dirty: false,
+                        clean_heads: Vec::new(),
+                    }))
                 }
                 Ok(None) => {
                     *guard = EntryState::Gone;
@@ -388,7 +446,12 @@ impl DocHub {
                         chunks: 0,
                         ledger: None,
                     }));
-                    Ok(Created::Stored(DocGuard { id, guard }))
+                    Ok(Created::Stored(DocGuard {
+                        id,
+                        guard,
+                        dirty: false,
+                        clean_heads: Vec::new(),
+                    }))
                 }
                 Err(Error::Conflict(_)) => {
                     // Stored first by another session or relay process; use theirs.
@@ -445,6 +508,8 @@ impl DocHub {
         match self.storage.write_document(write).await {
             Ok(seq) => {
                 metrics::counter!(DOC_WRITES).increment(1);
+                guard.dirty = false;
+                guard.clean_heads.clear();
                 let loaded = guard.loaded_mut();
                 loaded.chunks = if compact { 0 } else { loaded.chunks + 1 };
                 self.notify(guard.id, origin);
@@ -460,6 +525,7 @@ impl DocHub {
     /// Throw away the in-memory copy (it holds changes that will not be stored); the next
     /// `open` reloads the document from storage.
     pub fn discard(&self, mut guard: DocGuard) {
+        guard.dirty = false;
         *guard.guard = EntryState::Gone;
         let entry = Arc::clone(OwnedMutexGuard::mutex(&guard.guard));
         self.forget(guard.id, &entry);
@@ -483,6 +549,14 @@ impl DocHub {
                 table.subscribers.remove(&id);
             }
         }
+    }
+
+    /// Drop every subscription of `session` (after a panic left its own list unreliable).
+    pub fn unsubscribe_session(&self, session: SessionId) {
+        self.table().subscribers.retain(|_, subs| {
+            subs.remove(&session);
+            !subs.is_empty()
+        });
     }
 
     fn notify(&self, id: DocumentId, origin: SessionId) {
@@ -644,6 +718,70 @@ mod tests {
                 .is_none()
         );
         assert!(hub.loaded() <= 10);
+    }
+
+    #[tokio::test]
+    async fn a_dirty_guard_dropped_without_commit_discards_the_copy_on_every_path() {
+        let storage = Arc::new(MemoryStorage::new());
+        let hub = Arc::new(DocHub::new(storage.clone(), 10, 64));
+        let id = create(&hub).await;
+        let stored = hub.open(id).await.expect("open").expect("stored").heads();
+
+        // An early return (dropped guard) after applying a change in memory.
+        {
+            let mut guard = hub.open(id).await.expect("open").expect("stored");
+            edit(guard.doc_mut(), 1);
+            assert!(guard.is_dirty());
+        }
+        let guard = hub.open(id).await.expect("open").expect("stored");
+        assert_eq!(guard.heads(), stored, "the uncommitted change is gone");
+        assert!(!guard.is_dirty(), "reading does not make a guard dirty");
+        drop(guard);
+
+        // A panic in the task that holds the guard.
+        let task = {
+            let hub = Arc::clone(&hub);
+            tokio::spawn(async move {
+                let mut guard = hub.open(id).await.expect("open").expect("stored");
+                edit(guard.doc_mut(), 2);
+                panic!("injected: the task dies holding an uncommitted document");
+            })
+        };
+        assert!(task.await.is_err_and(|e| e.is_panic()));
+        let guard = hub.open(id).await.expect("open").expect("stored");
+        assert_eq!(guard.heads(), stored, "the uncommitted change is gone");
+        drop(guard);
+
+        // A cancelled future (a session dropped mid-message) holding a dirty guard.
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = {
+            let hub = Arc::clone(&hub);
+            tokio::spawn(async move {
+                let mut guard = hub.open(id).await.expect("open").expect("stored");
+                edit(guard.doc_mut(), 3);
+                let _ = ready_tx.send(());
+                std::future::pending::<()>().await;
+                drop(guard);
+            })
+        };
+        ready_rx.await.expect("the task applied its change");
+        task.abort();
+        assert!(task.await.is_err_and(|e| e.is_cancelled()));
+        let guard = hub.open(id).await.expect("open").expect("stored");
+        assert_eq!(guard.heads(), stored, "the uncommitted change is gone");
+
+        // A committed change stays.
+        let mut guard = guard;
+        let changes = edit(guard.doc_mut(), 4);
+        let (guard, _) = hub
+            .commit(guard, &changes, audit(id), 1)
+            .await
+            .expect("commit");
+        let committed = guard.heads();
+        drop(guard);
+        let guard = hub.open(id).await.expect("open").expect("stored");
+        assert_eq!(guard.heads(), committed);
+        assert_ne!(committed, stored);
     }
 
     #[tokio::test]

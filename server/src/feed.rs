@@ -9,6 +9,16 @@
 //! when its stored heads change, and, for a clinician, when she is assigned to its patient (all
 //! of that patient's documents then appear after her current cursor, even old ones). The cursor
 //! is opaque to clients; it encodes the position of the last entry returned.
+//!
+//! # Epochs: a relay restored from a backup
+//! Every cursor carries the relay's epoch ([`crate::state::Relay::epoch`], new at every
+//! start; a restored or replaced database can only be served after a start). The feed answers
+//! every request with its epoch and never echoes a cursor it did not issue: a cursor of another
+//! epoch (or without one), or one past the relay's current sequence (its database went back),
+//! gets `reset: true` and the caller's whole caseload from the beginning, with a cursor of the
+//! current epoch. A device seeing `reset` treats the relay as possibly behind: it compares the
+//! heads of every document it holds with the listing, pushes what the relay lacks and
+//! withdraws receipts the relay cannot back (`fieldchart_core::sync`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,18 +35,31 @@ use crate::identity::Role;
 use crate::state::AppState;
 use crate::storage::{FeedCursor, FeedQuery, FeedScope, Storage};
 
-/// A cursor as clients see it: `<seq>` or `<seq>.<documentId>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Cursor(pub FeedCursor);
+/// A cursor as clients see it: `<epoch>_<seq>` or `<epoch>_<seq>.<documentId>` (`epoch`: 16
+/// lowercase hex digits). Cursors of relays before epochs (`<seq>[.<documentId>]`) still
+/// parse, without an epoch, and are answered with a reset.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Cursor {
+    /// The epoch that issued it, if it has one.
+    pub epoch: Option<String>,
+    /// The position.
+    pub at: FeedCursor,
+}
 
 impl fmt::Display for Cursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.document_id {
-            Some(doc) => write!(f, "{}.{doc}", self.0.seq),
-            None => write!(f, "{}", self.0.seq),
+        if let Some(epoch) = &self.epoch {
+            write!(f, "{epoch}_")?;
+        }
+        match self.at.document_id {
+            Some(doc) => write!(f, "{}.{doc}", self.at.seq),
+            None => write!(f, "{}", self.at.seq),
         }
     }
 }
+
+/// Length of an epoch in a cursor, hex digits.
+const EPOCH_DIGITS: usize = 16;
 
 impl FromStr for Cursor {
     type Err = Error;
@@ -48,14 +71,34 @@ impl FromStr for Cursor {
                 s.chars().take(80).collect::<String>()
             ))
         };
-        let (seq, doc) = match s.split_once('.') {
-            Some((seq, doc)) => (seq, Some(doc.parse::<DocumentId>().map_err(|_| bad())?)),
-            None => (s, None),
+        let (epoch, rest) = match s.split_once('_') {
+            Some((epoch, rest)) => {
+                if epoch.len() != EPOCH_DIGITS
+                    || !epoch
+                        .bytes()
+                        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                {
+                    return Err(bad());
+                }
+                (Some(epoch.to_owned()), rest)
+            }
+            None => (None, s),
         };
-        Ok(Cursor(FeedCursor {
-            seq: seq.parse().map_err(|_| bad())?,
-            document_id: doc,
-        }))
+        let (seq, doc) = match rest.split_once('.') {
+            Some((seq, doc)) => (seq, Some(doc.parse::<DocumentId>().map_err(|_| bad())?)),
+            None => (rest, None),
+        };
+        // Digits only: `u64::from_str` would also take a leading `+`.
+        if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        Ok(Cursor {
+            epoch,
+            at: FeedCursor {
+                seq: seq.parse().map_err(|_| bad())?,
+                document_id: doc,
+            },
+        })
     }
 }
 
@@ -91,17 +134,33 @@ pub struct ChangesPage {
     pub next: String,
     /// More entries are waiting: ask again with `next` right away.
     pub more: bool,
+    /// The relay's current epoch (see the module docs).
+    pub epoch: String,
+    /// The `since` cursor was not issued by this epoch, or is past the relay's sequence: this
+    /// page starts the caller's whole caseload from the beginning, and the caller should
+    /// reconcile everything it holds against it.
+    pub reset: bool,
 }
 
 /// One page of the caller's change feed.
 pub async fn page(
     storage: &dyn Storage,
+    epoch: &str,
     principal: &Principal,
     params: &ChangesParams,
 ) -> Result<ChangesPage> {
-    let after = match &params.since {
-        Some(since) => since.parse::<Cursor>()?.0,
-        None => FeedCursor::default(),
+    let (after, reset) = match &params.since {
+        Some(since) => {
+            let cursor = since.parse::<Cursor>()?;
+            if cursor.epoch.as_deref() != Some(epoch)
+                || cursor.at.seq > storage.current_seq().await?
+            {
+                (FeedCursor::default(), true)
+            } else {
+                (cursor.at, false)
+            }
+        }
+        None => (FeedCursor::default(), false),
     };
     let limit = params
         .limit
@@ -140,8 +199,14 @@ pub async fn page(
                 heads: encode_heads(&e.heads),
             })
             .collect(),
-        next: Cursor(next).to_string(),
+        next: Cursor {
+            epoch: Some(epoch.to_owned()),
+            at: next,
+        }
+        .to_string(),
         more: page.more,
+        epoch: epoch.to_owned(),
+        reset,
     })
 }
 
@@ -151,7 +216,9 @@ pub async fn changes(
     State(relay): State<AppState>,
     Query(params): Query<ChangesParams>,
 ) -> Result<Json<ChangesPage>> {
-    Ok(Json(page(relay.storage(), &principal, &params).await?))
+    Ok(Json(
+        page(relay.storage(), relay.epoch(), &principal, &params).await?,
+    ))
 }
 
 #[cfg(test)]
@@ -164,18 +231,38 @@ mod tests {
     fn cursors_round_trip_and_garbage_is_a_bad_request() {
         for cursor in [
             Cursor::default(),
-            Cursor(FeedCursor {
-                seq: 42,
-                document_id: None,
-            }),
-            Cursor(FeedCursor {
-                seq: 7,
-                document_id: Some(DocumentId::random()),
-            }),
+            Cursor {
+                epoch: None,
+                at: FeedCursor {
+                    seq: 42,
+                    document_id: None,
+                },
+            },
+            Cursor {
+                epoch: Some(EPOCH.into()),
+                at: FeedCursor {
+                    seq: 7,
+                    document_id: Some(DocumentId::random()),
+                },
+            },
         ] {
             assert_eq!(cursor.to_string().parse::<Cursor>().expect("parse"), cursor);
         }
-        for bad in ["", "x", "-1", "3.", "3.notanid", "1.2.3"] {
+        for bad in [
+            "",
+            "x",
+            "-1",
+            "+1",
+            "3.",
+            "3.notanid",
+            "1.2.3",
+            "_3",
+            "0123_3",
+            "0123456789ABCDEF_3",
+            "0123456789abcdef_",
+            "0123456789abcdef_x",
+            "0123456789abcdef_1_2",
+        ] {
             assert!(
                 matches!(bad.parse::<Cursor>(), Err(Error::BadRequest(_))),
                 "{bad:?}"
@@ -241,6 +328,8 @@ mod tests {
         (s, principal, patient, ids)
     }
 
+    const EPOCH: &str = "0123456789abcdef";
+
     #[tokio::test]
     async fn pages_walk_the_caseload_once_and_then_stay_empty() {
         let (s, nurse, patient, ids) = setup(7).await;
@@ -248,7 +337,7 @@ mod tests {
             since,
             limit: Some(3),
         };
-        let empty = page(&s, &nurse, &params(None)).await.expect("page");
+        let empty = page(&s, EPOCH, &nurse, &params(None)).await.expect("page");
         assert!(empty.changes.is_empty(), "not on the care team yet");
         s.assign(nurse.user_id().clone(), patient, 0)
             .await
@@ -257,7 +346,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut since = None;
         for _ in 0..10 {
-            let p = page(&s, &nurse, &params(since.clone()))
+            let p = page(&s, EPOCH, &nurse, &params(since.clone()))
                 .await
                 .expect("page");
             assert!(p.changes.len() <= 3);
@@ -271,10 +360,36 @@ mod tests {
         expected.sort();
         seen.sort();
         assert_eq!(seen, expected);
-        let after = page(&s, &nurse, &params(since.clone()))
+        let after = page(&s, EPOCH, &nurse, &params(since.clone()))
             .await
             .expect("page");
-        assert!(after.changes.is_empty() && !after.more);
+        assert!(after.changes.is_empty() && !after.more && !after.reset);
+        assert_eq!(after.epoch, EPOCH);
         assert_eq!(Some(after.next), since, "an empty page keeps the cursor");
+
+        // The same cursor, shown to a relay of another epoch (restarted, maybe restored): no
+        // echo; the whole caseload again, flagged as a reset, with a cursor of that epoch.
+        let other = "fedcba9876543210";
+        let restored = page(&s, other, &nurse, &params(since.clone()))
+            .await
+            .expect("page");
+        assert!(restored.reset);
+        assert_eq!(restored.changes.len(), 3);
+        assert!(
+            restored.next.starts_with("fedcba9876543210_"),
+            "{}",
+            restored.next
+        );
+        // A cursor of this epoch but past the relay's sequence (a database that went back).
+        let future = format!("{EPOCH}_{}", s.current_seq().await.expect("seq") + 1);
+        let p = page(&s, EPOCH, &nurse, &params(Some(future)))
+            .await
+            .expect("page");
+        assert!(p.reset && p.changes.len() == 3);
+        // A cursor from before epochs.
+        let p = page(&s, EPOCH, &nurse, &params(Some("1".into())))
+            .await
+            .expect("page");
+        assert!(p.reset);
     }
 }

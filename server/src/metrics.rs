@@ -35,6 +35,12 @@ pub const STORAGE_ERRORS: &str = "fieldchart_storage_errors_total";
 /// `document_size`, `denials`, `slow_reader`).
 pub const LIMIT_HITS: &str = "fieldchart_limit_hits_total";
 
+/// Counter: in-memory documents thrown away because they held changes that were never stored
+/// (a dirty guard dropped on an error or panic path; see `docs::DocGuard`).
+pub const DIRTY_DISCARDS: &str = "fieldchart_dirty_discards_total";
+/// Counter: sessions ended because handling one of their messages panicked.
+pub const SESSION_PANICS: &str = "fieldchart_session_panics_total";
+
 /// Counter: changes refused because they tamper with a signed note (see `signatures`).
 pub const TAMPER_REFUSALS: &str = "fieldchart_tamper_refusals_total";
 
@@ -106,6 +112,16 @@ fn describe() {
         LIMIT_HITS,
         Unit::Count,
         "Requests refused by a bounded resource, by limit"
+    );
+    describe_counter!(
+        DIRTY_DISCARDS,
+        Unit::Count,
+        "In-memory documents discarded because they held unstored changes"
+    );
+    describe_counter!(
+        SESSION_PANICS,
+        Unit::Count,
+        "Sessions ended by a panic while handling one of their messages"
     );
     metrics::gauge!(SESSIONS_ACTIVE).set(0.0);
     metrics::gauge!(DOCS_LOADED).set(0.0);

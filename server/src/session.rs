@@ -81,8 +81,8 @@ use crate::docs::{Created, DocGuard, Inbox, WriteRefusal, validate_write};
 use crate::error::Error;
 use crate::identity::{AgencyId, PatientId};
 use crate::metrics::{
-    BYTES_RECEIVED, BYTES_SENT, LIMIT_HITS, MESSAGES_RECEIVED, MESSAGES_SENT, SESSIONS_CLOSED,
-    STORAGE_ERRORS, SYNC_LATENCY, TAMPER_REFUSALS,
+    BYTES_RECEIVED, BYTES_SENT, LIMIT_HITS, MESSAGES_RECEIVED, MESSAGES_SENT, SESSION_PANICS,
+    SESSIONS_CLOSED, STORAGE_ERRORS, SYNC_LATENCY, TAMPER_REFUSALS,
 };
 use crate::signatures;
 use crate::state::AppState;
@@ -134,6 +134,10 @@ enum End {
     },
     /// The relay failed; log it and tell the peer nothing of its last message was kept.
     Internal(Box<Error>),
+    /// Handling the peer's last message (or another session's change) panicked. Only this
+    /// session ends; any document it held uncommitted was discarded by its guard and is
+    /// reloaded from storage by the next user.
+    Panicked(String),
     /// The connection is gone.
     Disconnected(&'static str),
 }
@@ -308,13 +312,13 @@ impl Session {
                 () = &mut idle => return End::quiet("idle", close_code::GOING_AWAY),
                 _ = recheck.tick() => self.recheck_device().await,
                 () = self.outbox.stopped() => return End::Disconnected("send_failed"),
-                () = inbox.changed() => self.on_changed().await,
+                () = inbox.changed() => contained(self.on_changed()).await,
                 frame = incoming.next() => {
                     idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                     match frame {
                         None => return End::Disconnected("peer_closed"),
                         Some(Err(e)) => return transport_error(&e.to_string()),
-                        Some(Ok(Frame::Binary(bytes))) => self.on_frame(bytes).await,
+                        Some(Ok(Frame::Binary(bytes))) => contained(self.on_frame(bytes)).await,
                         Some(Ok(Frame::Text(_))) => Err(End::error(
                             "text_frame",
                             close_code::UNSUPPORTED_DATA,
@@ -341,7 +345,9 @@ impl Session {
         let reason = match &end {
             End::Close { reason, .. } | End::Disconnected(reason) => *reason,
             End::Internal(_) => "internal_error",
+            End::Panicked(_) => "panic",
         };
+        let panicked = matches!(end, End::Panicked(_));
         // Goodbyes are queued only if there is room: a peer that does not read gets none.
         match end {
             End::Close {
@@ -363,6 +369,18 @@ impl Session {
                     "the relay failed to store or load data; nothing from your last message was \
                                acknowledged; reconnect to retry"
                         .to_owned();
+                self.try_send(Message::Error { message });
+                self.outbox.try_send(Frame::Close(Some((
+                    close_code::INTERNAL_ERROR,
+                    "internal error".into(),
+                ))));
+            }
+            End::Panicked(what) => {
+                metrics::counter!(SESSION_PANICS).increment(1);
+                tracing::error!(panic = %what, "handling a message panicked; ending this session only");
+                let message = "the relay failed while handling your last message; nothing from \
+                               it was acknowledged; reconnect to retry"
+                    .to_owned();
                 self.try_send(Message::Error { message });
                 self.outbox.try_send(Frame::Close(Some((
                     close_code::INTERNAL_ERROR,
@@ -395,10 +413,17 @@ impl Session {
             .await;
         }
         metrics::counter!(SESSIONS_CLOSED, "reason" => reason).increment(1);
-        for id in docs.keys() {
-            relay.docs().unsubscribe(*id, ticket.id());
+        if panicked {
+            // The panic may have struck between taking a document's sync state and putting it
+            // back: drop every subscription of this session, and persist no sync state (one
+            // may be half-updated; the next connection starts those documents afresh).
+            relay.docs().unsubscribe_session(ticket.id());
+        } else {
+            for id in docs.keys() {
+                relay.docs().unsubscribe(*id, ticket.id());
+            }
+            save_sync_states(relay.storage(), peer.as_ref(), &docs).await;
         }
-        save_sync_states(relay.storage(), peer.as_ref(), &docs).await;
         if let Some((queue, writer)) = denials {
             // Let queued deny rows reach the audit log before the session is gone.
             drop(queue);
@@ -718,7 +743,11 @@ impl Session {
                 let mut sync = sync;
                 // The ledger reads the stored history before anything new is applied.
                 guard.doc_and_ledger();
-                let outcome = sync.receive(guard.doc_mut(), &data)?;
+                let outcome = sync.receive(guard.doc_mut(), &data);
+                // Nothing new (the common case: acks, heads exchange): the copy is still what
+                // is stored, so dropping the guard need not discard it.
+                guard.clean_if_unchanged();
+                let outcome = outcome?;
                 // The one place changes from a device are checked before they are committed.
                 // Tampering (identity fields included) is named as such before the owner check.
                 let verdict = {
@@ -1262,6 +1291,28 @@ impl Session {
             data,
         })
         .await
+    }
+}
+
+/// Run one step of the session, turning a panic inside it into [`End::Panicked`]: a bug
+/// reachable from one peer's input (automerge has had panics reachable from sync messages)
+/// ends that peer's session, not the relay. Uncommitted documents are discarded by their
+/// guards while the panic unwinds (see [`DocGuard`]).
+async fn contained<F>(step: F) -> Result<(), End>
+where
+    F: std::future::Future<Output = Result<(), End>>,
+{
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(step).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            Err(End::Panicked(what))
+        }
     }
 }
 

@@ -28,6 +28,7 @@ pub struct Relay {
     limits: Limits,
     peer_id: PeerId,
     storage_id: StorageId,
+    epoch: String,
     metrics: PrometheusHandle,
     /// The agency console, when the storage backend has one ([`AppState::attach_console`]).
     console: std::sync::OnceLock<Arc<crate::console::Console>>,
@@ -48,6 +49,10 @@ impl AppState {
             // The peer id names this process; the storage id names the data, and stays.
             peer_id: PeerId::random("fieldchart-relay"),
             storage_id,
+            // New at every start: a relay whose database was restored from a backup (or
+            // replaced) can only have been restarted, so devices holding a cursor from before
+            // see a new epoch and reconcile (see `crate::feed`).
+            epoch: crate::identity::random_hex::<8>(),
             metrics: crate::metrics::handle(),
             console: std::sync::OnceLock::new(),
             limits,
@@ -117,6 +122,12 @@ impl Relay {
     /// The agency console, if attached.
     pub fn console(&self) -> Option<&Arc<crate::console::Console>> {
         self.console.get()
+    }
+
+    /// This process's feed epoch: 16 hex digits, new at every start, carried in every feed
+    /// cursor. A cursor of another epoch may come from a database that was since restored.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Renders `/metrics`.

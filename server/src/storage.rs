@@ -18,6 +18,7 @@
 //! the same transaction as a document whose stored heads change, a care-team assignment, and a
 //! device revocation. A feed cursor is a position in it.
 
+pub mod faulty;
 pub mod memory;
 pub mod sqlite;
 
@@ -34,6 +35,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, Role, User, UserId};
 
+pub use faulty::{Faults, FaultyStorage, WriteFault};
 pub use memory::MemoryStorage;
 pub use sqlite::{DatabaseKey, SqliteStorage};
 

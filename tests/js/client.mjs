@@ -436,7 +436,19 @@ async function create() {
     // What a typical app does: create the document (announced to the relay at once, still
     // empty), then fill it in with a second change.
     handle = repo.create()
-    await new Promise(resolve => setTimeout(resolve, 200))
+    // The scenario is "the relay saw the document while it was still empty": wait for the
+    // relay's answer to that announcement (any frame from the relay about this document),
+    // not for a fixed time, so the fill-in below always arrives as a second change.
+    await waitUntil(
+      `the relay's answer to the empty announcement of ${handle.documentId}`,
+      () => framesIn.some(m => m?.documentId === handle.documentId && m.senderId === r.peerId),
+      poke => {
+        frameListeners.add(poke)
+        return () => frameListeners.delete(poke)
+      }
+    )
+    if (Object.keys(handle.doc() ?? {}).length !== 0)
+      fail("the document had fields before the relay answered its announcement")
     handle.change(doc => Object.assign(doc, root))
   }
   emit("created", { documentId: handle.documentId, url: handle.url, heads: handle.heads() })

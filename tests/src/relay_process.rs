@@ -65,21 +65,15 @@ pub struct RelayProcess {
 
 impl RelayProcess {
     /// The `fieldchart-server` binary of this build: `target/<profile>/fieldchart-server`, found
-    /// from the running test executable (`target/<profile>/deps/<test>`).
+    /// from the running executable (a test in `target/<profile>/deps/`, or the benchmark binary
+    /// in `target/<profile>/`; see [`crate::reconnect::server_binary`]).
     pub fn binary() -> PathBuf {
-        let exe = std::env::current_exe().expect("path of the test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable lives in target/<profile>/deps");
-        let binary = profile_dir.join(format!("fieldchart-server{}", std::env::consts::EXE_SUFFIX));
-        assert!(
-            binary.is_file(),
-            "the relay binary {} is missing: `cargo test --workspace` builds it, or run \
-             `cargo build -p fieldchart-server` before `cargo test -p fieldchart-tests`",
-            binary.display()
-        );
-        binary
+        crate::reconnect::server_binary().unwrap_or_else(|e| {
+            panic!(
+                "{e}: `cargo test --workspace` builds it, or run `cargo build -p \
+                 fieldchart-server` before `cargo test -p fieldchart-tests`"
+            )
+        })
     }
 
     /// Start the relay on `data_dir` (created if needed) at a free port on 127.0.0.1, and

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -487,6 +488,8 @@ async fn reconnecting_costs_the_same_for_20_and_2000_documents_and_syncs_only_wh
 // --- 3. cut and killed passes ---------------------------------------------------------------
 
 const CHILD_ENV: &str = "FIELDCHART_DEVICE_SYNC_CHILD";
+/// SIGKILL's number on Linux (and every Unix this test runs on).
+const SIGKILL: i32 = 9;
 
 /// The device process of the kill test: runs one pass and reports progress on stdout.
 #[test]
@@ -709,7 +712,11 @@ async fn passes_cut_or_killed_at_random_points_resume_without_loss_or_false_rece
         let kill_after = rng.random_range(1..=12usize);
         let mut seen = 0;
         let mut finished = false;
-        while let Ok(line) = lines.recv_timeout(WAIT) {
+        let mut killed_at_progress = false;
+        loop {
+            let line = lines
+                .recv_timeout(WAIT)
+                .expect("the device process neither reported progress nor finished in time");
             if line.starts_with("done") {
                 finished = true;
                 break;
@@ -717,13 +724,19 @@ async fn passes_cut_or_killed_at_random_points_resume_without_loss_or_false_rece
             if line.starts_with("progress") {
                 seen += 1;
                 if seen >= kill_after {
+                    killed_at_progress = true;
                     break;
                 }
             }
         }
         child.kill().expect("SIGKILL the device");
-        let _ = child.wait();
-        if !finished {
+        let status = child.wait().expect("reap the device process");
+        // A kill counts as mid-pass only if this test observed it: the process was still
+        // running when the SIGKILL arrived (it died of the signal, not by exiting) and it never
+        // reported the end of its pass (lines it printed before dying are drained here).
+        let rest: Vec<String> = lines.iter().collect();
+        let reported_done = finished || rest.iter().any(|l| l.starts_with("done"));
+        if killed_at_progress && !reported_done && status.signal() == Some(SIGKILL) {
             killed += 1;
         }
         phone.reopen();
@@ -731,7 +744,7 @@ async fn passes_cut_or_killed_at_random_points_resume_without_loss_or_false_rece
     }
     assert!(
         killed >= 4,
-        "only {killed} of 8 device processes died mid-pass"
+        "only {killed} of 8 device processes were observed to die mid-pass"
     );
     println!("cut statuses {statuses:?}, killed {killed}");
 
@@ -1105,8 +1118,10 @@ async fn a_pass_out_of_time_stops_cleanly_and_the_next_pass_finishes() {
         );
     }
 
-    // The app is busy (the callback stands in for it) until the budget is gone.
-    let budget = Duration::from_secs(1);
+    // The app is busy (the callback stands in for it) until the budget is gone. The budget
+    // must let the pass finish a few documents before that; 3 s leaves a loaded 2-core
+    // machine room (a quiet one needs well under 1 s for the first three).
+    let budget = Duration::from_secs(3);
     let stalled = Arc::new(AtomicBool::new(false));
     let progress: fieldchart_mobile::ProgressCallback = {
         let stalled = Arc::clone(&stalled);

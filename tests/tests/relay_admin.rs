@@ -148,7 +148,8 @@ async fn disabling_a_user_on_the_cli_closes_her_live_session_and_is_logged() {
         serde_json::json!([issued.device_id]),
         "{out}"
     );
-    let reason = tokio::time::timeout(Duration::from_secs(5), peer.closed())
+    // A bounded wait only (reached only on failure); the timing claim is the assertion below.
+    let reason = tokio::time::timeout(Duration::from_secs(30), peer.closed())
         .await
         .expect("the session closed");
     // The relay polls for the CLI's revocations every 250 ms; a second on a quiet machine,

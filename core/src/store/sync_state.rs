@@ -321,6 +321,63 @@ impl Store {
         })
     }
 
+    /// Reconcile everything this device holds for relay storage `peer` with `listing`, the
+    /// relay's whole caseload for us as its change feed listed it after a reset (a new epoch,
+    /// or our cursor was from its future: the relay may have been restored from a backup and
+    /// be behind what it once confirmed). In one transaction:
+    /// - every persisted sync state with `peer` is dropped (they claim shared heads the relay
+    ///   may no longer have; automerge would not resend changes it believes were delivered);
+    /// - every receipt the listing does not back — the document is listed with other heads,
+    ///   or (when `complete`) not listed at all — is withdrawn and its document marked
+    ///   unsynced, so this pass pushes it and a receipt is earned again from the relay.
+    ///
+    /// Returns the number of receipts withdrawn. With an incomplete listing (the pass stopped
+    /// paging), unlisted documents keep their receipts: the next reset reconciles them.
+    pub fn reconcile_with_relay(
+        &self,
+        peer: &str,
+        listing: &[&FeedEntry],
+        complete: bool,
+    ) -> Result<usize> {
+        let relay: HashMap<DocumentId, String> = listing
+            .iter()
+            .map(|e| (e.document_id, heads_text(&e.heads)))
+            .collect();
+        self.with(|inner| {
+            let receipts: Vec<(DocumentId, String)> = {
+                let mut stmt = inner
+                    .conn
+                    .prepare_cached("SELECT doc_id, heads FROM receipts WHERE peer_id = ?1")?;
+                let rows =
+                    stmt.query_map([peer], |r| Ok((doc_id_from_sql(r.get(0)?)?, r.get(1)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let withdraw: Vec<DocumentId> = receipts
+                .into_iter()
+                .filter(|(id, heads)| match relay.get(id) {
+                    Some(listed) => listed != heads,
+                    None => complete,
+                })
+                .map(|(id, _)| id)
+                .collect();
+            inner.write(Durability::ProcessCrash, |tx, docs| {
+                tx.prepare_cached("DELETE FROM sync_states WHERE peer_id = ?1")?
+                    .execute([peer])?;
+                for id in &withdraw {
+                    tx.prepare_cached("DELETE FROM receipts WHERE doc_id = ?1 AND peer_id = ?2")?
+                        .execute(params![id.as_bytes(), peer])?;
+                    tx.prepare_cached("UPDATE documents SET unsynced = 1 WHERE doc_id = ?1")?
+                        .execute([id.as_bytes()])?;
+                    if let Some(loaded) = docs.get_mut(id) {
+                        loaded.unsynced = true;
+                    }
+                }
+                Ok(())
+            })?;
+            Ok(withdraw.len())
+        })
+    }
+
     /// The persisted sync state of a document with relay storage `peer` (fresh if none, or if
     /// the stored one is unreadable: that costs a longer exchange, not data).
     pub fn doc_sync_state(&self, peer: &str, id: DocumentId) -> Result<DocSync> {
@@ -390,7 +447,21 @@ impl Store {
                 let loaded = docs.get_mut(&id).ok_or(Error::DocumentNotFound(id))?;
                 let mut trial = sync.clone();
                 let before = trial.encode();
-                let outcome = trial.receive_autocommit(&mut loaded.doc, data)?;
+                // automerge 0.12 can panic on malformed chunks (see fuzz/regressions/): data
+                // from the relay that does that is invalid input, and the cached copy, which
+                // may be half-applied, is dropped so the next use reloads what is stored.
+                let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    trial.receive_autocommit(&mut loaded.doc, data)
+                }));
+                let outcome = match received {
+                    Ok(outcome) => outcome?,
+                    Err(_) => {
+                        docs.remove(&id);
+                        return Err(Error::InvalidInput(
+                            "the relay sent sync data the automerge parser failed on".into(),
+                        ));
+                    }
+                };
                 let changed = outcome.changed();
                 if changed {
                     documents::store_merged(tx, id, loaded, now)?;

@@ -36,6 +36,11 @@ pub struct FeedPage {
     pub next: String,
     /// More entries are waiting after `next`.
     pub more: bool,
+    /// The relay's epoch (new at every relay start); `None` from relays older than epochs.
+    pub epoch: Option<String>,
+    /// The relay did not issue the cursor we sent (another epoch, or past its sequence): this
+    /// page starts our whole caseload again, and we must reconcile (see `crate::sync`).
+    pub reset: bool,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +59,10 @@ struct WirePage {
     changes: Vec<WireEntry>,
     next: String,
     more: bool,
+    #[serde(default)]
+    epoch: Option<String>,
+    #[serde(default)]
+    reset: bool,
 }
 
 impl FeedPage {
@@ -91,10 +100,19 @@ impl FeedPage {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        if wire.epoch.as_deref().is_some_and(|e| {
+            e.is_empty() || e.len() > 64 || !e.bytes().all(|b| b.is_ascii_hexdigit())
+        }) {
+            return Err(Error::InvalidInput(
+                "change feed page: `epoch` is not an epoch".into(),
+            ));
+        }
         Ok(FeedPage {
             changes,
             next: wire.next,
             more: wire.more,
+            epoch: wire.epoch,
+            reset: wire.reset,
         })
     }
 }
@@ -121,6 +139,25 @@ mod tests {
         assert_eq!(page.changes[0].document_id, doc);
         assert_eq!(page.next, format!("42.{doc}"));
         assert!(page.more);
+    }
+
+    #[test]
+    fn epoch_and_reset_are_read_and_absent_ones_default() {
+        let body = br#"{"changes": [], "next": "0123456789abcdef_3", "more": false,
+                        "epoch": "0123456789abcdef", "reset": true}"#;
+        let page = FeedPage::parse(body).unwrap();
+        assert_eq!(page.epoch.as_deref(), Some("0123456789abcdef"));
+        assert!(page.reset);
+        let old = FeedPage::parse(br#"{"changes": [], "next": "3", "more": false}"#).unwrap();
+        assert_eq!(old.epoch, None);
+        assert!(!old.reset);
+        for bad in [
+            &br#"{"changes": [], "next": "3", "more": false, "epoch": ""}"#[..],
+            br#"{"changes": [], "next": "3", "more": false, "epoch": "not hex"}"#,
+            br#"{"changes": [], "next": "3", "more": false, "reset": "yes"}"#,
+        ] {
+            assert!(FeedPage::parse(bad).is_err());
+        }
     }
 
     #[test]

@@ -225,6 +225,12 @@ pub struct PassStats {
     pub feed_entries: usize,
     /// Feed pages read.
     pub feed_pages: usize,
+    /// The relay answered with a reset (new epoch, or our cursor was from its future: it may
+    /// have been restored from a backup) and this pass reconciled every document against it.
+    pub reconciled: bool,
+    /// Receipts withdrawn by that reconciliation: the relay could not back them (it lacks the
+    /// document, or holds other heads); those documents are pushed again.
+    pub receipts_withdrawn: usize,
 }
 
 #[derive(Debug)]
@@ -246,6 +252,10 @@ enum Phase {
     Feed {
         entries: Vec<(usize, FeedEntry)>,
         pages: Vec<String>,
+        /// The relay answered the first page with a reset: reconcile before planning.
+        reset: bool,
+        /// Every page was read (`more` was false on the last one).
+        complete: bool,
     },
     /// Syncing planned documents.
     Syncing,
@@ -546,6 +556,8 @@ impl SyncPass {
         self.phase = Phase::Feed {
             entries: Vec::new(),
             pages: Vec::new(),
+            reset: false,
+            complete: false,
         };
         out.push(PassAction::FetchFeed {
             since,
@@ -595,10 +607,28 @@ impl SyncPass {
         }
         self.stats.feed_pages += 1;
         self.stats.feed_entries += page.changes.len();
-        let Phase::Feed { entries, pages } = &mut self.phase else {
+        let sent_cursor = self.cursor.clone();
+        let Phase::Feed {
+            entries,
+            pages,
+            reset,
+            complete,
+        } = &mut self.phase
+        else {
             return Ok(());
         };
         let index = pages.len();
+        if index == 0 {
+            // A new epoch (the relay restarted, perhaps from a backup), or a cursor the relay
+            // says it never issued: it may be behind what it once confirmed.
+            // No cursor at all also reconciles: the listing is then the whole caseload anyway,
+            // and a device can hold receipts without a cursor (a pass cut after a push was
+            // confirmed but before its first feed page settled) from a relay since restored.
+            *reset = page.reset
+                || sent_cursor.is_none()
+                || epoch_changed(sent_cursor.as_deref(), page.epoch.as_deref());
+        }
+        *complete = !page.more;
         pages.push(page.next.clone());
         entries.extend(page.changes.into_iter().map(|e| (index, e)));
         if page.more && pages.len() < MAX_FEED_PAGES {
@@ -612,10 +642,32 @@ impl SyncPass {
     }
 
     fn plan(&mut self, store: &Store) -> Result<()> {
-        let Phase::Feed { entries, pages } = std::mem::replace(&mut self.phase, Phase::Syncing)
+        let Phase::Feed {
+            entries,
+            pages,
+            reset,
+            complete,
+        } = std::mem::replace(&mut self.phase, Phase::Syncing)
         else {
             return Ok(());
         };
+        if reset {
+            // The listing is the relay's whole caseload for us, page by page: compare every
+            // document we hold with it. Sync states from before are dropped (they claim shared
+            // heads the relay may have lost), receipts it cannot back are withdrawn and those
+            // documents marked for a push, all in one transaction before anything is planned.
+            let listing: Vec<&FeedEntry> = entries.iter().map(|(_, e)| e).collect();
+            let withdrawn = store.reconcile_with_relay(self.peer()?, &listing, complete)?;
+            self.states.clear();
+            self.stats.reconciled = true;
+            self.stats.receipts_withdrawn += withdrawn;
+            tracing::warn!(
+                listed = listing.len(),
+                withdrawn,
+                complete,
+                "the relay's feed was reset (new epoch or a cursor from its future); reconciled"
+            );
+        }
         let mut page_of = HashMap::with_capacity(entries.len());
         let mut feed = Vec::with_capacity(entries.len());
         for (page, entry) in entries {
@@ -623,7 +675,7 @@ impl SyncPass {
             page_of.insert(entry.document_id, page);
             feed.push(entry);
         }
-        let plan = store.plan_sync(self.peer()?, &feed, self.first_contact)?;
+        let plan = store.plan_sync(self.peer()?, &feed, self.first_contact || reset)?;
         tracing::info!(
             feed = feed.len(),
             planned = plan.docs.len(),
@@ -1108,5 +1160,35 @@ impl SyncPass {
         self.phase = Phase::Done;
         self.status = Some(status.clone());
         out.push(PassAction::Finished(status));
+    }
+}
+
+/// Whether the epoch of the cursor we sent (`<epoch>_<seq>…`) differs from the epoch the relay
+/// answered with. A relay that names no epoch (older than epochs), or a cursor without one,
+/// decides nothing here; the relay's own `reset` covers those.
+fn epoch_changed(sent: Option<&str>, answered: Option<&str>) -> bool {
+    let sent_epoch = sent.and_then(|c| c.split_once('_')).map(|(epoch, _)| epoch);
+    matches!((sent_epoch, answered), (Some(a), Some(b)) if a != b)
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::epoch_changed;
+
+    #[test]
+    fn only_two_named_epochs_that_differ_count_as_a_change() {
+        assert!(epoch_changed(
+            Some("0123456789abcdef_12.doc"),
+            Some("fedcba9876543210")
+        ));
+        assert!(!epoch_changed(
+            Some("0123456789abcdef_12"),
+            Some("0123456789abcdef")
+        ));
+        // Relays older than epochs, cursors from them, and first contact decide nothing here
+        // (the relay's own `reset` flag covers a foreign cursor).
+        assert!(!epoch_changed(Some("12.doc"), Some("0123456789abcdef")));
+        assert!(!epoch_changed(Some("0123456789abcdef_12"), None));
+        assert!(!epoch_changed(None, Some("0123456789abcdef")));
     }
 }

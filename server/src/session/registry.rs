@@ -498,7 +498,9 @@ mod tests {
 
     #[test]
     fn the_message_budget_allows_a_burst_then_refuses() {
-        let registry = SessionRegistry::new(&limits(10, 1, 5));
+        // No refill (rate 0): a loaded machine pausing this thread for a second must not
+        // hand out a token the test did not plan for.
+        let registry = SessionRegistry::new(&limits(10, 0, 5));
         let device = DeviceId::new("dev_a");
         assert!((0..5).all(|_| registry.take_message(&device)));
         assert!(!registry.take_message(&device));

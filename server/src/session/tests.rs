@@ -17,8 +17,8 @@ use crate::config::Limits;
 use crate::identity::{Agency, AgencyId, Device, DeviceId, PatientId, Role, User, UserId};
 use crate::state::AppState;
 use crate::storage::{
-    AuditAction, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentWrite, MemoryStorage,
-    Storage,
+    AuditAction, AuditQuery, AuditRecord, DocMeta, DocumentData, DocumentWrite, Faults,
+    FaultyStorage, MemoryStorage, Storage, WriteFault,
 };
 
 /// Longest any test waits for the relay; reached only when a test fails.
@@ -39,7 +39,7 @@ struct World {
     stranger: Principal,
 }
 
-async fn principal(storage: &MemoryStorage, agency: &AgencyId, role: Role) -> Principal {
+async fn principal(storage: &dyn Storage, agency: &AgencyId, role: Role) -> Principal {
     let user = User {
         id: UserId::random(),
         agency_id: agency.clone(),
@@ -65,7 +65,7 @@ async fn principal(storage: &MemoryStorage, agency: &AgencyId, role: Role) -> Pr
     }
 }
 
-async fn patient(storage: &MemoryStorage, agency: &AgencyId) -> PatientId {
+async fn patient(storage: &dyn Storage, agency: &AgencyId) -> PatientId {
     let id = PatientId::random();
     let chart = DocumentId::random();
     let doc = note_doc(agency.as_str(), id.as_str());
@@ -97,6 +97,16 @@ async fn patient(storage: &MemoryStorage, agency: &AgencyId) -> PatientId {
 
 async fn world_with(limits: Limits) -> World {
     let storage = Arc::new(MemoryStorage::new());
+    world_over(storage.clone(), storage, limits).await
+}
+
+/// A world set up in `storage`, whose relay serves through `served` (the same storage, or a
+/// wrapper of it).
+async fn world_over(
+    storage: Arc<MemoryStorage>,
+    served: Arc<dyn Storage>,
+    limits: Limits,
+) -> World {
     let agency = AgencyId::random();
     let other_agency = AgencyId::random();
     for id in [&agency, &other_agency] {
@@ -109,19 +119,19 @@ async fn world_with(limits: Limits) -> World {
             .await
             .expect("agency");
     }
-    let patient_id = patient(&storage, &agency).await;
-    let other_patient = patient(&storage, &agency).await;
-    let nurse = principal(&storage, &agency, Role::Clinician).await;
+    let patient_id = patient(&*storage, &agency).await;
+    let other_patient = patient(&*storage, &agency).await;
+    let nurse = principal(&*storage, &agency, Role::Clinician).await;
     storage
         .assign(nurse.user_id().clone(), patient_id.clone(), 0)
         .await
         .expect("assign");
     World {
-        other_nurse: principal(&storage, &agency, Role::Clinician).await,
-        office: principal(&storage, &agency, Role::Office).await,
-        stranger: principal(&storage, &other_agency, Role::Office).await,
+        other_nurse: principal(&*storage, &agency, Role::Clinician).await,
+        office: principal(&*storage, &agency, Role::Office).await,
+        stranger: principal(&*storage, &other_agency, Role::Office).await,
         nurse,
-        state: AppState::new(storage.clone(), limits).await.expect("state"),
+        state: AppState::new(served, limits).await.expect("state"),
         storage,
         agency,
         patient: patient_id,
@@ -997,8 +1007,10 @@ async fn a_second_join_of_the_same_peer_replaces_the_older_socket() {
 
 #[tokio::test]
 async fn exceeding_the_message_rate_closes_the_session() {
+    // No refill (rate 0): how long a loaded machine takes between frames cannot change which
+    // frame is refused.
     let limits = Limits {
-        message_rate_per_second: 1,
+        message_rate_per_second: 0,
         message_burst: 3,
         ..Limits::default()
     };
@@ -1137,7 +1149,7 @@ fn big_note(agency: &str, patient: &str, text_bytes: usize) -> Automerge {
 async fn a_forged_owner_writes_a_deny_row_only_into_the_principals_agency() {
     let w = world().await;
     let other_agency = w.stranger.agency_id().clone();
-    let their_patient = patient(&w.storage, &other_agency).await;
+    let their_patient = patient(&*w.storage, &other_agency).await;
     let mut nurse = Client::connect(&w, &w.nurse);
     nurse.join().await;
     let mut forged = Vec::new();
@@ -1654,4 +1666,155 @@ fn client_text_is_bounded_and_escaped_for_logs() {
     assert!(logged.contains("\\n"));
     assert!(logged.chars().count() <= crate::config::MAX_LOGGED_CLIENT_TEXT + 8);
     assert_eq!(super::loggable("visit-note"), "visit-note");
+}
+
+// --- panics and disk trouble ------------------------------------------------------------------
+
+/// A world whose relay writes through [`FaultyStorage`].
+async fn faulty_world() -> (World, Arc<Faults>) {
+    let storage = Arc::new(MemoryStorage::new());
+    let (faulty, faults) = FaultyStorage::new(storage.clone());
+    (
+        world_over(storage, Arc::new(faulty), Limits::default()).await,
+        faults,
+    )
+}
+
+#[tokio::test]
+async fn a_panic_while_committing_ends_that_session_only_and_nothing_unstored_is_served() {
+    let (w, faults) = faulty_world().await;
+    let (id, mut doc) = stored_note(&w).await;
+    let stored_heads = doc.get_heads();
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    let mut sync = DocSync::new();
+    nurse.sync_until_in_sync(id, &mut doc, &mut sync).await;
+    // The office has the note open in another session.
+    let mut office = Client::connect(&w, &w.office);
+    office.join().await;
+    let (office_doc, _) = office.fetch(id).await;
+    assert_eq!(office_doc.get_heads(), stored_heads);
+
+    // The change is applied in memory; the commit panics.
+    faults.set(WriteFault::PanicOnce);
+    edit(&mut doc, "assessment", "applied in memory, never stored");
+    nurse.sync(id, sync.generate(&doc).expect("changes"));
+    let (message, code) = nurse.closed_with_error().await;
+    assert!(
+        message.contains("nothing from it was acknowledged"),
+        "{message}"
+    );
+    assert_eq!(code, close_code::INTERNAL_ERROR);
+    // The session task itself ended normally: the panic was contained in it.
+    nurse.ended().await;
+    assert_eq!(faults.refused(), 1, "the injected panic fired");
+
+    // Storage never saw the change, and neither does anyone reading from the relay's memory.
+    assert_eq!(
+        w.storage
+            .load_document(id)
+            .await
+            .expect("load")
+            .expect("stored")
+            .heads,
+        stored_heads
+    );
+    let mut reader = Client::connect(&w, &w.office);
+    reader.join().await;
+    let (read, _) = reader.fetch(id).await;
+    assert_eq!(
+        read.get_heads(),
+        stored_heads,
+        "the uncommitted copy was discarded"
+    );
+    // The other session is alive: a new note of the nurse's reaches it when it asks.
+    let (_, office_sync) = office.fetch(id).await;
+    drop(office_sync);
+
+    // The nurse reconnects and the same change is stored this time.
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    nurse
+        .sync_until_in_sync(id, &mut doc, &mut DocSync::new())
+        .await;
+    assert_eq!(
+        w.storage
+            .load_document(id)
+            .await
+            .expect("load")
+            .expect("stored")
+            .heads,
+        doc.get_heads()
+    );
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_write_with_a_clear_error_and_service_recovers_with_the_disk() {
+    let (w, faults) = faulty_world().await;
+    let (id, mut doc) = stored_note(&w).await;
+    let stored_heads = doc.get_heads();
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    let mut sync = DocSync::new();
+    nurse.sync_until_in_sync(id, &mut doc, &mut sync).await;
+
+    faults.set(WriteFault::DiskFull);
+    edit(&mut doc, "assessment", "written while the disk is full");
+    nurse.sync(id, sync.generate(&doc).expect("changes"));
+    let (message, code) = nurse.closed_with_error().await;
+    assert!(
+        message.contains("nothing from your last message was acknowledged"),
+        "{message}"
+    );
+    assert_eq!(code, close_code::INTERNAL_ERROR);
+    nurse.ended().await;
+    // A new note is refused the same way, and nothing of it is stored.
+    let mut other = Client::connect(&w, &w.nurse);
+    other.join().await;
+    let new_id = DocumentId::random();
+    let mut new_doc = note_doc(w.agency.as_str(), w.patient.as_str());
+    let mut new_sync = DocSync::new();
+    other.sync(new_id, new_sync.generate(&new_doc).expect("first"));
+    let (message, _) = loop {
+        match other.message().await {
+            Message::Sync { data, .. } => {
+                new_sync.receive(&mut new_doc, &data).expect("apply");
+                if let Some(data) = new_sync.generate(&new_doc) {
+                    other.sync(new_id, data);
+                }
+            }
+            Message::Error { message } => break (message, ()),
+            m => panic!("unexpected {m:?}"),
+        }
+    };
+    assert!(message.contains("acknowledged"), "{message}");
+    assert!(w.storage.document_row(new_id).await.expect("row").is_none());
+    assert!(faults.refused() >= 2);
+    assert_eq!(
+        w.storage
+            .load_document(id)
+            .await
+            .expect("load")
+            .expect("stored")
+            .heads,
+        stored_heads,
+        "nothing acknowledged was lost, nothing unacknowledged was stored"
+    );
+
+    // The disk has room again: the device's retry stores everything.
+    faults.set(WriteFault::None);
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    nurse
+        .sync_until_in_sync(id, &mut doc, &mut DocSync::new())
+        .await;
+    assert_eq!(
+        w.storage
+            .load_document(id)
+            .await
+            .expect("load")
+            .expect("stored")
+            .heads,
+        doc.get_heads()
+    );
 }

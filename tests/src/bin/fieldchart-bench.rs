@@ -10,6 +10,10 @@
 //! `fieldchart-bench reconnect --docs K [--changed N]` measures a device holding K synced
 //! documents reconnecting with nothing changed (and with N changed on the relay): WebSocket
 //! messages, round trips, bytes (WebSocket payloads and change-feed bodies) and time.
+//!
+//! `fieldchart-bench soak --runs N [--seed S]` runs N seeded fault schedules
+//! (`fieldchart_tests::soak`: devices syncing through the fault-injecting proxy, relay kills
+//! and a restore from an older copy) and prints the count of clean runs and every failing seed.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -44,6 +48,30 @@ enum Workload {
     },
     /// A device holding K synced documents reconnects with nothing changed, then with N
     /// changed on the relay (real relay binary of this build profile, on a temp dir).
+    /// N randomized fault schedules (seeds S, S+1, ...); a failure names its seed.
+    Soak {
+        /// Runs.
+        #[arg(long, default_value_t = 100)]
+        runs: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 1_000)]
+        seed: u64,
+    },
+    /// (Used by `soak`.) One sync pass of a device store, reporting progress on stdout, so
+    /// the soak can SIGKILL a device process mid-pass.
+    #[command(hide = true)]
+    DevicePass {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        base_url: String,
+        #[arg(long)]
+        token: String,
+    },
     Reconnect {
         /// Documents the device holds.
         #[arg(long)]
@@ -52,6 +80,52 @@ enum Workload {
         #[arg(long, default_value_t = 0)]
         changed: usize,
     },
+}
+
+fn soak_workload(runs: u64, first_seed: u64) -> Result<serde_json::Value, String> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let (mut clean, mut failed) = (0u64, Vec::new());
+    let (mut faults, mut resets, mut kills, mut restores, mut edits) = (0, 0, 0, 0, 0);
+    let device = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (mut device_kills, mut cut_passes) = (0, 0);
+    for seed in first_seed..first_seed.saturating_add(runs) {
+        match runtime.block_on(fieldchart_tests::soak::run(seed, &device)) {
+            Ok(report) => {
+                clean += 1;
+                faults += report.faults;
+                resets += report.resets;
+                kills += report.relay_kills;
+                restores += report.restores;
+                edits += report.edits;
+                device_kills += report.device_kills;
+                cut_passes += report.cut_passes;
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                failed.push(seed);
+            }
+        }
+    }
+    let out = serde_json::json!({
+        "workload": "soak",
+        "runs": runs,
+        "clean": clean,
+        "failedSeeds": failed,
+        "edits": edits,
+        "faultsInjected": faults,
+        "connectionsReset": resets,
+        "relayKills": kills,
+        "restores": restores,
+        "deviceKillsMidPass": device_kills,
+        "passesCutInProcess": cut_passes,
+        "elapsedS": started.elapsed().as_secs_f64(),
+    });
+    if failed.is_empty() {
+        Ok(out)
+    } else {
+        Err(out.to_string())
+    }
 }
 
 fn reconnect_workload(docs: usize, changed: usize) -> Result<serde_json::Value, String> {
@@ -156,6 +230,17 @@ fn main() {
     let result = match cli.workload {
         Workload::Trace { file } => trace_workload(&file),
         Workload::Reconnect { docs, changed } => reconnect_workload(docs, changed),
+        Workload::Soak { runs, seed } => soak_workload(runs, seed),
+        Workload::DevicePass {
+            db,
+            key,
+            user,
+            base_url,
+            token,
+        } => {
+            fieldchart_tests::soak::device_pass(&db, &key, &user, &base_url, &token);
+            return;
+        }
         Workload::Review { changes, window } => fieldchart_tests::review::measure(changes, window),
     };
     let result = result.and_then(|v| {

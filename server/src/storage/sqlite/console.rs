@@ -1,4 +1,4 @@
-//! [`ConsoleStore`] on the SQLite backend (tables of `migrations/005_console.sql`).
+//! [`ConsoleStore`] on the SQLite backend (tables of `migrations/004_console.sql`).
 
 use fieldchart_core::protocol::DocumentId;
 use rusqlite::{OptionalExtension, Transaction, params};
