@@ -216,7 +216,7 @@ fun scenario() {
     println("MEASURE kotlin cycles=$cycles fds_before=$fdBefore fds_after=$fdAfter " +
         "rss_before_kb=$rssBefore rss_after_kb=$rssAfter " +
         "seconds=${"%.1f".format((System.nanoTime() - started) / 1e9)}")
-    check("open/close cycles keep no file handles", fdAfter == fdBefore)
+    check("open/close cycles keep no file handles", fdAfter <= fdBefore) // the JVM may close its own
     // The JVM's own heap and JIT move RSS by megabytes in the first round; a second round on
     // the warm JVM shows what the library keeps.
     check("open/close cycles keep no memory (< 32 MiB growth)", rssAfter - rssBefore < 32 * 1024,
@@ -225,7 +225,7 @@ fun scenario() {
     System.gc()
     val fdAgain = fds(); val rssAgain = rssKb()
     println("MEASURE kotlin second-round cycles=$cycles fds_after=$fdAgain rss_after_kb=$rssAgain")
-    check("a second round keeps no file handles", fdAgain == fdBefore)
+    check("a second round keeps no file handles", fdAgain <= fdBefore)
     check("a second round on the warm JVM keeps no memory (< 8 MiB growth)",
         rssAgain - rssAfter < 8 * 1024, "${rssAgain - rssAfter} KiB")
 }

@@ -283,7 +283,7 @@ def scenario():
     print(f"MEASURE python cycles={cycles} fds_before={fd_before} fds_after={fd_after} "
           f"rss_before_kb={rss_before} rss_after_kb={rss_after} "
           f"seconds={time.monotonic() - started:.1f}", flush=True)
-    check("open/close cycles keep no file handles", fd_after == fd_before)
+    check("open/close cycles keep no file handles", fd_after <= fd_before)  # the runtime may close its own
     check("open/close cycles keep no memory (< 8 MiB growth)", rss_after - rss_before < 8 * 1024,
           f"{rss_after - rss_before} KiB")
 

@@ -249,7 +249,7 @@ func scenario() async throws {
     print("MEASURE swift cycles=\(cycles) fds_before=\(fdBefore) fds_after=\(fdAfter) " +
           "rss_before_kb=\(rssBefore) rss_after_kb=\(rssAfter) " +
           "seconds=\(String(format: "%.1f", Date().timeIntervalSince(started)))")
-    check("open/close cycles keep no file handles", fdAfter == fdBefore)
+    check("open/close cycles keep no file handles", fdAfter <= fdBefore)  // the runtime may close its own
     check("open/close cycles keep no memory (< 8 MiB growth)", rssAfter - rssBefore < 8 * 1024, "\(rssAfter - rssBefore) KiB")
 }
 
