@@ -60,6 +60,8 @@ pub use patient::{
     Allergy, CarePlanItem, CarePlanLevel, CareTeamMember, Demographic, Medication, PatientChart,
     add_care_plan_item, new_patient_chart, set_care_plan_status, update_care_plan_description,
 };
+/// The chart edits the console makes as the office user (the store's own calls use them too).
+pub use patient::{set_demographic, upsert_allergy, upsert_medication};
 pub use signing::{
     DeviceKey, DirectoryKey, KeyDirectory, NoteLedger, ReviewItem, ReviewReason, Tamper, Verdict,
 };

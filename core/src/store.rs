@@ -33,6 +33,7 @@ mod journal;
 mod keys;
 mod lists;
 mod notes;
+mod schedule;
 mod sync_client;
 mod sync_state;
 
@@ -52,6 +53,7 @@ pub use db::{SCHEMA_VERSION, StoreKey};
 pub use documents::COMPACT_AFTER_CHUNKS;
 pub use journal::FOLD_AFTER_RECORDS;
 pub use lists::{NoteSummary, PatientSummary};
+pub use schedule::ScheduledVisitRow;
 pub use sync_client::ImportOutcome;
 
 use crate::model::{

@@ -292,6 +292,7 @@ pub struct SyncClient {
     local_rx: Mutex<mpsc::UnboundedReceiver<DocumentId>>,
     stop: Notify,
     events: broadcast::Sender<SyncEvent>,
+    failures: crate::failure_report::FailureReporter,
 }
 
 impl fmt::Debug for SyncClient {
@@ -374,6 +375,7 @@ impl SyncClient {
             local_rx: Mutex::new(local_rx),
             stop: Notify::new(),
             events,
+            failures: Default::default(),
         })
     }
 
@@ -526,6 +528,10 @@ impl SyncClient {
                             let _ = tokio::time::timeout(CLOSE_TIMEOUT, s.close(None)).await;
                         }
                         self.progress(&options, &pass, &io, &mut last_progress);
+                        let (http, token) = (&self.http, &self.relay.token);
+                        self.failures
+                            .after_pass(http, &self.http_base, token, &self.store, &status)
+                            .await;
                         return report(status, pass.stats().clone(), &io, started);
                     }
                 }

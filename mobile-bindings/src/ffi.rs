@@ -4,5 +4,6 @@
 
 pub mod error;
 pub mod records;
+pub mod schedule;
 pub mod store;
 pub mod sync;

@@ -33,6 +33,7 @@
 pub mod backoff;
 pub mod driver;
 pub mod enrollment;
+mod failure_report;
 pub mod ffi;
 pub mod tls;
 

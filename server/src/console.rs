@@ -23,6 +23,7 @@
 
 pub mod admin_pages;
 pub mod auth;
+pub mod chart_pages;
 pub mod editing;
 pub mod live;
 pub mod pages;
@@ -95,6 +96,9 @@ pub struct Console {
     store: Arc<dyn ConsoleStore>,
     options: ConsoleOptions,
     limiter: auth::SignInLimiter,
+    /// Per agency, how many times its devices' reported sync failures changed (in this
+    /// process): the live pages reload when it moves.
+    failure_reports: std::sync::Mutex<std::collections::HashMap<crate::identity::AgencyId, u64>>,
 }
 
 impl Console {
@@ -104,7 +108,28 @@ impl Console {
             store,
             options,
             limiter: auth::SignInLimiter::default(),
+            failure_reports: std::sync::Mutex::default(),
         }
+    }
+
+    /// A device of `agency` reported a changed list of sync failures.
+    pub fn failures_changed(&self, agency: &crate::identity::AgencyId) {
+        let mut counts = self
+            .failure_reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *counts.entry(agency.clone()).or_default() += 1;
+    }
+
+    /// How many times `agency`'s reported sync failures changed (see
+    /// [`Console::failures_changed`]).
+    pub fn failure_reports(&self, agency: &crate::identity::AgencyId) -> u64 {
+        self.failure_reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(agency)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Its store.
@@ -149,6 +174,22 @@ pub fn routes() -> Router<AppState> {
             post(pages::resolve_conflict),
         )
         .route("/console/notes/{document_id}", get(pages::note))
+        .route(
+            "/console/notes/{document_id}/resolve",
+            post(pages::resolve_note_conflict),
+        )
+        .route(
+            "/console/patients/{patient_id}/demographics",
+            post(chart_pages::edit_demographic),
+        )
+        .route(
+            "/console/patients/{patient_id}/allergies",
+            post(chart_pages::edit_allergy),
+        )
+        .route(
+            "/console/patients/{patient_id}/medications",
+            post(chart_pages::edit_medication),
+        )
         .merge(admin_pages::routes())
         .layer(axum::middleware::map_response(security_headers))
 }

@@ -55,6 +55,7 @@ pub mod session;
 pub mod signatures;
 pub mod state;
 pub mod storage;
+pub mod sync_failures;
 pub mod tls;
 pub mod websocket;
 
@@ -76,6 +77,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/changes", get(feed::changes))
         .route("/v1/enroll", post(enroll::enroll_endpoint))
         .route("/v1/keys", get(enroll::keys_endpoint))
+        .route("/v1/sync-failures", post(sync_failures::report_endpoint))
         .nest("/v1/admin", admin::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(admin_metrics))

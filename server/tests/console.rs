@@ -46,6 +46,7 @@ struct Relay {
     console: Arc<dyn ConsoleStore>,
     app: Router,
     agency: AgencyId,
+    state: AppState,
 }
 
 fn cli() -> AdminContext {
@@ -186,8 +187,9 @@ impl Relay {
             dir: path,
             storage,
             console,
-            app: fieldchart_server::app(state),
+            app: fieldchart_server::app(state.clone()),
             agency,
+            state,
         }
     }
 
@@ -1937,4 +1939,927 @@ async fn care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person
 async fn care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person_in_memory() {
     care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person_on(Backend::Memory)
         .await;
+}
+
+/// What a device's sync does on the relay: its changes committed through the relay's loaded
+/// documents (as the WebSocket session does), so the console sees them at once.
+async fn device_commits(
+    relay: &Relay,
+    patient: &Patient,
+    id: DocumentId,
+    author: (&User, &DeviceId),
+    changes: Vec<automerge::Change>,
+) {
+    let docs = relay.state.docs();
+    let guard = docs.open(id).await.expect("open").expect("stored");
+    let applied = changes.clone();
+    let (guard, done) = docs
+        .blocking(guard, move |g| g.doc_mut().apply_changes(applied))
+        .await
+        .expect("blocking");
+    done.expect("apply the device's changes");
+    let heads = guard.heads();
+    docs.commit(
+        guard,
+        &changes,
+        fieldchart_server::storage::AuditEvent {
+            at_ms: now_ms(),
+            agency_id: patient.agency_id.clone(),
+            user_id: author.0.id.clone(),
+            device_id: author.1.clone(),
+            document_id: id,
+            patient_id: Some(patient.id.clone()),
+            action: AuditAction::Write,
+            heads,
+        },
+        1,
+    )
+    .await
+    .expect("commit");
+}
+
+/// The value of `field` of the allergy or medication entry `id` in `list`, every concurrent
+/// value when it is in conflict.
+fn entry_values(doc: &AutoCommit, list: &str, id: &str, field: &str) -> Vec<String> {
+    let path = format!("{list}/{id}/{field}");
+    let conflicts: Vec<String> = fieldchart_core::model::find_conflicts(doc)
+        .into_iter()
+        .filter(|c| c.path == path)
+        .flat_map(|c| c.values.into_iter().map(|v| shown(&v.value)))
+        .collect();
+    if !conflicts.is_empty() {
+        return conflicts;
+    }
+    let chart = fieldchart_core::model::PatientChart::read(DocumentId::random(), doc);
+    let value = match list {
+        "allergies" => chart
+            .allergies
+            .iter()
+            .find(|a| a.id == id)
+            .map(|a| match field {
+                "severity" => a.severity.clone(),
+                "reaction" => a.reaction.clone(),
+                _ => a.substance.clone(),
+            }),
+        _ => chart
+            .medications
+            .iter()
+            .find(|m| m.id == id)
+            .map(|m| match field {
+                "dose" => m.dose.clone(),
+                _ => m.name.clone(),
+            }),
+    };
+    value.into_iter().collect()
+}
+
+fn shown(v: &serde_json::Value) -> String {
+    v.as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string())
+}
+
+async fn demographics_allergies_and_medications_are_edited_in_the_browser_on(backend: Backend) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
+    let a = relay.agency.clone();
+    let grace = relay.patient(&a, "Grace Hopper").await;
+    let (nurse, device, _) = relay.enrolled_nurse(&a, "Ana").await;
+    let olga = relay.console_user(&a, Role::Office, "olga").await;
+    let (mut browser, csrf) = relay.signed_in("olga").await;
+    let chart_page = format!("/console/patients/{}", grace.id);
+    let demographics = format!("/console/patients/{}/demographics", grace.id);
+    let allergies = format!("/console/patients/{}/allergies", grace.id);
+    let medications = format!("/console/patients/{}/medications", grace.id);
+
+    let page = relay.get(&mut browser, &chart_page).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    for form in ["New allergy", "New medication", "demo-phone"] {
+        assert!(page.body.contains(form), "{form} on the chart page");
+    }
+
+    // A demographic field, against the value the page showed.
+    let done = relay
+        .post(
+            &mut browser,
+            &demographics,
+            &[
+                ("csrf", &csrf),
+                ("field", "phone"),
+                ("was", ""),
+                ("value", "555-0100"),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    let stale = relay
+        .post(
+            &mut browser,
+            &demographics,
+            &[
+                ("csrf", &csrf),
+                ("field", "phone"),
+                ("was", "555-9999"),
+                ("value", "555-0200"),
+            ],
+        )
+        .await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    assert!(stale.body.contains("changed since the page was shown"));
+    for bad in [
+        [("field", "shoeSize"), ("was", ""), ("value", "42")],
+        [("field", "name"), ("was", "Grace Hopper"), ("value", "  ")],
+    ] {
+        let mut fields = bad.to_vec();
+        fields.push(("csrf", &csrf));
+        let page = relay.post(&mut browser, &demographics, &fields).await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+    }
+    let chart = stored_chart(&relay, &grace).await;
+    let read = fieldchart_core::model::PatientChart::read(grace.chart_document_id, &chart);
+    assert_eq!(read.demographics["phone"], "555-0100");
+    assert_eq!(
+        read.demographics["name"], "Grace Hopper",
+        "refused: unchanged"
+    );
+
+    // An allergy and a medication added, each the office user's change.
+    let added = relay
+        .post(
+            &mut browser,
+            &allergies,
+            &[
+                ("csrf", &csrf),
+                ("substance", "Penicillin"),
+                ("reaction", "Rash"),
+                ("severity", "moderate"),
+                ("status", "active"),
+            ],
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::SEE_OTHER, "{}", added.body);
+    let added = relay
+        .post(
+            &mut browser,
+            &medications,
+            &[
+                ("csrf", &csrf),
+                ("name", "Metformin"),
+                ("dose", "500 mg"),
+                ("route", "oral"),
+                ("frequency", "twice daily"),
+                ("status", "active"),
+            ],
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::SEE_OTHER, "{}", added.body);
+    let unknown = relay
+        .post(
+            &mut browser,
+            &allergies,
+            &[
+                ("csrf", &csrf),
+                ("substance", "Latex"),
+                ("severity", "apocalyptic"),
+                ("status", "active"),
+            ],
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST, "{}", unknown.body);
+    let mut chart = stored_chart(&relay, &grace).await;
+    let read = fieldchart_core::model::PatientChart::read(grace.chart_document_id, &chart);
+    assert_eq!(read.allergies.len(), 1, "the refused allergy was not added");
+    let allergy = read.allergies[0].clone();
+    let medication = read.medications[0].clone();
+    assert_eq!(
+        (allergy.substance.as_str(), medication.dose.as_str()),
+        ("Penicillin", "500 mg")
+    );
+
+    // The nurse's phone, offline, changes the allergy's severity and the medication's dose;
+    // meanwhile the case manager changes the same fields in the browser.
+    let before = chart.get_heads();
+    chart.set_actor(automerge::ActorId::random());
+    let phone = Actor {
+        user_id: nurse.id.to_string(),
+        device_id: device.to_string(),
+    };
+    chart.set_author(Some(phone.author()));
+    fieldchart_core::model::upsert_allergy(
+        &mut chart,
+        Some(&allergy),
+        &fieldchart_core::model::Allergy {
+            severity: "severe".into(),
+            ..allergy.clone()
+        },
+        &phone,
+        now_ms(),
+    )
+    .expect("the phone's allergy edit");
+    fieldchart_core::model::upsert_medication(
+        &mut chart,
+        Some(&medication),
+        &fieldchart_core::model::Medication {
+            dose: "850 mg".into(),
+            ..medication.clone()
+        },
+        &phone,
+        now_ms(),
+    )
+    .expect("the phone's medication edit");
+    chart.commit();
+    let offline: Vec<automerge::Change> = chart.get_changes(&before);
+
+    let allergy_form = |severity: &'static str| {
+        vec![
+            ("id", allergy.id.clone()),
+            ("substance", "Penicillin".to_owned()),
+            ("reaction", "Rash".to_owned()),
+            ("severity", severity.to_owned()),
+            ("status", "active".to_owned()),
+            ("was_substance", "Penicillin".to_owned()),
+            ("was_reaction", "Rash".to_owned()),
+            ("was_severity", "moderate".to_owned()),
+            ("was_status", "active".to_owned()),
+            ("csrf", csrf.clone()),
+        ]
+    };
+    let fields = allergy_form("mild");
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let edited = relay.post(&mut browser, &allergies, &fields).await;
+    assert_eq!(edited.status, StatusCode::SEE_OTHER, "{}", edited.body);
+    let edited = relay
+        .post(
+            &mut browser,
+            &medications,
+            &[
+                ("id", &medication.id),
+                ("name", "Metformin"),
+                ("dose", "1000 mg"),
+                ("route", "oral"),
+                ("frequency", "twice daily"),
+                ("status", "active"),
+                ("was_name", "Metformin"),
+                ("was_dose", "500 mg"),
+                ("was_route", "oral"),
+                ("was_frequency", "twice daily"),
+                ("was_status", "active"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(edited.status, StatusCode::SEE_OTHER, "{}", edited.body);
+
+    // The phone syncs: both values of each field stand side by side; nothing is chosen.
+    device_commits(
+        &relay,
+        &grace,
+        grace.chart_document_id,
+        (&nurse, &device),
+        offline,
+    )
+    .await;
+    let stored = stored_chart(&relay, &grace).await;
+    let mut severities = entry_values(&stored, "allergies", &allergy.id, "severity");
+    severities.sort();
+    assert_eq!(severities, ["mild", "severe"], "never auto-resolved");
+    let mut doses = entry_values(&stored, "medications", &medication.id, "dose");
+    doses.sort();
+    assert_eq!(doses, ["1000 mg", "850 mg"], "never auto-resolved");
+
+    let page = relay.get(&mut browser, &chart_page).await;
+    let severity_path = format!("allergies/{}/severity", allergy.id);
+    assert!(page.body.contains(&severity_path), "{}", page.body);
+    for shown in [
+        "<strong>mild</strong>",
+        "<strong>severe</strong>",
+        "<strong>850 mg</strong>",
+        "<strong>1000 mg</strong>",
+    ] {
+        assert!(page.body.contains(shown), "{shown} side by side");
+    }
+    assert!(page.body.contains(&format!("{} on {}", nurse.id, device)));
+    assert_eq!(page.body.matches("Keep this value").count(), 4);
+    // Editing a field in conflict is refused until a person resolves it.
+    let fields = allergy_form("moderate");
+    let mut fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for f in &mut fields {
+        if f.0 == "was_severity" {
+            f.1 = "severe";
+        }
+    }
+    let refused = relay.post(&mut browser, &allergies, &fields).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert!(
+        refused.body.contains("conflicting values"),
+        "{}",
+        refused.body
+    );
+
+    // She keeps the nurse's severity.
+    let section = &page.body[page.body.find(&severity_path).expect("severity conflict")..];
+    let listed = hidden(section, "listed");
+    let severe_at = section.find("<strong>severe</strong>").expect("severe");
+    let mild_at = section.find("<strong>mild</strong>").expect("mild");
+    let ids: Vec<&str> = listed.split(' ').collect();
+    let keep = if severe_at < mild_at { ids[0] } else { ids[1] };
+    let resolve = format!("/console/patients/{}/resolve", grace.id);
+    let done = relay
+        .post(
+            &mut browser,
+            &resolve,
+            &[
+                ("csrf", &csrf),
+                ("path", &severity_path),
+                ("listed", &listed),
+                ("choice", keep),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    let mut stored = stored_chart(&relay, &grace).await;
+    assert_eq!(
+        entry_values(&stored, "allergies", &allergy.id, "severity"),
+        ["severe"]
+    );
+    assert_eq!(
+        entry_values(&stored, "medications", &medication.id, "dose").len(),
+        2,
+        "the dose still waits for a person"
+    );
+    let last = fieldchart_core::model::history(&mut stored)
+        .pop()
+        .expect("a change");
+    assert_eq!(
+        last.author.map(|a| a.user_id),
+        Some(olga.id.to_string()),
+        "the resolution is the office user's change"
+    );
+
+    // A clinician's console account and a form without the CSRF token change nothing.
+    relay.console_user(&a, Role::Clinician, "nina").await;
+    let (mut nina, nina_csrf) = relay.signed_in("nina").await;
+    let refused = relay
+        .post(
+            &mut nina,
+            &demographics,
+            &[
+                ("csrf", &nina_csrf),
+                ("field", "phone"),
+                ("was", "555-0100"),
+                ("value", "555-0300"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    let refused = relay
+        .post(
+            &mut browser,
+            &demographics,
+            &[
+                ("field", "phone"),
+                ("was", "555-0100"),
+                ("value", "555-0300"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    // Another agency's case manager cannot reach the chart.
+    let b = admin::create_agency(&*relay.storage, &cli(), "Elsewhere")
+        .await
+        .expect("agency b")
+        .id;
+    relay.console_user(&b, Role::Office, "bert").await;
+    let (mut bert, bert_csrf) = relay.signed_in("bert").await;
+    let refused = relay
+        .post(
+            &mut bert,
+            &demographics,
+            &[
+                ("csrf", &bert_csrf),
+                ("field", "phone"),
+                ("was", "555-0100"),
+                ("value", "555-0300"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND, "{}", refused.body);
+    let read = fieldchart_core::model::PatientChart::read(
+        grace.chart_document_id,
+        &stored_chart(&relay, &grace).await,
+    );
+    assert_eq!(read.demographics["phone"], "555-0100");
+    let writes = relay
+        .audit_rows(&olga)
+        .await
+        .into_iter()
+        .filter(|(action, _, _)| *action == AuditAction::Write)
+        .count();
+    assert_eq!(
+        writes, 6,
+        "phone, allergy, medication, severity, dose, resolution: one write row each; the refused \
+         requests wrote nothing"
+    );
+}
+
+#[tokio::test]
+async fn demographics_allergies_and_medications_are_edited_in_the_browser() {
+    demographics_allergies_and_medications_are_edited_in_the_browser_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn demographics_allergies_and_medications_are_edited_in_the_browser_in_memory() {
+    demographics_allergies_and_medications_are_edited_in_the_browser_on(Backend::Memory).await;
+}
+
+/// A draft visit note whose `nextVisit` two copies set concurrently (the phone and the
+/// nurse's tablet, offline), stored on the relay; with `signed`, signed before the two edits.
+async fn note_in_conflict(
+    relay: &Relay,
+    patient: &Patient,
+    nurse: &User,
+    device: &DeviceId,
+    key: Option<&DeviceKey>,
+) -> DocumentId {
+    let actor = Actor {
+        user_id: nurse.id.to_string(),
+        device_id: device.to_string(),
+    };
+    let store = Store::open(StoreConfig {
+        path: relay.dir.join(format!("{}.db", DocumentId::random())),
+        key: StoreKey::random(),
+        actor: actor.clone(),
+        role: Role::Clinician,
+        keystroke_journal: false,
+    })
+    .expect("device store");
+    let note = store
+        .start_visit(&VisitStart {
+            agency_id: patient.agency_id.to_string(),
+            patient_id: patient.id.to_string(),
+            service_type: "skilled-nursing".into(),
+            date: "2026-11-29".into(),
+            location: "12 Elm St".into(),
+            started_at_ms: now_ms() - 30_000,
+            start_monotonic_ms: 1,
+        })
+        .expect("start visit");
+    store
+        .update_text(note, NoteText::Assessment, "Wound healing well.")
+        .expect("assessment");
+    let mut doc = AutoCommit::load(&store.export_changes(note).expect("export")).expect("load");
+    doc.set_actor(automerge::ActorId::random());
+    doc.set_author(Some(actor.author()));
+    if let Some(key) = key {
+        signing::sign(&mut doc, note, key, &actor, Role::Clinician, now_ms()).expect("sign");
+        doc.commit();
+    }
+    let mut tablet = doc.fork();
+    doc.put(automerge::ROOT, "nextVisit", "Thursday")
+        .expect("phone");
+    doc.commit();
+    tablet.set_actor(automerge::ActorId::random());
+    tablet.set_author(Some(
+        Actor {
+            user_id: nurse.id.to_string(),
+            device_id: "dev_tablet".into(),
+        }
+        .author(),
+    ));
+    tablet
+        .put(automerge::ROOT, "nextVisit", "Friday")
+        .expect("tablet");
+    tablet.commit();
+    doc.merge(&mut tablet).expect("merge");
+    assert_eq!(fieldchart_core::model::find_conflicts(&doc).len(), 1);
+    let saved = doc.save();
+    let heads = Automerge::load(&saved).expect("reload").get_heads();
+    relay
+        .storage
+        .write_document(DocumentWrite {
+            document_id: note,
+            meta: DocMeta {
+                agency_id: patient.agency_id.clone(),
+                patient_id: patient.id.clone(),
+                kind: "visit-note".into(),
+            },
+            create: true,
+            data: DocumentData::Snapshot(saved),
+            heads,
+            audit: None,
+        })
+        .await
+        .expect("store the note");
+    note
+}
+
+async fn stored_note(relay: &Relay, id: DocumentId) -> AutoCommit {
+    let stored = relay
+        .storage
+        .load_document(id)
+        .await
+        .expect("load")
+        .expect("note");
+    let mut doc = AutoCommit::load(&stored.snapshot.expect("snapshot")).expect("note doc");
+    for chunk in &stored.chunks {
+        doc.load_incremental(chunk).expect("chunk");
+    }
+    doc
+}
+
+async fn conflicts_of_draft_notes_are_resolved_in_the_browser_and_signed_notes_never_on(
+    backend: Backend,
+) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
+    let a = relay.agency.clone();
+    let grace = relay.patient(&a, "Grace Hopper").await;
+    let (nurse, device, key) = relay.enrolled_nurse(&a, "Ana").await;
+    let draft = note_in_conflict(&relay, &grace, &nurse, &device, None).await;
+    let signed = note_in_conflict(&relay, &grace, &nurse, &device, Some(&key)).await;
+    let olga = relay.console_user(&a, Role::Office, "olga").await;
+    let (mut browser, csrf) = relay.signed_in("olga").await;
+
+    // The draft's note page lists both values with their authors, each with a button.
+    let page = relay
+        .get(&mut browser, &format!("/console/notes/{draft}"))
+        .await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("Conflicting values"), "{}", page.body);
+    for shown in [
+        "<strong>Thursday</strong>",
+        "<strong>Friday</strong>",
+        "on dev_tablet",
+    ] {
+        assert!(page.body.contains(shown), "{shown}");
+    }
+    assert_eq!(page.body.matches("Keep this value").count(), 2);
+    let listed = hidden(&page.body, "listed");
+    let ids: Vec<&str> = listed.split(' ').collect();
+    // The signed note's conflict is listed without buttons.
+    let signed_page = relay
+        .get(&mut browser, &format!("/console/notes/{signed}"))
+        .await;
+    assert!(
+        signed_page.body.contains("The note is signed"),
+        "{}",
+        signed_page.body
+    );
+    assert!(!signed_page.body.contains("Keep this value"));
+    // The review queue: buttons for the draft only.
+    let queue = relay.get(&mut browser, "/console/review").await;
+    assert_eq!(
+        queue
+            .body
+            .matches(&format!("/console/notes/{draft}/resolve"))
+            .count(),
+        2,
+        "{}",
+        queue.body
+    );
+    assert!(
+        !queue
+            .body
+            .contains(&format!("/console/notes/{signed}/resolve"))
+    );
+
+    // Resolving the signed note's conflict is refused and writes nothing.
+    let signed_conflict =
+        fieldchart_core::model::find_conflicts(&stored_note(&relay, signed).await)
+            .pop()
+            .expect("the signed note's conflict");
+    let signed_listed = signed_conflict
+        .values
+        .iter()
+        .map(|v| v.id.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let refused = relay
+        .post(
+            &mut browser,
+            &format!("/console/notes/{signed}/resolve"),
+            &[
+                ("csrf", &csrf),
+                ("path", "nextVisit"),
+                ("listed", &signed_listed),
+                ("choice", signed_listed.split(' ').next().expect("id")),
+            ],
+        )
+        .await;
+    assert!(
+        matches!(refused.status, StatusCode::CONFLICT),
+        "{}: {}",
+        refused.status,
+        refused.body
+    );
+    assert_eq!(
+        fieldchart_core::model::find_conflicts(&stored_note(&relay, signed).await).len(),
+        1
+    );
+
+    // A clinician cannot resolve; no token, no resolution.
+    relay.console_user(&a, Role::Clinician, "nina").await;
+    let (mut nina, nina_csrf) = relay.signed_in("nina").await;
+    let resolve = format!("/console/notes/{draft}/resolve");
+    let refused = relay
+        .post(
+            &mut nina,
+            &resolve,
+            &[
+                ("csrf", &nina_csrf),
+                ("path", "nextVisit"),
+                ("listed", &listed),
+                ("choice", ids[0]),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    let refused = relay
+        .post(
+            &mut browser,
+            &resolve,
+            &[
+                ("path", "nextVisit"),
+                ("listed", &listed),
+                ("choice", ids[0]),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+
+    // She keeps "Friday".
+    let keep = if page.body.find("<strong>Friday</strong>")
+        < page.body.find("<strong>Thursday</strong>")
+    {
+        ids[0]
+    } else {
+        ids[1]
+    };
+    let done = relay
+        .post(
+            &mut browser,
+            &resolve,
+            &[
+                ("csrf", &csrf),
+                ("path", "nextVisit"),
+                ("listed", &listed),
+                ("choice", keep),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    assert_eq!(done.location(), format!("/console/notes/{draft}#conflicts"));
+    let mut note = stored_note(&relay, draft).await;
+    assert!(fieldchart_core::model::find_conflicts(&note).is_empty());
+    assert_eq!(
+        fieldchart_tests_get(&note, "nextVisit").as_deref(),
+        Some("Friday")
+    );
+    let last = fieldchart_core::model::history(&mut note)
+        .pop()
+        .expect("a change");
+    assert_eq!(last.author.map(|a| a.user_id), Some(olga.id.to_string()));
+    // The same form again: the values changed since; refused.
+    let again = relay
+        .post(
+            &mut browser,
+            &resolve,
+            &[
+                ("csrf", &csrf),
+                ("path", "nextVisit"),
+                ("listed", &listed),
+                ("choice", keep),
+            ],
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.body);
+    // A chart's id is not a note.
+    let wrong = relay
+        .post(
+            &mut browser,
+            &format!("/console/notes/{}/resolve", grace.chart_document_id),
+            &[
+                ("csrf", &csrf),
+                ("path", "nextVisit"),
+                ("listed", &listed),
+                ("choice", keep),
+            ],
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::NOT_FOUND, "{}", wrong.body);
+}
+
+fn fieldchart_tests_get(doc: &AutoCommit, key: &str) -> Option<String> {
+    match doc.get(automerge::ROOT, key).ok().flatten() {
+        Some((automerge::Value::Scalar(s), _)) => match s.as_ref() {
+            automerge::ScalarValue::Str(s) => Some(s.to_string()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn conflicts_of_draft_notes_are_resolved_in_the_browser_and_signed_notes_never() {
+    conflicts_of_draft_notes_are_resolved_in_the_browser_and_signed_notes_never_on(Backend::Sqlite)
+        .await;
+}
+
+#[tokio::test]
+async fn conflicts_of_draft_notes_are_resolved_in_the_browser_and_signed_notes_never_in_memory() {
+    conflicts_of_draft_notes_are_resolved_in_the_browser_and_signed_notes_never_on(Backend::Memory)
+        .await;
+}
+
+/// `POST /v1/sync-failures` with a device's bearer token.
+async fn report_failures(relay: &Relay, token: Option<&str>, body: serde_json::Value) -> Page {
+    let mut req =
+        Request::post("/v1/sync-failures").header(header::CONTENT_TYPE, "application/json");
+    if let Some(token) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    relay
+        .request(req.body(Body::from(body.to_string())).expect("request"))
+        .await
+}
+
+fn failure(document: &str, patient: &str, reason: &str) -> serde_json::Value {
+    serde_json::json!({
+        "documentId": document,
+        "documentKind": "visit-note",
+        "patientId": patient,
+        "failure": "refused",
+        "reason": reason,
+        "atMs": now_ms() - 5_000,
+        "attempts": 2,
+    })
+}
+
+async fn device_sync_failures_reach_the_review_queue_of_their_agency_only_on(backend: Backend) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
+    let a = relay.agency.clone();
+    let b = admin::create_agency(&*relay.storage, &cli(), "Elsewhere")
+        .await
+        .expect("agency b")
+        .id;
+    let grace = relay.patient(&a, "Grace Hopper").await;
+    let (ana, ana_device, _) = relay.enrolled_nurse(&a, "Ana").await;
+    let (bea, _, _) = relay.enrolled_nurse(&b, "Bea").await;
+    let ana_token = format!("fct_{}", ana.id);
+    let bea_token = format!("fct_{}", bea.id);
+    relay.console_user(&a, Role::Office, "olga").await;
+    relay.console_user(&b, Role::Office, "bert").await;
+    relay.console_user(&a, Role::Clinician, "nina").await;
+    let (mut olga, _) = relay.signed_in("olga").await;
+    let (mut bert, _) = relay.signed_in("bert").await;
+    let (mut nina, _) = relay.signed_in("nina").await;
+
+    let queue = relay.get(&mut olga, "/console/review").await;
+    assert!(
+        queue
+            .body
+            .contains("Every device reports its documents in sync")
+    );
+    // Olga's review queue is open (its event stream) when the phone reports.
+    let events = relay
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/console/events")
+                .header(header::COOKIE, olga.cookie_header())
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let mut stream = events.into_body().into_data_stream();
+
+    // Ana's phone cannot sync a note for Grace (not on her care team): it reports it.
+    let refused_note = DocumentId::random().to_string();
+    let done = report_failures(
+        &relay,
+        Some(&ana_token),
+        serde_json::json!({ "failures": [failure(&refused_note, grace.id.as_str(), "the relay refused the document (no access to the patient)")] }),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::NO_CONTENT, "{}", done.body);
+    let data = next_change(&mut stream).await;
+    assert!(data.starts_with("failures-"), "a live update: {data}");
+    let queue = relay.get(&mut olga, "/console/review").await;
+    for shown in [
+        refused_note.as_str(),
+        "Grace Hopper",
+        &format!("Ana on {ana_device}"),
+        "the relay refused the device",
+        "no access to the patient",
+        "2 attempts",
+        &format!("/console/patients/{}", grace.id),
+    ] {
+        assert!(queue.body.contains(shown), "{shown} in {}", queue.body);
+    }
+    // Another agency's office and a clinician not on Grace's care team do not see it.
+    assert!(
+        !relay
+            .get(&mut bert, "/console/review")
+            .await
+            .body
+            .contains(&refused_note)
+    );
+    assert!(
+        !relay
+            .get(&mut nina, "/console/review")
+            .await
+            .body
+            .contains(&refused_note)
+    );
+
+    // A device of agency B naming Grace cannot place a row in A, nor learn about Grace.
+    let b_note = DocumentId::random().to_string();
+    let done = report_failures(
+        &relay,
+        Some(&bea_token),
+        serde_json::json!({ "failures": [failure(&b_note, grace.id.as_str(), "refused")] }),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::NO_CONTENT, "{}", done.body);
+    assert!(
+        !relay
+            .get(&mut olga, "/console/review")
+            .await
+            .body
+            .contains(&b_note)
+    );
+    let b_queue = relay.get(&mut bert, "/console/review").await;
+    assert!(b_queue.body.contains(&b_note) && b_queue.body.contains("unknown to the relay"));
+    assert!(!b_queue.body.contains("Grace Hopper"));
+
+    // Bad reports are refused and change nothing; so is a report without a token.
+    for (token, body) in [
+        (
+            Some(ana_token.as_str()),
+            serde_json::json!({ "failures": [{ "documentId": refused_note, "failure": "exploded", "reason": "", "atMs": 1, "attempts": 1 }] }),
+        ),
+        (
+            Some(&ana_token),
+            serde_json::json!({ "failures": [failure("not-a-document", "", "x")] }),
+        ),
+        (
+            Some(&ana_token),
+            serde_json::json!({ "failures": [failure(&b_note, "", "x"), failure(&b_note, "", "y")] }),
+        ),
+        (
+            Some(&ana_token),
+            serde_json::json!({ "failures": [failure(&b_note, "", &"x".repeat(501))] }),
+        ),
+        (
+            Some(&ana_token),
+            serde_json::json!({ "failures": (0..1_001).map(|_| failure(&DocumentId::random().to_string(), "", "x")).collect::<Vec<_>>() }),
+        ),
+    ] {
+        let refused = report_failures(&relay, token, body).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    }
+    let refused = report_failures(&relay, None, serde_json::json!({ "failures": [] })).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        relay
+            .get(&mut olga, "/console/review")
+            .await
+            .body
+            .contains(&refused_note)
+    );
+
+    // A later pass synced it: the phone reports an empty list and the row is gone.
+    let done = report_failures(
+        &relay,
+        Some(&ana_token),
+        serde_json::json!({ "failures": [] }),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::NO_CONTENT);
+    let queue = relay.get(&mut olga, "/console/review").await;
+    assert!(!queue.body.contains(&refused_note));
+    assert!(
+        queue
+            .body
+            .contains("Every device reports its documents in sync")
+    );
+    assert_eq!(
+        relay
+            .console
+            .agency_sync_failures(b.clone())
+            .await
+            .expect("b's failures")
+            .len(),
+        1,
+        "agency B's row is untouched"
+    );
+}
+
+#[tokio::test]
+async fn device_sync_failures_reach_the_review_queue_of_their_agency_only() {
+    device_sync_failures_reach_the_review_queue_of_their_agency_only_on(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn device_sync_failures_reach_the_review_queue_of_their_agency_only_in_memory() {
+    device_sync_failures_reach_the_review_queue_of_their_agency_only_on(Backend::Memory).await;
 }

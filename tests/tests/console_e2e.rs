@@ -448,3 +448,315 @@ async fn an_admin_and_a_case_manager_work_in_chromium() {
         );
     }
 }
+
+/// A console user's browser, without a browser: cookies and form tokens by hand, redirects
+/// not followed (each answer is checked).
+struct FormClient {
+    base: String,
+    http: reqwest::Client,
+    cookies: std::collections::BTreeMap<String, String>,
+}
+
+/// The value of the first hidden field `name` in `body`.
+fn hidden_field(body: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = body
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {name} field in {body}"))
+        + marker.len();
+    body[start..]
+        .split('"')
+        .next()
+        .expect("field value")
+        .to_owned()
+}
+
+impl FormClient {
+    fn new(base: &str) -> FormClient {
+        FormClient {
+            base: base.to_owned(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("http client"),
+            cookies: Default::default(),
+        }
+    }
+
+    async fn absorb(&mut self, response: reqwest::Response) -> (u16, String) {
+        for value in response.headers().get_all(reqwest::header::SET_COOKIE) {
+            let text = value.to_str().expect("cookie");
+            let pair = text.split(';').next().expect("cookie pair");
+            if let Some((k, v)) = pair.split_once('=') {
+                self.cookies.insert(k.to_owned(), v.to_owned());
+            }
+        }
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn get(&mut self, url: &str) -> (u16, String) {
+        let url = if url.starts_with("http") {
+            url.to_owned()
+        } else {
+            format!("{}{url}", self.base)
+        };
+        let response = self
+            .http
+            .get(url)
+            .header(reqwest::header::COOKIE, self.cookie_header())
+            .send()
+            .await
+            .expect("GET");
+        self.absorb(response).await
+    }
+
+    async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> (u16, String) {
+        let body = fields
+            .iter()
+            .map(|(k, v)| {
+                let enc: String = v
+                    .bytes()
+                    .map(|b| match b {
+                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                            (b as char).to_string()
+                        }
+                        _ => format!("%{b:02X}"),
+                    })
+                    .collect();
+                format!("{k}={enc}")
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(reqwest::header::COOKIE, self.cookie_header())
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .expect("POST");
+        self.absorb(response).await
+    }
+
+    /// Set the password through the one-time link, sign in; returns the session's CSRF token.
+    async fn sign_in_with_link(&mut self, link: &str, login: &str) -> String {
+        let (status, page) = self.get(link).await;
+        assert_eq!(status, 200, "{page}");
+        let token = hidden_field(&page, "token");
+        let csrf = hidden_field(&page, "csrf");
+        let (status, page) = self
+            .post(
+                "/console/set-password",
+                &[
+                    ("token", &token),
+                    ("password", PASSWORD),
+                    ("confirm", PASSWORD),
+                    ("csrf", &csrf),
+                ],
+            )
+            .await;
+        assert!(status == 303 || status == 200, "{status}: {page}");
+        let (_, page) = self.get("/console/sign-in").await;
+        let csrf = hidden_field(&page, "csrf");
+        let (status, page) = self
+            .post(
+                "/console/sign-in",
+                &[("login", login), ("password", PASSWORD), ("csrf", &csrf)],
+            )
+            .await;
+        assert_eq!(status, 303, "{page}");
+        let (status, home) = self.get("/console/").await;
+        assert_eq!(status, 200, "{home}");
+        hidden_field(&home, "csrf")
+    }
+}
+
+/// The scheduler plans a visit in the console; the nurse's phone (a real device store and the
+/// real sync client) syncs and lists it. The phone starts a note for a patient who is not on
+/// its care team: the relay refuses it, the phone reports the failure after its pass and the
+/// office sees it in the review queue, linked to the patient; once the nurse is assigned and
+/// the phone syncs again, the report clears and so does the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_lists_its_schedule_and_reports_what_it_cannot_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(dir.path());
+    let admin = Admin::new(dir.path());
+    let agency = admin.create_agency("Riverside Home Health");
+    let base = relay.http_base();
+    let carl = admin.run(&[
+        "create-office-user",
+        "--agency",
+        &agency,
+        "--name",
+        "Carl Case",
+        "--role",
+        "office",
+        "--login",
+        "carl",
+        "--relay-url",
+        &base,
+    ]);
+    let ana = admin.create_user(&agency, "Ana Ruiz", "clinician");
+    let (grace, _) = admin.create_patient(&agency, "Grace Hopper");
+    let (hal, _) = admin.create_patient(&agency, "Hal Jordan");
+    admin.assign(&ana, &grace);
+
+    // Carl schedules Ana's visit to Grace.
+    let mut carl_browser = FormClient::new(&base);
+    let csrf = carl_browser
+        .sign_in_with_link(carl["setPasswordLink"].as_str().expect("link"), "carl")
+        .await;
+    let (status, page) = carl_browser
+        .post(
+            "/console/schedule",
+            &[
+                ("patient", &grace),
+                ("clinician", &ana),
+                ("date", "2026-12-02"),
+                ("start", "09:00"),
+                ("end", "10:30"),
+                ("service", "skilled-nursing"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(status, 303, "{page}");
+
+    // Ana's phone enrolls and syncs with the real client.
+    let key = DeviceKey::generate();
+    let done = fieldchart_mobile::enroll(
+        &base,
+        &admin.enroll(&ana, "Ana's phone"),
+        Some("Ana's phone"),
+        key.public_key(),
+        &TlsConfig::default(),
+    )
+    .await
+    .expect("enroll");
+    let store = std::sync::Arc::new(
+        Store::open(StoreConfig {
+            path: dir.path().join("ana-phone.db"),
+            key: StoreKey::random(),
+            actor: Actor {
+                user_id: done.user_id.clone(),
+                device_id: done.device_id.clone(),
+            },
+            role: Role::Clinician,
+            keystroke_journal: false,
+        })
+        .expect("device store"),
+    );
+    let client = fieldchart_mobile::SyncClient::new(
+        store.clone(),
+        fieldchart_mobile::RelayConfig {
+            base_url: base.clone(),
+            token: done.token.clone(),
+        },
+    )
+    .expect("sync client");
+    let pass = client
+        .run_pass(fieldchart_mobile::PassOptions::default())
+        .await;
+    assert_eq!(
+        pass.status,
+        fieldchart_mobile::PassStatus::Complete,
+        "{pass:?}"
+    );
+    let visits = store
+        .scheduled_visits("2026-12-01", "2026-12-03", Some(&done.user_id))
+        .expect("the phone reads its schedule");
+    assert_eq!(visits.len(), 1, "{visits:?}");
+    let visit = &visits[0];
+    assert_eq!(
+        (
+            visit.patient_id.as_str(),
+            visit.patient_name.as_deref(),
+            visit.date.as_str(),
+            visit.window_start.as_str(),
+            visit.window_end.as_str(),
+            visit.service_type.as_str(),
+            visit.status.as_str(),
+        ),
+        (
+            grace.as_str(),
+            Some("Grace Hopper"),
+            "2026-12-02",
+            "09:00",
+            "10:30",
+            "skilled-nursing",
+            "scheduled"
+        )
+    );
+
+    // A note for Hal, whose care team Ana is not on: the relay refuses it.
+    let note = store
+        .start_visit(&VisitStart {
+            agency_id: agency.clone(),
+            patient_id: hal.clone(),
+            service_type: "skilled-nursing".into(),
+            date: "2026-12-02".into(),
+            location: "4 Oak Rd".into(),
+            started_at_ms: now_ms() - 60_000,
+            start_monotonic_ms: 1,
+        })
+        .expect("start visit");
+    store
+        .update_text(note, NoteText::Assessment, "Private clinical words.")
+        .expect("assessment");
+    let pass = client
+        .run_pass(fieldchart_mobile::PassOptions::default())
+        .await;
+    assert_eq!(
+        pass.status,
+        fieldchart_mobile::PassStatus::Complete,
+        "{pass:?}"
+    );
+    let failures = store.sync_failures().expect("failures");
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].document_id, note);
+    // The pass reported it before returning: the review queue lists it.
+    let (status, queue) = carl_browser.get("/console/review").await;
+    assert_eq!(status, 200, "{queue}");
+    for shown in [
+        note.to_string().as_str(),
+        "Hal Jordan",
+        &format!("Ana Ruiz on {}", done.device_id),
+        "the relay refused the device",
+        &format!("/console/patients/{hal}"),
+    ] {
+        assert!(queue.contains(shown), "{shown} in {queue}");
+    }
+    assert!(
+        !queue.contains("Private clinical words"),
+        "never the note's content"
+    );
+
+    // Ana is assigned to Hal; the phone retries and syncs the note: the queue clears.
+    admin.assign(&ana, &hal);
+    store.retry_failed_document(note).expect("retry");
+    let pass = client
+        .run_pass(fieldchart_mobile::PassOptions::default())
+        .await;
+    assert_eq!(
+        pass.status,
+        fieldchart_mobile::PassStatus::Complete,
+        "{pass:?}"
+    );
+    assert!(store.sync_failures().expect("failures").is_empty());
+    let (_, queue) = carl_browser.get("/console/review").await;
+    assert!(!queue.contains(&note.to_string()), "{queue}");
+    assert!(queue.contains("Every device reports its documents in sync"));
+}

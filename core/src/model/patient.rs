@@ -227,7 +227,8 @@ fn put_changed_fields(
     Ok(!writes.is_empty())
 }
 
-pub(crate) fn set_demographic(doc: &mut AutoCommit, field: Demographic, value: &str) -> Result<()> {
+/// Set a demographic field (written only if it changed, never over a conflict).
+pub fn set_demographic(doc: &mut AutoCommit, field: Demographic, value: &str) -> Result<()> {
     let demo = ensure_obj(doc, &ROOT, "demographics", ObjType::Map)?;
     put_if_changed(doc, &demo, field.key(), value)?;
     Ok(())
@@ -295,7 +296,7 @@ fn medication_fields(m: &Medication) -> [(&'static str, &str); 5] {
 
 /// Add an allergy (`a.id` empty, `read` `None`) or update one: `read` is the allergy as the
 /// caller read it, and only the fields where `a` differs from it are written.
-pub(crate) fn upsert_allergy(
+pub fn upsert_allergy(
     doc: &mut AutoCommit,
     read: Option<&Allergy>,
     a: &Allergy,
@@ -319,7 +320,7 @@ pub(crate) fn upsert_allergy(
 
 /// Add a medication (`m.id` empty, `read` `None`) or update one: `read` is the medication as
 /// the caller read it, and only the fields where `m` differs from it are written.
-pub(crate) fn upsert_medication(
+pub fn upsert_medication(
     doc: &mut AutoCommit,
     read: Option<&Medication>,
     m: &Medication,

@@ -9,7 +9,7 @@
 
 use automerge::AutoCommit;
 use fieldchart_core::model::conflicts::{self, Conflict, ConflictValue};
-use fieldchart_core::model::{self, Actor};
+use fieldchart_core::model::{self, Actor, Allergy, Demographic, Medication, PatientChart};
 use fieldchart_core::protocol::DocumentId;
 
 use super::records::visible_patient;
@@ -117,6 +117,7 @@ pub async fn edit_care_plan(
         &patient,
         chart,
         "edit care plan",
+        false,
         move |doc, _| match edit {
             CarePlanEdit::Add {
                 parent,
@@ -140,6 +141,233 @@ pub async fn edit_care_plan(
     })
 }
 
+/// Demographic fields the console edits, with their labels.
+pub const DEMOGRAPHICS: &[(Demographic, &str)] = &[
+    (Demographic::Name, "Name"),
+    (Demographic::DateOfBirth, "Date of birth"),
+    (Demographic::Address, "Address"),
+    (Demographic::Phone, "Phone"),
+    (Demographic::EmergencyContact, "Emergency contact"),
+];
+
+/// Allergy severities the console offers.
+pub const SEVERITIES: &[&str] = &["mild", "moderate", "severe", "unknown"];
+/// Allergy statuses (an allergy is retired, never deleted).
+pub const ALLERGY_STATUSES: &[&str] = &["active", "inactive"];
+/// Medication statuses.
+pub const MEDICATION_STATUSES: &[&str] = &["active", "on-hold", "discontinued"];
+
+/// What the office changes in a chart besides its care plan. Updates carry the entry as the
+/// page showed it: only the fields the person changed are written, each only if the chart
+/// still holds what the page showed (a device may have synced meanwhile).
+#[derive(Debug, Clone)]
+pub enum ChartEdit {
+    /// Set a demographic field; `shown` is the value the page showed.
+    Demographic {
+        /// Which.
+        field: Demographic,
+        /// As shown.
+        shown: String,
+        /// The new value.
+        value: String,
+    },
+    /// Add an allergy (`shown` is `None`, the id empty) or update one.
+    Allergy {
+        /// As shown.
+        shown: Option<Allergy>,
+        /// As the person left it.
+        allergy: Allergy,
+    },
+    /// Add a medication (`shown` is `None`, the id empty) or update one.
+    Medication {
+        /// As shown.
+        shown: Option<Medication>,
+        /// As the person left it.
+        medication: Medication,
+    },
+}
+
+fn check_field(what: &str, text: &str, required: bool) -> Result<()> {
+    if required && text.trim().is_empty() {
+        return Err(Error::BadRequest(format!("the {what} is empty")));
+    }
+    if text.chars().count() > 500 {
+        return Err(Error::BadRequest(format!(
+            "the {what} is longer than 500 characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_choice(what: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "unknown {what} {value:?}; choose one of {}",
+            allowed.join(", ")
+        )))
+    }
+}
+
+fn trimmed_allergy(a: Allergy) -> Allergy {
+    Allergy {
+        id: a.id.trim().to_owned(),
+        substance: a.substance.trim().to_owned(),
+        reaction: a.reaction.trim().to_owned(),
+        severity: a.severity.trim().to_owned(),
+        status: a.status.trim().to_owned(),
+    }
+}
+
+fn trimmed_medication(m: Medication) -> Medication {
+    Medication {
+        id: m.id.trim().to_owned(),
+        name: m.name.trim().to_owned(),
+        dose: m.dose.trim().to_owned(),
+        route: m.route.trim().to_owned(),
+        frequency: m.frequency.trim().to_owned(),
+        status: m.status.trim().to_owned(),
+    }
+}
+
+/// Apply `edit` to the patient's chart as `principal`: one automerge change authored by the
+/// office user, merged with the nurses' offline edits like any device's. A field in conflict
+/// is not written over (resolve it first) and a field a device changed since the page was
+/// shown is refused ([`Error::Conflict`]); nothing is written then.
+pub async fn edit_chart(
+    state: &AppState,
+    principal: &Principal,
+    patient_id: &PatientId,
+    edit: ChartEdit,
+) -> Result<()> {
+    if principal.role() == Role::Clinician {
+        return Err(Error::Forbidden(
+            "charts are edited in the console by case managers; clinicians edit on their phone",
+        ));
+    }
+    let edit = match edit {
+        ChartEdit::Demographic {
+            field,
+            shown,
+            value,
+        } => {
+            let value = value.trim().to_owned();
+            check_field("value", &value, field == Demographic::Name)?;
+            ChartEdit::Demographic {
+                field,
+                shown,
+                value,
+            }
+        }
+        ChartEdit::Allergy { shown, allergy } => {
+            let allergy = trimmed_allergy(allergy);
+            check_field("substance", &allergy.substance, true)?;
+            check_field("reaction", &allergy.reaction, false)?;
+            // A value a device wrote outside the console's choices may stay as it is.
+            if shown
+                .as_ref()
+                .is_none_or(|s| s.severity != allergy.severity)
+            {
+                check_choice("severity", &allergy.severity, SEVERITIES)?;
+            }
+            if shown.as_ref().is_none_or(|s| s.status != allergy.status) {
+                check_choice("status", &allergy.status, ALLERGY_STATUSES)?;
+            }
+            if shown.is_some() == allergy.id.is_empty() {
+                return Err(Error::BadRequest("which allergy?".into()));
+            }
+            ChartEdit::Allergy {
+                shown: shown.map(|s| Allergy {
+                    id: allergy.id.clone(),
+                    ..s
+                }),
+                allergy,
+            }
+        }
+        ChartEdit::Medication { shown, medication } => {
+            let medication = trimmed_medication(medication);
+            check_field("drug name", &medication.name, true)?;
+            for (what, text) in [
+                ("dose", &medication.dose),
+                ("route", &medication.route),
+                ("frequency", &medication.frequency),
+            ] {
+                check_field(what, text, false)?;
+            }
+            if shown.as_ref().is_none_or(|s| s.status != medication.status) {
+                check_choice("status", &medication.status, MEDICATION_STATUSES)?;
+            }
+            if shown.is_some() == medication.id.is_empty() {
+                return Err(Error::BadRequest("which medication?".into()));
+            }
+            ChartEdit::Medication {
+                shown: shown.map(|s| Medication {
+                    id: medication.id.clone(),
+                    ..s
+                }),
+                medication,
+            }
+        }
+    };
+    let patient = visible_patient(state, principal, patient_id).await?;
+    let chart = patient.chart_document_id;
+    let author = Actor {
+        user_id: principal.user_id().to_string(),
+        device_id: principal.device_id.to_string(),
+    };
+    write_as(
+        state,
+        principal,
+        &patient,
+        chart,
+        "edit chart",
+        false,
+        move |doc, now| match edit {
+            ChartEdit::Demographic {
+                field,
+                shown,
+                value,
+            } => {
+                let current = PatientChart::read(chart, &*doc)
+                    .demographics
+                    .remove(field.key())
+                    .unwrap_or_default();
+                if current != shown.trim() {
+                    return Err(fieldchart_core::Error::StaleRead {
+                        path: format!("demographics/{}", field.key()),
+                    });
+                }
+                model::set_demographic(doc, field, &value)
+            }
+            ChartEdit::Allergy { shown, allergy } => {
+                model::upsert_allergy(doc, shown.as_ref(), &allergy, &author, now).map(drop)
+            }
+            ChartEdit::Medication { shown, medication } => {
+                model::upsert_medication(doc, shown.as_ref(), &medication, &author, now).map(drop)
+            }
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        Error::Core(c) => match *c {
+            fieldchart_core::Error::StaleRead { path } => Error::Conflict(format!(
+                "{path} changed since the page was shown (a device synced); nothing was \
+                 saved: reload the chart and edit again"
+            )),
+            fieldchart_core::Error::FieldInConflict { path } => Error::Conflict(format!(
+                "{path} has conflicting values: keep one of them first (listed at the top of \
+                 the chart); nothing was saved"
+            )),
+            fieldchart_core::Error::ItemNotFound { .. } => Error::BadRequest(
+                "that entry is not in the chart: it may have been removed; reload the chart".into(),
+            ),
+            other => Error::Core(Box::new(other)),
+        },
+        other => other,
+    })
+}
+
 /// Resolve the conflict at `path` of the patient's chart by keeping the value `choice`, as
 /// `principal`, provided the field still holds exactly the values `listed` (their ids, as the
 /// page showed them). A set that changed since is refused with [`Error::Conflict`] and nothing
@@ -159,6 +387,62 @@ pub async fn resolve_conflict(
         ));
     }
     let patient = visible_patient(state, principal, patient_id).await?;
+    let chart = patient.chart_document_id;
+    resolve_in(
+        state, principal, &patient, chart, path, listed, choice, false,
+    )
+    .await
+}
+
+/// Resolve the conflict at `path` of a visit note, as [`resolve_conflict`] does for a chart.
+/// Only a note that is not signed: a signed note's rendering is never touched, and its later
+/// changes are review items, not conflicts to settle here ([`Error::Conflict`]).
+pub async fn resolve_note_conflict(
+    state: &AppState,
+    principal: &Principal,
+    document_id: DocumentId,
+    path: String,
+    listed: Vec<String>,
+    choice: String,
+) -> Result<Patient> {
+    check_office(principal)?;
+    if listed.len() < 2 || !listed.contains(&choice) {
+        return Err(Error::BadRequest(
+            "the chosen value is not one of the listed values".into(),
+        ));
+    }
+    let row = state
+        .storage()
+        .document_row(document_id)
+        .await?
+        .filter(|row| row.meta.kind == "visit-note")
+        .ok_or(Error::NotFound("note"))?;
+    let patient = visible_patient(state, principal, &row.meta.patient_id).await?;
+    resolve_in(
+        state,
+        principal,
+        &patient,
+        document_id,
+        path,
+        listed,
+        choice,
+        true,
+    )
+    .await?;
+    Ok(patient)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn resolve_in(
+    state: &AppState,
+    principal: &Principal,
+    patient: &Patient,
+    id: DocumentId,
+    path: String,
+    listed: Vec<String>,
+    choice: String,
+    unsigned_only: bool,
+) -> Result<()> {
     let listed = Conflict {
         path: path.clone(),
         values: listed
@@ -177,9 +461,10 @@ pub async fn resolve_conflict(
     write_as(
         state,
         principal,
-        &patient,
-        patient.chart_document_id,
+        patient,
+        id,
         "resolve conflict",
+        unsigned_only,
         move |doc, now| conflicts::resolve(doc, &path, &listed, &choice, &user, now),
     )
     .await
@@ -206,6 +491,7 @@ async fn write_as<F>(
     patient: &Patient,
     id: DocumentId,
     message: &'static str,
+    unsigned_only: bool,
     f: F,
 ) -> Result<()>
 where
@@ -220,10 +506,17 @@ where
         .docs()
         .open(id)
         .await?
-        .ok_or(Error::NotFound("chart"))?;
+        .ok_or(Error::NotFound("document"))?;
     let (guard, made) = state
         .docs()
         .blocking(guard, move |g| -> Result<Vec<automerge::Change>> {
+            if unsigned_only && g.doc_and_ledger().1.is_signed() {
+                return Err(Error::Conflict(
+                    "the note is signed: the console never changes a signed note; its later \
+                     changes are listed for review and corrections go in an addendum"
+                        .into(),
+                ));
+            }
             let before = g.heads();
             let mut copy = model::load_document(&g.doc().save())?;
             copy.set_actor(automerge::ActorId::random());

@@ -53,11 +53,16 @@ pub async fn events(
         seq: state.storage().current_seq().await?,
         document_id: None,
     };
+    let agency = user.agency_id.clone();
+    let reports = state
+        .console()
+        .map(|c| c.failure_reports(&agency))
+        .unwrap_or_default();
     let mut tick = tokio::time::interval(LIVE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stream = futures::stream::unfold(
-        (state, scope, cursor, tick),
-        move |(state, scope, mut cursor, mut tick)| async move {
+        (state, scope, cursor, tick, (agency, reports)),
+        move |(state, scope, mut cursor, mut tick, (agency, mut reports))| async move {
             loop {
                 tick.tick().await;
                 let console = state.console()?;
@@ -66,6 +71,15 @@ pub async fn events(
                 match console.store().session(session).await {
                     Ok(Some(s)) if now - s.last_active_at < idle_ms && now < s.expires_at => {}
                     _ => return None,
+                }
+                // A device of the agency reported changed sync failures.
+                let now_reports = console.failure_reports(&agency);
+                if now_reports != reports {
+                    reports = now_reports;
+                    let event = Event::default()
+                        .event("changed")
+                        .data(format!("failures-{reports}"));
+                    return Some((Ok(event), (state, scope, cursor, tick, (agency, reports))));
                 }
                 let page = state
                     .storage()
@@ -84,7 +98,10 @@ pub async fn events(
                             };
                             let event =
                                 Event::default().event("changed").data(last.seq.to_string());
-                            return Some((Ok(event), (state, scope, cursor, tick)));
+                            return Some((
+                                Ok(event),
+                                (state, scope, cursor, tick, (agency, reports)),
+                            ));
                         }
                     }
                     Err(e) => {

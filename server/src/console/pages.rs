@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::auth::Office;
 use super::records::{self, ChartView, NoteView, PatientSummary};
-use super::{ConsoleResult, editing, vitals};
+use super::{ConsoleResult, chart_pages, editing, vitals};
 use crate::clock::format_ms;
 use crate::error::Error;
 use crate::identity::{PatientId, Role};
@@ -301,11 +301,58 @@ pub async fn schedule(
 /// to its note or chart.
 pub async fn review(State(state): State<AppState>, office: Office) -> ConsoleResult<Markup> {
     let entries = records::review_queue(&state, &office.principal).await?;
+    let failures = records::sync_failures(&state, &office.principal).await?;
     Ok(live_layout(
         "Review queue",
         &office,
-        review_body(&entries, &office),
+        html! {
+            (review_body(&entries, &office))
+            (failures_body(&failures))
+        },
     ))
+}
+
+fn failure_text(failure: &str) -> &'static str {
+    match failure {
+        "refused" => "the relay refused the device's data",
+        "invalid" => "the relay's data could not be applied on the device",
+        _ => "sync failure",
+    }
+}
+
+/// Documents devices cannot sync, as they reported them (cleared when a later pass syncs).
+fn failures_body(failures: &[records::FailureView]) -> Markup {
+    html! {
+        section aria-labelledby="sync-failures" {
+            h2 id="sync-failures" { "Device sync failures" }
+            @if failures.is_empty() { p { "Every device reports its documents in sync." } } @else {
+                table class="review" {
+                    thead { tr {
+                        th scope="col" { "Patient" } th scope="col" { "Document" } th scope="col" { "Device" }
+                        th scope="col" { "What" } th scope="col" { "Since" } th scope="col" { "Open" }
+                    } }
+                    tbody {
+                        @for f in failures {
+                            tr {
+                                td { (f.patient.as_ref().map(|p| if p.name.is_empty() { p.patient.id.to_string() } else { p.name.clone() }).unwrap_or_else(|| "unknown to the relay".into())) }
+                                td { (f.failure.document_kind.as_deref().unwrap_or("document")) " " code { (f.failure.document_id) } }
+                                td { (f.user_name) " on " (f.failure.device_id) }
+                                td { (failure_text(&f.failure.failure)) ": " (f.failure.reason) }
+                                td { (format_ms(f.failure.at_ms)) " (" (f.failure.attempts) " attempts)" }
+                                td {
+                                    @if f.note_on_relay {
+                                        a href={"/console/notes/" (f.failure.document_id)} { "Open note" }
+                                    } @else if let Some(p) = &f.patient {
+                                        a href={"/console/patients/" (p.patient.id)} { "Open chart" }
+                                    } @else { "—" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn review_body(entries: &[records::ReviewEntry], office: &Office) -> Markup {
@@ -332,7 +379,14 @@ fn review_body(entries: &[records::ReviewEntry], office: &Office) -> Markup {
                                 records::ReviewWhat::Conflict(c) => {
                                     td { "Conflicting values of " code { (c.path) } }
                                     td {
-                                        (conflict_values(c, csrf.filter(|_| e.kind == "patient").map(|t| (&e.patient.id, t, "review"))))
+                                        (conflict_values(c, csrf.and_then(|t| {
+                                            let action = match e.kind.as_str() {
+                                                "patient" => format!("/console/patients/{}/resolve", e.patient.id),
+                                                "visit-note" if !e.signed => format!("/console/notes/{}/resolve", e.document_id),
+                                                _ => return None,
+                                            };
+                                            Some((action, t, "review"))
+                                        })))
                                     }
                                 }
                             }
@@ -454,6 +508,32 @@ pub async fn resolve_conflict(
     }))
 }
 
+/// `POST /console/notes/{id}/resolve` — a person resolves a conflict of a draft visit note.
+pub async fn resolve_note_conflict(
+    State(state): State<AppState>,
+    office: Office,
+    Path(document_id): Path<String>,
+    Form(form): Form<ResolveForm>,
+) -> ConsoleResult<axum::response::Response> {
+    office.check_csrf(&form.csrf)?;
+    let id: DocumentId = document_id.parse().map_err(|_| Error::NotFound("note"))?;
+    let listed = form.listed.split_whitespace().map(str::to_owned).collect();
+    editing::resolve_note_conflict(
+        &state,
+        &office.principal,
+        id,
+        form.path,
+        listed,
+        form.choice,
+    )
+    .await?;
+    Ok(super::redirect(&if form.back == "review" {
+        "/console/review".to_owned()
+    } else {
+        format!("/console/notes/{id}#conflicts")
+    }))
+}
+
 fn shown_value(v: &serde_json::Value) -> String {
     v.as_str()
         .map(str::to_owned)
@@ -462,9 +542,9 @@ fn shown_value(v: &serde_json::Value) -> String {
 
 /// Every value of a conflict with author and time, and (for office users, on the chart) a
 /// "keep this value" button per value.
-fn conflict_values(
+pub(super) fn conflict_values(
     c: &fieldchart_core::model::Conflict,
-    resolve: Option<(&PatientId, &str, &str)>,
+    resolve: Option<(String, &str, &str)>,
 ) -> Markup {
     let listed = c
         .values
@@ -479,8 +559,8 @@ fn conflict_values(
                     strong { (shown_value(&v.value)) }
                     " — " (v.author.as_ref().map(|a| format!("{} on {}", a.user_id, a.device_id)).unwrap_or_else(|| "unknown author".into()))
                     ", " (format_ms(v.time_ms))
-                    @if let Some((patient, csrf, back)) = resolve {
-                        form method="post" action={"/console/patients/" (patient) "/resolve"} class="inline" {
+                    @if let Some((action, csrf, back)) = &resolve {
+                        form method="post" action=(action) class="inline" {
                             input type="hidden" name="csrf" value=(csrf);
                             input type="hidden" name="path" value=(c.path);
                             input type="hidden" name="listed" value=(listed);
@@ -574,7 +654,7 @@ fn chart_body(v: &ChartView, office: &Office) -> Markup {
                 p { "These fields were changed concurrently. Nothing is chosen automatically: keep the right value." }
                 @for conflict in &v.conflicts {
                     h3 { code { (conflict.path) } }
-                    (conflict_values(conflict, csrf.map(|t| (pid, t, "chart"))))
+                    (conflict_values(conflict, csrf.map(|t| (format!("/console/patients/{pid}/resolve"), t, "chart"))))
                 }
             }
         }
@@ -583,6 +663,7 @@ fn chart_body(v: &ChartView, office: &Office) -> Markup {
             dl {
                 @for (k, val) in &c.demographics { dt { (k) } dd { (val) } }
             }
+            @if let Some(csrf) = csrf { (chart_pages::demographics_form(pid, c, csrf)) }
         }
         section aria-labelledby="allergies" {
             h2 id="allergies" { "Allergies" }
@@ -592,6 +673,7 @@ fn chart_body(v: &ChartView, office: &Office) -> Markup {
                     tbody { @for a in &c.allergies { tr { td { (a.substance) } td { (a.reaction) } td { (a.severity) } td { (status_text(&a.status)) } } } }
                 }
             }
+            @if let Some(csrf) = csrf { (chart_pages::allergy_forms(pid, &c.allergies, csrf)) }
         }
         section aria-labelledby="medications" {
             h2 id="medications" { "Medications" }
@@ -601,6 +683,7 @@ fn chart_body(v: &ChartView, office: &Office) -> Markup {
                     tbody { @for m in &c.medications { tr { td { (m.name) } td { (m.dose) } td { (m.route) } td { (m.frequency) } td { (status_text(&m.status)) } } } }
                 }
             }
+            @if let Some(csrf) = csrf { (chart_pages::medication_forms(pid, &c.medications, csrf)) }
         }
         section aria-labelledby="care-team" {
             h2 id="care-team" { "Care team" }
@@ -673,7 +756,8 @@ pub async fn note(
             &view.patient_name
         }
     );
-    Ok(layout(&title, Some(&office), note_body(&view)))
+    let csrf = (office.user().role != Role::Clinician).then_some(office.csrf.as_str());
+    Ok(layout(&title, Some(&office), note_body(&view, csrf)))
 }
 
 fn vital_label(v: fieldchart_core::model::VitalType) -> &'static str {
@@ -698,10 +782,27 @@ fn review_reason(reason: &ReviewReason) -> String {
     }
 }
 
-fn note_body(v: &NoteView) -> Markup {
+fn note_body(v: &NoteView, csrf: Option<&str>) -> Markup {
     let n = &v.note;
+    // A signed note is never changed here: its conflicts are listed without buttons.
+    let signed = n.status == fieldchart_core::model::NoteStatus::Signed;
+    let csrf = csrf.filter(|_| !signed);
     html! {
         p { a href={"/console/patients/" (v.patient.id)} { "Back to the chart" } }
+        @if !v.conflicts.is_empty() {
+            section aria-labelledby="conflicts" {
+                h2 id="conflicts" { "Conflicting values" }
+                @if csrf.is_some() {
+                    p { "These fields of the draft were changed concurrently. Nothing is chosen automatically: keep the right value." }
+                } @else if signed {
+                    p { "The note is signed: the console does not change it. Corrections go in an addendum." }
+                }
+                @for conflict in &v.conflicts {
+                    h3 { code { (conflict.path) } }
+                    (conflict_values(conflict, csrf.map(|t| (format!("/console/notes/{}/resolve", n.document_id), t, "note"))))
+                }
+            }
+        }
         section aria-labelledby="signature" {
             h2 id="signature" { "Signature" }
             @if v.signatures.is_empty() { p { "Not signed." } }

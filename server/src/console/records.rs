@@ -168,6 +168,8 @@ pub struct NoteView {
     pub signatures: Vec<CheckedSignature>,
     /// Changes awaiting review (after or concurrent with the signature, tampering).
     pub review: Vec<ReviewItem>,
+    /// Open conflicts of the note's fields (a draft's are resolved in the console).
+    pub conflicts: Vec<fieldchart_core::model::Conflict>,
 }
 
 /// Open a visit note as `principal` (one `read` audit row), verifying every signature entry
@@ -200,8 +202,10 @@ pub async fn open_note(
     let keys = key_directory(state, &row.meta).await?;
     let entries = read.entries.clone();
     let doc = read.doc;
-    let checked = tokio::task::spawn_blocking(move || {
-        entries
+    let (checked, conflicts) = tokio::task::spawn_blocking(move || {
+        let conflicts =
+            AutoCommit::load(&doc.save()).map(|copy| fieldchart_core::model::find_conflicts(&copy));
+        let checked = entries
             .iter()
             .filter_map(|entry| {
                 let signature = Signature::from_entry(entry)?;
@@ -212,9 +216,11 @@ pub async fn open_note(
                 };
                 Some((signature, verdict))
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        (checked, conflicts)
     })
     .await?;
+    let conflicts = conflicts?;
     let mut signatures = Vec::new();
     for (signature, verdict) in checked {
         let signer_name = state
@@ -246,6 +252,7 @@ pub async fn open_note(
         rendering: read.rendering,
         signatures,
         review: read.review,
+        conflicts,
     })
 }
 
@@ -444,6 +451,8 @@ pub struct ReviewEntry {
     pub kind: String,
     /// What needs a person.
     pub what: ReviewWhat,
+    /// A signed note (its conflicts are listed, never resolved in the console).
+    pub signed: bool,
 }
 
 /// Everything awaiting a person across the patients `principal` may open: post-signature
@@ -461,24 +470,25 @@ pub async fn review_queue(state: &AppState, principal: &Principal) -> Result<Vec
             let note = kind == "visit-note";
             let (_guard, found) = state
                 .docs()
-                .blocking(guard, move |g| -> Result<(Vec<ReviewItem>, Vec<_>)> {
-                    let items = if note {
+                .blocking(guard, move |g| -> Result<(Vec<ReviewItem>, Vec<_>, bool)> {
+                    let (items, signed) = if note {
                         let (_, ledger) = g.doc_and_ledger();
-                        ledger.review_items().to_vec()
+                        (ledger.review_items().to_vec(), ledger.is_signed())
                     } else {
-                        Vec::new()
+                        (Vec::new(), false)
                     };
                     let copy = AutoCommit::load(&g.doc().save())?;
-                    Ok((items, fieldchart_core::model::find_conflicts(&copy)))
+                    Ok((items, fieldchart_core::model::find_conflicts(&copy), signed))
                 })
                 .await?;
-            let (items, conflicts) = found?;
+            let (items, conflicts, signed) = found?;
             let entry = |what| ReviewEntry {
                 patient: summary.patient.clone(),
                 patient_name: summary.name.clone(),
                 document_id: id,
                 kind: kind.clone(),
                 what,
+                signed,
             };
             out.extend(items.into_iter().map(|i| entry(ReviewWhat::Item(i))));
             out.extend(
@@ -487,6 +497,66 @@ pub async fn review_queue(state: &AppState, principal: &Principal) -> Result<Vec
                     .map(|c| entry(ReviewWhat::Conflict(c))),
             );
         }
+    }
+    Ok(out)
+}
+
+/// A device's sync failure as the review queue lists it.
+#[derive(Debug, Clone)]
+pub struct FailureView {
+    /// What the device reported.
+    pub failure: super::store::ReportedFailure,
+    /// The patient and their name, when the relay knows them and the user may open them.
+    pub patient: Option<PatientSummary>,
+    /// The device's user's name.
+    pub user_name: String,
+    /// The relay holds the document as a visit note the user may open (link to it).
+    pub note_on_relay: bool,
+}
+
+/// The sync failures devices of `principal`'s agency reported: all of them for office and
+/// admin users; for clinicians, their own devices' and those of patients they may open. Not
+/// audited (document ids, reasons and times; no chart content).
+pub async fn sync_failures(state: &AppState, principal: &Principal) -> Result<Vec<FailureView>> {
+    let store = console_store(state)?;
+    let reported = store
+        .agency_sync_failures(principal.agency_id().clone())
+        .await?;
+    if reported.is_empty() {
+        return Ok(Vec::new());
+    }
+    let visible = patients(state, principal).await?;
+    let office = principal.role() != crate::identity::Role::Clinician;
+    let mut out = Vec::new();
+    for failure in reported {
+        let patient = failure
+            .patient_id
+            .as_ref()
+            .and_then(|p| visible.iter().find(|s| &s.patient.id == p))
+            .cloned();
+        if !office && patient.is_none() && &failure.user_id != principal.user_id() {
+            continue;
+        }
+        let note_on_relay = patient.is_some()
+            && state
+                .storage()
+                .document_row(failure.document_id)
+                .await?
+                .is_some_and(|row| {
+                    row.meta.kind == "visit-note" && row.meta.agency_id == *principal.agency_id()
+                });
+        let user_name = state
+            .storage()
+            .user(failure.user_id.clone())
+            .await?
+            .map(|u| u.name)
+            .unwrap_or_else(|| failure.user_id.to_string());
+        out.push(FailureView {
+            failure,
+            patient,
+            user_name,
+            note_on_relay,
+        });
     }
     Ok(out)
 }

@@ -10,7 +10,7 @@ use std::fmt;
 
 use fieldchart_core::protocol::DocumentId;
 
-use crate::identity::{AgencyId, Patient, PatientId, User, UserId};
+use crate::identity::{AgencyId, DeviceId, Patient, PatientId, User, UserId};
 use crate::storage::{AdminEvent, StorageFuture};
 
 /// An office user's sign-in record.
@@ -80,6 +80,57 @@ pub struct UserListing {
     pub has_password: bool,
 }
 
+/// A sync failure a device reported (see `crate::sync_failures`): which document, why, since
+/// when; never its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedFailure {
+    /// The reporting device.
+    pub device_id: DeviceId,
+    /// The device's user.
+    pub user_id: UserId,
+    /// The device's agency.
+    pub agency_id: AgencyId,
+    /// The document that does not sync.
+    pub document_id: DocumentId,
+    /// Its patient, when the relay knows them in the device's agency.
+    pub patient_id: Option<PatientId>,
+    /// Its kind as the device indexed it (`visit-note`, `patient`), if known.
+    pub document_kind: Option<String>,
+    /// `refused` or `invalid`.
+    pub failure: String,
+    /// Why, as the device recorded it (no patient data).
+    pub reason: String,
+    /// The last failure, ms since the epoch (the device's clock).
+    pub at_ms: i64,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When the relay received the report, ms since the epoch.
+    pub reported_at: i64,
+}
+
+impl ReportedFailure {
+    /// What a new report compares: the same document failing the same way is no change.
+    pub fn same_failure(&self, other: &ReportedFailure) -> bool {
+        (
+            &self.document_id,
+            &self.patient_id,
+            &self.document_kind,
+            &self.failure,
+            &self.reason,
+            self.at_ms,
+            self.attempts,
+        ) == (
+            &other.document_id,
+            &other.patient_id,
+            &other.document_kind,
+            &other.failure,
+            &other.reason,
+            other.at_ms,
+            other.attempts,
+        )
+    }
+}
+
 /// The console's storage. See the module docs.
 pub trait ConsoleStore: Send + Sync + fmt::Debug + 'static {
     /// Give `user_id` the sign-in name `login` and store its first set-password link, with the
@@ -143,4 +194,16 @@ pub trait ConsoleStore: Send + Sync + fmt::Debug + 'static {
         &self,
         patient_id: PatientId,
     ) -> StorageFuture<'_, Vec<(DocumentId, String)>>;
+
+    /// Replace every sync failure `device_id` reported before with `failures` (its whole
+    /// current list; empty: everything synced), in one transaction. Returns whether the list
+    /// changed (other than in `reported_at`).
+    fn replace_sync_failures(
+        &self,
+        device_id: DeviceId,
+        failures: Vec<ReportedFailure>,
+    ) -> StorageFuture<'_, bool>;
+
+    /// Every sync failure devices of an agency reported, newest first.
+    fn agency_sync_failures(&self, agency_id: AgencyId) -> StorageFuture<'_, Vec<ReportedFailure>>;
 }

@@ -36,7 +36,7 @@ use crate::identity::{
 mod console;
 
 /// Schema version this build writes; see `server/migrations/`.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Reader connections (besides the one writer).
 const READER_CONNECTIONS: usize = 4;
@@ -51,6 +51,7 @@ fn migrate_step(tx: &Transaction<'_>, from_version: u32) -> Result<()> {
         1 => tx.execute_batch(include_str!("../../migrations/002_admin_enrollment.sql"))?,
         2 => tx.execute_batch(include_str!("../../migrations/003_audit_tamper.sql"))?,
         3 => tx.execute_batch(include_str!("../../migrations/004_console.sql"))?,
+        4 => tx.execute_batch(include_str!("../../migrations/005_sync_failures.sql"))?,
         other => {
             return Err(Error::Storage(format!(
                 "no migration from schema version {other}"

@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use fieldchart_core::protocol::DocumentId;
 
 use super::MemoryStorage;
-use crate::console::store::{ConsoleSession, ConsoleStore, LoginRecord, PasswordLink, UserListing};
+use crate::console::store::{
+    ConsoleSession, ConsoleStore, LoginRecord, PasswordLink, ReportedFailure, UserListing,
+};
 use crate::error::{Error, Result};
-use crate::identity::{AgencyId, Patient, PatientId, UserId};
+use crate::identity::{AgencyId, DeviceId, Patient, PatientId, UserId};
 use crate::storage::{AdminEvent, StorageFuture};
 
 #[derive(Debug, Default)]
@@ -19,6 +21,8 @@ struct Tables {
     /// token hash → (link, used at)
     links: HashMap<[u8; 32], (PasswordLink, Option<i64>)>,
     sessions: HashMap<[u8; 32], ConsoleSession>,
+    /// device → its reported sync failures, by document id
+    failures: HashMap<DeviceId, Vec<ReportedFailure>>,
 }
 
 /// The console's records in memory, over a [`MemoryStorage`].
@@ -239,6 +243,49 @@ impl ConsoleStore for MemoryConsole {
             // Creation order is not kept in memory; sequence order is the closest.
             docs.sort_by_key(|(seq, id, _)| (*seq, *id));
             Ok(docs.into_iter().map(|(_, id, kind)| (id, kind)).collect())
+        })
+    }
+
+    fn replace_sync_failures(
+        &self,
+        device_id: DeviceId,
+        failures: Vec<ReportedFailure>,
+    ) -> StorageFuture<'_, bool> {
+        self.with(move |_, tables| {
+            if failures.iter().any(|f| f.device_id != device_id) {
+                return Err(Error::BadRequest(
+                    "a report holds another device's failure".into(),
+                ));
+            }
+            let mut failures = failures;
+            failures.sort_by_key(|f| f.document_id.as_bytes().to_vec());
+            let before = tables.failures.remove(&device_id).unwrap_or_default();
+            let unchanged = before.len() == failures.len()
+                && before.iter().zip(&failures).all(|(a, b)| a.same_failure(b));
+            if !failures.is_empty() {
+                tables.failures.insert(device_id, failures);
+            }
+            Ok(!unchanged)
+        })
+    }
+
+    fn agency_sync_failures(&self, agency_id: AgencyId) -> StorageFuture<'_, Vec<ReportedFailure>> {
+        self.with(move |_, tables| {
+            let mut out: Vec<ReportedFailure> = tables
+                .failures
+                .values()
+                .flatten()
+                .filter(|f| f.agency_id == agency_id)
+                .cloned()
+                .collect();
+            out.sort_by(|a, b| {
+                (b.at_ms, &a.device_id, a.document_id.as_bytes()).cmp(&(
+                    a.at_ms,
+                    &b.device_id,
+                    b.document_id.as_bytes(),
+                ))
+            });
+            Ok(out)
         })
     }
 }

@@ -1,12 +1,15 @@
-//! [`ConsoleStore`] on the SQLite backend (tables of `migrations/004_console.sql`).
+//! [`ConsoleStore`] on the SQLite backend (tables of `migrations/004_console.sql` and
+//! `migrations/005_sync_failures.sql`).
 
 use fieldchart_core::protocol::DocumentId;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{SqliteStorage, check_user_enabled, doc_id_from, insert_admin_event, user_from_row};
-use crate::console::store::{ConsoleSession, ConsoleStore, LoginRecord, PasswordLink, UserListing};
+use crate::console::store::{
+    ConsoleSession, ConsoleStore, LoginRecord, PasswordLink, ReportedFailure, UserListing,
+};
 use crate::error::{Error, Result};
-use crate::identity::{AgencyId, Patient, PatientId, UserId};
+use crate::identity::{AgencyId, DeviceId, Patient, PatientId, UserId};
 use crate::storage::{AdminEvent, StorageFuture};
 
 fn insert_link(tx: &Transaction<'_>, link: &PasswordLink) -> Result<()> {
@@ -56,6 +59,53 @@ fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, Console
 }
 
 type ConsoleSessionRow = (String, String, String, i64, i64, i64);
+
+const FAILURE_COLUMNS: &str = "device_id, document_id, agency_id, user_id, patient_id, document_kind, failure, reason, at_ms, attempts, reported_at";
+
+fn failures_where(tx: &Transaction<'_>, clause: &str, arg: &str) -> Result<Vec<ReportedFailure>> {
+    let mut stmt = tx.prepare(&format!(
+        "SELECT {FAILURE_COLUMNS} FROM device_sync_failures WHERE {clause}"
+    ))?;
+    let rows = stmt.query_map([arg], |r| {
+        Ok((
+            (
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+            ),
+            (
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, i64>(10)?,
+            ),
+        ))
+    })?;
+    rows.map(|row| {
+        let (
+            (device, doc, agency, user, patient, kind),
+            (failure, reason, at_ms, attempts, reported_at),
+        ) = row?;
+        Ok(ReportedFailure {
+            device_id: DeviceId::new(device),
+            user_id: UserId::new(user),
+            agency_id: AgencyId::new(agency),
+            document_id: doc_id_from(&doc)?,
+            patient_id: patient.map(PatientId::new),
+            document_kind: kind,
+            failure,
+            reason,
+            at_ms,
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            reported_at,
+        })
+    })
+    .collect()
+}
 
 impl ConsoleStore for SqliteStorage {
     fn create_login(
@@ -315,6 +365,63 @@ impl ConsoleStore for SqliteStorage {
                 Ok((doc_id_from(&id)?, kind))
             })
             .collect()
+        })
+    }
+
+    fn replace_sync_failures(
+        &self,
+        device_id: DeviceId,
+        failures: Vec<ReportedFailure>,
+    ) -> StorageFuture<'_, bool> {
+        self.write(move |tx| {
+            let before = failures_where(
+                tx,
+                "device_id = ?1 ORDER BY document_id",
+                device_id.as_str(),
+            )?;
+            tx.execute(
+                "DELETE FROM device_sync_failures WHERE device_id = ?1",
+                [device_id.as_str()],
+            )?;
+            let mut stmt = tx.prepare(&format!(
+                "INSERT INTO device_sync_failures ({FAILURE_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ))?;
+            for f in &failures {
+                if f.device_id != device_id {
+                    return Err(Error::BadRequest(
+                        "a report holds another device's failure".into(),
+                    ));
+                }
+                stmt.execute(params![
+                    f.device_id.as_str(),
+                    f.document_id.as_bytes().as_slice(),
+                    f.agency_id.as_str(),
+                    f.user_id.as_str(),
+                    f.patient_id.as_ref().map(PatientId::as_str),
+                    f.document_kind,
+                    f.failure,
+                    f.reason,
+                    f.at_ms,
+                    i64::from(f.attempts),
+                    f.reported_at,
+                ])?;
+            }
+            let mut after: Vec<&ReportedFailure> = failures.iter().collect();
+            after.sort_by_key(|f| f.document_id.as_bytes().to_vec());
+            let unchanged = before.len() == after.len()
+                && before.iter().zip(&after).all(|(a, b)| a.same_failure(b));
+            Ok(!unchanged)
+        })
+    }
+
+    fn agency_sync_failures(&self, agency_id: AgencyId) -> StorageFuture<'_, Vec<ReportedFailure>> {
+        self.read(move |tx| {
+            failures_where(
+                tx,
+                "agency_id = ?1 ORDER BY at_ms DESC, device_id, document_id",
+                agency_id.as_str(),
+            )
         })
     }
 }
