@@ -2701,10 +2701,21 @@ async fn device_sync_failures_reach_the_review_queue_of_their_agency_only_on(bac
         .expect("agency b")
         .id;
     let grace = relay.patient(&a, "Grace Hopper").await;
-    let (ana, ana_device, _) = relay.enrolled_nurse(&a, "Ana").await;
-    let (bea, _, _) = relay.enrolled_nurse(&b, "Bea").await;
-    let ana_token = format!("fct_{}", ana.id);
-    let bea_token = format!("fct_{}", bea.id);
+    let phone = |agency: AgencyId, name: &'static str| {
+        let storage = relay.storage.clone();
+        async move {
+            let user = admin::create_user(&*storage, &cli(), &agency, name, Role::Clinician)
+                .await
+                .expect("nurse");
+            let (device, token) =
+                admin::issue_token(&*storage, &cli(), &user.id, "phone", now_ms() + 86_400_000)
+                    .await
+                    .expect("token");
+            (device.id, token)
+        }
+    };
+    let (ana_device, ana_token) = phone(a.clone(), "Ana").await;
+    let (_, bea_token) = phone(b.clone(), "Bea").await;
     relay.console_user(&a, Role::Office, "olga").await;
     relay.console_user(&b, Role::Office, "bert").await;
     relay.console_user(&a, Role::Clinician, "nina").await;
