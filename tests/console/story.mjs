@@ -203,6 +203,40 @@ try {
   await check(manager, "review-resolved");
   emit({ step: "resolved", kept: "met" });
 
+  // 6b. The chart's other records, edited in the browser: she records Grace's phone number
+  //     and a penicillin allergy; the phone, offline, makes the reaction severe while she makes
+  //     it mild; both values are shown side by side and she keeps the nurse's.
+  await manager.goto(`${BASE}/console/patients/${patientId}`);
+  await manager.fill("#demo-phone", "555-0100");
+  await manager.click("form:has(#demo-phone) button");
+  await manager.waitForURL(/#demographics$/);
+  await expectText(manager, "555-0100");
+  await manager.fill("#allergy-substance-new", "Penicillin");
+  await manager.fill("#allergy-reaction-new", "Rash");
+  await manager.selectOption("#allergy-severity-new", "moderate");
+  await manager.click("form:has(#allergy-substance-new) button");
+  await manager.waitForURL(/#allergies$/);
+  await expectText(manager, "Allergy: Penicillin");
+  await check(manager, "chart-edit");
+  emit({ step: "allergy" });
+  const { allergyId } = await nextLine();
+  await manager.selectOption(`#allergy-severity-${allergyId}`, "mild");
+  await manager.click(`form:has(#allergy-severity-${allergyId}) button`);
+  await manager.waitForURL(/#allergies$/);
+  emit({ step: "allergy-edited" });
+  await nextLine();
+  await manager.goto(`${BASE}/console/patients/${patientId}`);
+  await expectText(manager, "Conflicting values");
+  await expectText(manager, `allergies/${allergyId}/severity`);
+  await check(manager, "allergy-conflict");
+  await manager.click(`button[aria-label='Keep severe for allergies/${allergyId}/severity']`);
+  await manager.waitForURL(/#conflicts$/);
+  if ((await manager.locator("text=Keep this value").count()) !== 0) {
+    throw new Error("the allergy conflict is still listed after it was resolved");
+  }
+  await check(manager, "allergy-resolved");
+  emit({ step: "allergy-resolved", kept: "severe" });
+
   // 7. The administrator's audit search lists the case manager's views.
   await admin.goto(`${BASE}/console/admin/audit?user=${env("MANAGER_ID")}&action=read`);
   const rows = await admin.$$eval("table.audit tbody tr", (trs) => trs.length);

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use automerge::{AutoCommit, Automerge};
 use fieldchart_core::model::signing::{self, DeviceKey};
-use fieldchart_core::model::{Actor, NoteText, Role, VisitStart, VitalReading, VitalType};
+use fieldchart_core::model::{Actor, Allergy, NoteText, Role, VisitStart, VitalReading, VitalType};
 use fieldchart_core::protocol::DocumentId;
 use fieldchart_core::store::{Store, StoreConfig, StoreKey};
 use fieldchart_mobile::TlsConfig;
@@ -128,7 +128,7 @@ async fn next_step(
 
 /// The nurse's phone after its first sync: its store, its token and the signed note's id.
 struct Phone {
-    store: Store,
+    store: std::sync::Arc<Store>,
     token: String,
     note: String,
 }
@@ -160,6 +160,40 @@ async fn phone_charts_and_signs(relay: &RelayProcess, dir: &Path, enroll: &Value
         keystroke_journal: true,
     })
     .expect("device store");
+    let store = std::sync::Arc::new(store);
+    // Its first sync (the real client) brings the chart and the schedule the admin made in the
+    // browser: the phone lists today's visit.
+    let pass = fieldchart_mobile::SyncClient::new(
+        store.clone(),
+        fieldchart_mobile::RelayConfig {
+            base_url: relay.http_base(),
+            token: done.token.clone(),
+        },
+    )
+    .expect("sync client")
+    .run_pass(fieldchart_mobile::PassOptions::default())
+    .await;
+    assert_eq!(
+        pass.status,
+        fieldchart_mobile::PassStatus::Complete,
+        "{pass:?}"
+    );
+    let today = enroll["date"].as_str().expect("date");
+    let visits = store
+        .scheduled_visits(today, today, Some(&done.user_id))
+        .expect("the phone reads its schedule");
+    assert_eq!(
+        visits
+            .iter()
+            .map(|v| (
+                v.patient_id.as_str(),
+                v.window_start.as_str(),
+                v.window_end.as_str()
+            ))
+            .collect::<Vec<_>>(),
+        [(patient, "00:00", "23:59")],
+        "the visit scheduled in the browser is on the phone"
+    );
     let note = store
         .start_visit(&VisitStart {
             agency_id: done.agency_id.clone(),
@@ -372,7 +406,6 @@ async fn an_admin_and_a_case_manager_work_in_chromium() {
 
     // She resolves it in the browser; the phone receives the resolution.
     let resolved = next_step(&mut lines, "resolved", &mut checked).await;
-    drop(stdin);
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     loop {
         drop(phone_pulls(&relay, &phone, chart).await);
@@ -399,6 +432,86 @@ async fn an_admin_and_a_case_manager_work_in_chromium() {
         Some(goal.as_str()),
         resolved["kept"].as_str(),
         "the phone holds the value she kept"
+    );
+
+    // She records a phone number and an allergy in the browser; the phone, offline, makes the
+    // allergy severe while she makes it mild; the conflict is shown, she keeps the nurse's
+    // value and the phone receives the resolution.
+    next_step(&mut lines, "allergy", &mut checked).await;
+    let mut peer = phone_pulls(&relay, &phone, chart).await;
+    let read = phone.store.patient_chart(chart).expect("chart");
+    assert_eq!(
+        read.demographics.get("phone").map(String::as_str),
+        Some("555-0100"),
+        "the browser's demographic edit reached the phone"
+    );
+    let allergy = read
+        .allergies
+        .iter()
+        .find(|a| a.substance == "Penicillin")
+        .expect("the browser's allergy reached the phone")
+        .clone();
+    assert_eq!(allergy.severity, "moderate");
+    phone
+        .store
+        .upsert_allergy(
+            chart,
+            Some(&allergy),
+            &Allergy {
+                severity: "severe".into(),
+                ..allergy.clone()
+            },
+        )
+        .expect("the nurse's offline edit");
+    answer(&mut stdin, serde_json::json!({ "allergyId": allergy.id })).await;
+    next_step(&mut lines, "allergy-edited", &mut checked).await;
+    let mut offline = Automerge::load(&phone.store.export_changes(chart).expect("export"))
+        .expect("load the phone's chart");
+    peer.doc_mut(chart)
+        .expect("held")
+        .merge(&mut offline)
+        .expect("merge");
+    assert!(
+        matches!(peer.sync(chart).await, SyncOutcome::InSync(_)),
+        "the relay accepts the nurse's allergy edit"
+    );
+    peer.close().await;
+    drop(phone_pulls(&relay, &phone, chart).await);
+    let severity = format!("allergies/{}/severity", allergy.id);
+    assert!(
+        phone
+            .store
+            .conflicts(chart)
+            .expect("conflicts")
+            .iter()
+            .any(|c| c.path == severity),
+        "the phone sees the allergy conflict too; never auto-resolved"
+    );
+    answer(&mut stdin, serde_json::json!({ "synced": true })).await;
+    let kept = next_step(&mut lines, "allergy-resolved", &mut checked).await;
+    drop(stdin);
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        drop(phone_pulls(&relay, &phone, chart).await);
+        if phone.store.conflicts(chart).expect("conflicts").is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the allergy resolution never reached the phone"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let read = phone.store.patient_chart(chart).expect("chart");
+    let severity = read
+        .allergies
+        .iter()
+        .find(|a| a.id == allergy.id)
+        .map(|a| a.severity.clone());
+    assert_eq!(
+        severity.as_deref(),
+        kept["kept"].as_str(),
+        "the phone holds the severity she kept"
     );
 
     let done = tokio::time::timeout(LINE_TIMEOUT, async {
@@ -436,6 +549,9 @@ async fn an_admin_and_a_case_manager_work_in_chromium() {
         "care-plan",
         "review-conflict",
         "review-resolved",
+        "chart-edit",
+        "allergy-conflict",
+        "allergy-resolved",
         "audit",
     ] {
         assert!(pages.contains(&page), "{page} checked: {pages:?}");
