@@ -146,6 +146,11 @@ def scenario():
     run(client_a.fetch_keys())
     check("the patient is listed", any(p.patient_id == patient for p in a.patients()))
     check("the chart reads", a.patient_chart(chart).patient_id == patient)
+    # The schedule (one document per patient, from the office): nothing is planned for this
+    # relay's nurse; the Rust console test plans a visit and reads it back on the phone.
+    check("no visit is scheduled", a.visits_scheduled("2026-11-01", "2026-12-31") == [])
+    raises("a schedule range that is not dates", "InvalidInput",
+           lambda: a.visits_scheduled("30.11.2026", "2026-12-31"))
 
     # The visit.
     note = a.start_visit(fc.VisitStart(agency_id=agency, patient_id=patient,
