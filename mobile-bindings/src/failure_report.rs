@@ -126,3 +126,102 @@ impl FailureReporter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use fieldchart_core::model::{Actor, Role};
+    use fieldchart_core::store::{StoreConfig, StoreKey};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Accept one request on `listener`; read its head, then answer `reply` (or, with `None`,
+    /// drop the connection without a word: the worst moment, the report sent and unanswered).
+    async fn one_request(listener: &TcpListener, reply: Option<&'static str>) -> String {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.expect("read");
+            assert!(n > 0, "the client closed before sending its request");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        if let Some(reply) = reply {
+            socket.write_all(reply.as_bytes()).await.expect("answer");
+            socket.shutdown().await.expect("shutdown");
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_report_is_sent_again_and_an_accepted_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(
+            Store::open(StoreConfig {
+                path: dir.path().join("s.db"),
+                key: StoreKey::random(),
+                actor: Actor {
+                    user_id: "usr_ana".into(),
+                    device_id: "dev_ana".into(),
+                },
+                role: Role::Clinician,
+                keystroke_journal: false,
+            })
+            .expect("store"),
+        );
+        let http = reqwest::Client::new();
+        let reporter = FailureReporter::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+
+        // The connection drops after the report went out: not delivered, kept to send again.
+        let (sent, head) = tokio::join!(
+            reporter.send(&http, &base, "fct_token", &store),
+            one_request(&listener, None)
+        );
+        assert!(sent.is_err(), "{sent:?}");
+        assert!(head.starts_with("POST /v1/sync-failures"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("authorization: bearer fct_token"),
+            "{head}"
+        );
+        assert!(reporter.last_accepted.lock().await.is_none());
+
+        // A refusal is not an acceptance either.
+        let (sent, _) = tokio::join!(
+            reporter.send(&http, &base, "fct_token", &store),
+            one_request(
+                &listener,
+                Some("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            )
+        );
+        assert!(sent.is_err(), "{sent:?}");
+
+        // Accepted: remembered.
+        let (sent, _) = tokio::join!(
+            reporter.send(&http, &base, "fct_token", &store),
+            one_request(
+                &listener,
+                Some("HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+            )
+        );
+        assert!(sent.is_ok(), "{sent:?}");
+        assert_eq!(
+            reporter.last_accepted.lock().await.as_deref(),
+            Some(r#"{"failures":[]}"#)
+        );
+
+        // The same list again is not sent: with nobody listening any request would fail.
+        drop(listener);
+        assert!(
+            reporter
+                .send(&http, &base, "fct_token", &store)
+                .await
+                .is_ok()
+        );
+    }
+}

@@ -18,8 +18,13 @@
 //! - Records ([`records`]): the services the pages read through (chart, note with its
 //!   signatures verified by core's `signing::verify`, vitals). Handlers and templates hold no
 //!   SQL and no automerge calls.
-//! - Pages: [`pages`] (patients, chart, note), [`admin_pages`] (users, devices, enrollment QR,
-//!   care team, audit search and CSV), [`vitals`] (the SVG chart).
+//! - Pages: [`pages`] (patients, chart, note, review queue), [`chart_pages`] (the chart's
+//!   demographics, allergies and medications forms), [`admin_pages`] (users, devices,
+//!   enrollment QR, care team, audit search and CSV), [`vitals`] (the SVG chart).
+//! - Writes ([`editing`]): the office user's automerge changes (care plan, chart records,
+//!   conflicts of charts and draft notes resolved by a person), through the document hub.
+//! - Devices' sync failures arrive by `POST /v1/sync-failures` ([`crate::sync_failures`]) and
+//!   are listed in the review queue.
 
 pub mod admin_pages;
 pub mod auth;
