@@ -14,6 +14,15 @@
 //! `fieldchart-bench soak --runs N [--seed S]` runs N seeded fault schedules
 //! (`fieldchart_tests::soak`: devices syncing through the fault-injecting proxy, relay kills
 //! and a restore from an older copy) and prints the count of clean runs and every failing seed.
+//!
+//! `fieldchart-bench storm --devices N --visits M` is the 5 pm sync storm
+//! (`fieldchart_tests::storm`): N devices chart M notes offline, then all sync at once;
+//! `reconnect-storm --devices N --docs K` adds every device reconnecting at once with nothing
+//! changed; `bootstrap --patients P --visits V` is a new device's first sync of a caseload
+//! (`fieldchart_tests::bootstrap`); `sessions --count N` holds N idle authenticated sessions
+//! (`fieldchart_tests::sessions`). `--relay ws://HOST:PORT/PATH` points them at any
+//! automerge-repo protocol v1 relay without auth; `--plain` syncs with the plain v1 client
+//! against Fieldchart too. Progress goes to stderr, the JSON line to stdout.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,8 +37,91 @@ struct Cli {
     workload: Workload,
 }
 
+/// Where a throughput workload syncs.
+#[derive(clap::Args, Debug, Clone)]
+struct RelayArgs {
+    /// Any automerge-repo protocol v1 relay without auth (default: start fieldchart-server).
+    #[arg(long)]
+    relay: Option<String>,
+    /// The `--relay`'s process id (CPU, memory and I/O from /proc).
+    #[arg(long, requires = "relay")]
+    relay_pid: Option<u32>,
+    /// The `--relay`'s data directory (its final size).
+    #[arg(long, requires = "relay")]
+    relay_data_dir: Option<PathBuf>,
+    /// The fieldchart-server binary to start (default: this build's).
+    #[arg(long, conflicts_with = "relay")]
+    server_bin: Option<PathBuf>,
+    /// Sync through the plain protocol v1 client instead of the device stack (Fieldchart).
+    #[arg(long)]
+    plain: bool,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Limit of each timed phase, seconds; a relay that does not finish fails the run.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+impl RelayArgs {
+    fn target(&self) -> fieldchart_tests::storm::Target {
+        match &self.relay {
+            Some(url) => fieldchart_tests::storm::Target::External {
+                url: url.clone(),
+                pid: self.relay_pid,
+                data_dir: self.relay_data_dir.clone(),
+            },
+            None => fieldchart_tests::storm::Target::Fieldchart {
+                server_bin: self.server_bin.clone(),
+                plain: self.plain,
+            },
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Workload {
+    /// The 5 pm sync storm: N devices chart M visit notes offline, then all sync at once.
+    Storm {
+        /// Devices.
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Visit notes per device.
+        #[arg(long, default_value_t = 50)]
+        visits: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
+    /// N devices holding K synced notes each reconnect at once with nothing changed.
+    ReconnectStorm {
+        /// Devices.
+        #[arg(long, default_value_t = 1_000)]
+        devices: usize,
+        /// Notes per device.
+        #[arg(long, default_value_t = 8)]
+        docs: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
+    /// A new device's first sync of a caseload of P patients x V visit notes.
+    Bootstrap {
+        /// Patients.
+        #[arg(long, default_value_t = 50)]
+        patients: usize,
+        /// Visit notes per patient.
+        #[arg(long, default_value_t = 100)]
+        visits: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
+    /// N idle authenticated sessions (joined, keep-alive): relay RSS per session, handshakes/s.
+    Sessions {
+        /// Sessions.
+        #[arg(long, default_value_t = 1_000)]
+        count: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
     /// Replay an editing trace through the store and through bare automerge.
     Trace {
         /// Trace file (`.json` or `.json.gz`).
@@ -225,9 +317,66 @@ fn trace_workload(file: &std::path::Path) -> Result<serde_json::Value, String> {
     }))
 }
 
+fn storm_workload(
+    devices: usize,
+    visits: usize,
+    relay: &RelayArgs,
+    reconnect: bool,
+) -> Result<serde_json::Value, String> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(fieldchart_tests::storm::run(
+        fieldchart_tests::storm::StormConfig {
+            devices,
+            visits,
+            seed: relay.seed,
+            target: relay.target(),
+            reconnect,
+            progress: true,
+            phase_timeout: Duration::from_secs(relay.timeout_s),
+        },
+    ))
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.workload {
+        Workload::Storm {
+            devices,
+            visits,
+            relay,
+        } => storm_workload(devices, visits, &relay, false),
+        Workload::ReconnectStorm {
+            devices,
+            docs,
+            relay,
+        } => storm_workload(devices, docs, &relay, true),
+        Workload::Bootstrap {
+            patients,
+            visits,
+            relay,
+        } => tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(fieldchart_tests::bootstrap::run(
+                    fieldchart_tests::bootstrap::BootstrapConfig {
+                        patients,
+                        visits,
+                        seed: relay.seed,
+                        target: relay.target(),
+                        phase_timeout: Duration::from_secs(relay.timeout_s),
+                    },
+                ))
+            }),
+        Workload::Sessions { count, relay } => tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(fieldchart_tests::sessions::run(
+                    count,
+                    &relay.target(),
+                    true,
+                    Duration::from_secs(relay.timeout_s),
+                ))
+            }),
         Workload::Trace { file } => trace_workload(&file),
         Workload::Reconnect { docs, changed } => reconnect_workload(docs, changed),
         Workload::Soak { runs, seed } => soak_workload(runs, seed),
