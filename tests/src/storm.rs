@@ -609,17 +609,23 @@ async fn sync_phase(
                 }
             };
             bar.inc(1);
-            (figures, started)
+            (figures, started, Instant::now())
         }));
     }
     barrier.wait().await;
-    let released = Instant::now();
     let mut figures = Vec::new();
+    let (mut first_start, mut last_end): (Option<Instant>, Option<Instant>) = (None, None);
     for task in tasks {
-        let (f, _) = task.await.map_err(|e| format!("device task: {e}"))?;
+        let (f, started, ended) = task.await.map_err(|e| format!("device task: {e}"))?;
+        first_start = Some(first_start.map_or(started, |s| s.min(started)));
+        last_end = Some(last_end.map_or(ended, |e| e.max(ended)));
         figures.push(f);
     }
-    let wall = released.elapsed();
+    // From the first device's start to the last device's end.
+    let wall = match (first_start, last_end) {
+        (Some(s), Some(e)) => e.saturating_duration_since(s),
+        _ => Duration::ZERO,
+    };
     bar.finish_and_clear();
     Ok((figures, wall))
 }
@@ -896,6 +902,9 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
             out["relay_peak_rss_bytes"] = json!(s.peak_rss);
         }
     }
+    // The data directory again at the end: a relay that acknowledges before it writes shows
+    // a smaller size right after the storm than here.
+    out["relay_data_dir_bytes_end"] = json!(relay.data_dir.as_deref().map(dir_size));
     out["ok"] = json!(ok);
     for device in &devices {
         let _ = device.store.close();
