@@ -31,6 +31,20 @@ const NOTES_PER_SEEDER: usize = 2_000;
 /// Notes in flight at once while seeding or fetching through the plain client.
 const WINDOW: usize = 500;
 
+/// The relay process, its data directory and pid, the agency, nurse and patients, the
+/// seeders' URLs, the nurse's plain-client URL and her new phone's enrollment code.
+type Setup = (
+    Option<BenchRelay>,
+    Option<PathBuf>,
+    Option<u32>,
+    String,
+    String,
+    Vec<String>,
+    Vec<String>,
+    String,
+    Option<String>,
+);
+
 /// A bootstrap run.
 #[derive(Debug, Clone)]
 pub struct BootstrapConfig {
@@ -147,17 +161,7 @@ pub async fn run(config: BootstrapConfig) -> Result<Value, String> {
     let deadline = Instant::now() + config.phase_timeout;
 
     // The relay, the nurse and her patients; seeding URLs.
-    let (process, data_dir, pid, agency, nurse, patients, seed_urls, nurse_url, enroll_code): (
-        Option<BenchRelay>,
-        Option<PathBuf>,
-        Option<u32>,
-        _,
-        _,
-        Vec<String>,
-        Vec<String>,
-        _,
-        _,
-    ) = match &config.target {
+    let (process, data_dir, pid, agency, nurse, patients, seed_urls, nurse_url, enroll_code): Setup = match &config.target {
         Target::Fieldchart { server_bin, .. } => {
             let data = dir.path().join("relay");
             let (relay, agency, admin_token, desks) = fieldchart_relay(

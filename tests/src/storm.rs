@@ -897,10 +897,8 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
         out["reconnect"] = summary(&figures, wall, total_docs);
         out["relay_reconnect"] = relay_figures(before, after);
     }
-    if let Some(pid) = relay.pid {
-        if let Ok(s) = ProcSample::read(pid) {
-            out["relay_peak_rss_bytes"] = json!(s.peak_rss);
-        }
+    if let Some(s) = relay.pid.and_then(|pid| ProcSample::read(pid).ok()) {
+        out["relay_peak_rss_bytes"] = json!(s.peak_rss);
     }
     // The data directory again at the end: a relay that acknowledges before it writes shows
     // a smaller size right after the storm than here.
