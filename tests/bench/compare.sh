@@ -10,7 +10,7 @@
 #                          [--limit 300] [--seed 1] [--out DIR]
 #
 # Needs: cargo, node >= 20 with npm, python3. Builds what it runs (release) unless
-# SKIP_BUILD=1. Raw JSON lines and each run's stderr stay in --out (default: a temp dir).
+# SKIP_BUILD=1 (BENCH=path picks another fieldchart-bench binary). Raw JSON lines and each run's stderr stay in --out (default: a temp dir).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -30,7 +30,7 @@ done
 OUT=${OUT:-$(mktemp -d -t fieldchart-compare.XXXXXX)}
 mkdir -p "$OUT"
 
-BENCH=$ROOT/target/release/fieldchart-bench
+BENCH=${BENCH:-$ROOT/target/release/fieldchart-bench}
 SAMOD=$ROOT/tests/bench/samod-relay/target/release/fieldchart-bench-samod-relay
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   (cd "$ROOT" && cargo build --release -p fieldchart-server -p fieldchart-tests)
