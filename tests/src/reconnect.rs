@@ -175,6 +175,120 @@ pub fn open_store(path: &Path, key: &StoreKey, user: &str, device: &str, role: R
     .unwrap_or_else(|e| panic!("open store {}: {e}", path.display()))
 }
 
+/// A TCP proxy on 127.0.0.1 that counts every byte both ways (HTTP request and response
+/// heads and bodies, the WebSocket upgrade, WebSocket frame headers and payloads) and every
+/// connection, so a pass's cost is what crosses the wire, not only the payloads.
+#[derive(Debug)]
+pub struct WireCounter {
+    addr: std::net::SocketAddr,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    connections: Arc<std::sync::atomic::AtomicU64>,
+    open: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WireCounter {
+    /// Listen on a free port of 127.0.0.1 and forward every connection to `upstream`.
+    pub async fn start(upstream: std::net::SocketAddr) -> Result<WireCounter, String> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("bind the wire counter: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let bytes = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (b, c) = (Arc::clone(&bytes), Arc::clone(&connections));
+        let open = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let o = Arc::clone(&open);
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
+                let b = Arc::clone(&b);
+                let connection = tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    // Counted as forwarded, chunk by chunk: once the device has an answer,
+                    // every byte of the exchange so far is counted.
+                    tokio::join!(
+                        counted_copy(ri, wo, Arc::clone(&b)),
+                        counted_copy(ro, wi, b)
+                    );
+                });
+                o.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(connection.abort_handle());
+            }
+        });
+        Ok(WireCounter {
+            addr,
+            bytes,
+            connections,
+            open,
+            task,
+        })
+    }
+
+    /// `http://<proxy>`.
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Close every connection open through the proxy (both sockets dropped), as a network
+    /// change does: a client's pooled keep-alive connection is gone and its next request
+    /// opens a fresh one.
+    pub fn sever(&self) {
+        for handle in self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            handle.abort();
+        }
+    }
+
+    /// Bytes forwarded both ways so far, and connections accepted (both reset to zero).
+    pub fn take(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.bytes.swap(0, Ordering::Relaxed),
+            self.connections.swap(0, Ordering::Relaxed),
+        )
+    }
+}
+
+async fn counted_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    counter: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+impl Drop for WireCounter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// What one reconnect measurement saw.
 #[derive(Debug)]
 pub struct ReconnectRun {
@@ -192,6 +306,12 @@ pub struct ReconnectRun {
     pub after_change: Option<PassReport>,
     /// Whether the device ended with exactly the relay's heads for the changed documents.
     pub converged: bool,
+    /// Bytes on the wire of the one-off idle pass (TCP payload both ways: HTTP heads and
+    /// bodies, WebSocket upgrade and frames), on fresh connections.
+    pub idle_wire_bytes: u64,
+    /// TCP connections the one-off idle pass opened (fresh: a new client, no pooled
+    /// keep-alive, as a phone coming back online).
+    pub idle_wire_connections: u64,
 }
 
 impl ReconnectRun {
@@ -220,7 +340,10 @@ impl ReconnectRun {
             "changed": self.changed,
             "messages": self.idle.messages(),
             "round_trips": self.idle.round_trips,
-            "bytes": self.idle.bytes(),
+            "bytes": self.idle_wire_bytes,
+            "bytes_note": "TCP payload both ways on fresh connections: HTTP request and response heads and bodies, WebSocket upgrade, frame headers and payloads",
+            "tcp_connections": self.idle_wire_connections,
+            "payload_bytes": self.idle.bytes(),
             "pass_s": self.idle.elapsed_s,
             "http_requests": self.idle.http_requests,
             "feed_s": self.idle.http_s,
@@ -338,6 +461,15 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         seeders.push((peer, ids));
     }
 
+    // The device reaches the relay through a proxy that counts every byte on the wire.
+    let wire = WireCounter::start(
+        relay
+            .http_base()
+            .trim_start_matches("http://")
+            .parse()
+            .map_err(|e| format!("relay address: {e}"))?,
+    )
+    .await?;
     let key = StoreKey::random();
     let store = Arc::new(open_store(
         &dir.path().join("phone.db"),
@@ -350,7 +482,7 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         SyncClient::new(
             Arc::clone(&store),
             RelayConfig {
-                base_url: relay.http_base(),
+                base_url: wire.http_base(),
                 token: nurse_token,
             },
         )
@@ -365,7 +497,13 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         ));
     }
 
+    // The quiet reconnect on a fresh connection: every connection through the proxy is cut
+    // first (no pooled keep-alive survives, as when a phone comes back online), and every
+    // byte both ways is counted.
+    wire.sever();
+    let _ = wire.take();
     let idle = client.run_pass(PassOptions::default()).await;
+    let (idle_wire_bytes, idle_wire_connections) = wire.take();
     let idle_live = live_until_up_to_date(&client).await?;
 
     let mut after_change = None;
@@ -416,6 +554,8 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         idle_live,
         after_change,
         converged,
+        idle_wire_bytes,
+        idle_wire_connections,
     })
 }
 

@@ -254,6 +254,9 @@ pub struct Replay {
     pub edit_time: Duration,
     /// Latency of each edit call.
     pub latencies: Vec<Duration>,
+    /// Time spent merging other agents' changes (concurrent traces: every import, each a
+    /// durable transaction on a store, including the final exchange), summed.
+    pub merge_time: Duration,
 }
 
 /// Replay `trace` with one replica per agent, merging per the trace's parents: before a
@@ -273,6 +276,7 @@ pub fn replay<R: Replica>(trace: &Trace, replicas: &mut [R]) -> Result<Replay, S
     let mut applied: Vec<Vec<bool>> = vec![vec![false; trace.txns.len()]; agents];
     let mut latencies = Vec::with_capacity(trace.edits());
     let mut edit_time = Duration::ZERO;
+    let mut merge_time = Duration::ZERO;
     for (i, txn) in trace.txns.iter().enumerate() {
         let a = txn.agent;
         if concurrent {
@@ -291,7 +295,9 @@ pub fn replay<R: Replica>(trace: &Trace, replicas: &mut [R]) -> Result<Replay, S
                     .flat_map(|p| txn_changes[*p].iter().copied())
                     .collect();
                 if !bytes.is_empty() {
+                    let t = Instant::now();
                     replicas[a].import(&bytes)?;
+                    merge_time += t.elapsed();
                 }
                 ropes[a] = Rope::from_str(&replicas[a].text());
             }
@@ -328,7 +334,9 @@ pub fn replay<R: Replica>(trace: &Trace, replicas: &mut [R]) -> Result<Replay, S
     if concurrent {
         let all: Vec<u8> = txn_changes.concat();
         for r in replicas.iter_mut() {
+            let t = Instant::now();
             r.import(&all)?;
+            merge_time += t.elapsed();
         }
     }
     let texts = replicas.iter_mut().map(|r| r.text()).collect();
@@ -336,5 +344,6 @@ pub fn replay<R: Replica>(trace: &Trace, replicas: &mut [R]) -> Result<Replay, S
         texts,
         edit_time,
         latencies,
+        merge_time,
     })
 }

@@ -14,6 +14,15 @@
 //! `fieldchart-bench soak --runs N [--seed S]` runs N seeded fault schedules
 //! (`fieldchart_tests::soak`: devices syncing through the fault-injecting proxy, relay kills
 //! and a restore from an older copy) and prints the count of clean runs and every failing seed.
+//!
+//! `fieldchart-bench storm --devices N --visits M` is the 5 pm sync storm
+//! (`fieldchart_tests::storm`): N devices chart M notes offline, then all sync at once;
+//! `reconnect-storm --devices N --docs K` adds every device reconnecting at once with nothing
+//! changed; `bootstrap --patients P --visits V` is a new device's first sync of a caseload
+//! (`fieldchart_tests::bootstrap`); `sessions --count N` holds N idle authenticated sessions
+//! (`fieldchart_tests::sessions`). `--relay ws://HOST:PORT/PATH` points them at any
+//! automerge-repo protocol v1 relay without auth; `--plain` syncs with the plain v1 client
+//! against Fieldchart too. Progress goes to stderr, the JSON line to stdout.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,8 +37,91 @@ struct Cli {
     workload: Workload,
 }
 
+/// Where a throughput workload syncs.
+#[derive(clap::Args, Debug, Clone)]
+struct RelayArgs {
+    /// Any automerge-repo protocol v1 relay without auth (default: start fieldchart-server).
+    #[arg(long)]
+    relay: Option<String>,
+    /// The `--relay`'s process id (CPU, memory and I/O from /proc).
+    #[arg(long, requires = "relay")]
+    relay_pid: Option<u32>,
+    /// The `--relay`'s data directory (its final size).
+    #[arg(long, requires = "relay")]
+    relay_data_dir: Option<PathBuf>,
+    /// The fieldchart-server binary to start (default: this build's).
+    #[arg(long, conflicts_with = "relay")]
+    server_bin: Option<PathBuf>,
+    /// Sync through the plain protocol v1 client instead of the device stack (Fieldchart).
+    #[arg(long)]
+    plain: bool,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Limit of each timed phase, seconds; a relay that does not finish fails the run.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+impl RelayArgs {
+    fn target(&self) -> fieldchart_tests::storm::Target {
+        match &self.relay {
+            Some(url) => fieldchart_tests::storm::Target::External {
+                url: url.clone(),
+                pid: self.relay_pid,
+                data_dir: self.relay_data_dir.clone(),
+            },
+            None => fieldchart_tests::storm::Target::Fieldchart {
+                server_bin: self.server_bin.clone(),
+                plain: self.plain,
+            },
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Workload {
+    /// The 5 pm sync storm: N devices chart M visit notes offline, then all sync at once.
+    Storm {
+        /// Devices.
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Visit notes per device.
+        #[arg(long, default_value_t = 50)]
+        visits: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
+    /// N devices holding K synced notes each reconnect at once with nothing changed.
+    ReconnectStorm {
+        /// Devices.
+        #[arg(long, default_value_t = 1_000)]
+        devices: usize,
+        /// Notes per device.
+        #[arg(long, default_value_t = 8)]
+        docs: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
+    /// A new device's first sync of a caseload of P patients x V visit notes.
+    Bootstrap {
+        /// Patients.
+        #[arg(long, default_value_t = 50)]
+        patients: usize,
+        /// Visit notes per patient.
+        #[arg(long, default_value_t = 100)]
+        visits: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
+    /// N idle authenticated sessions (joined, keep-alive): relay RSS per session, handshakes/s.
+    Sessions {
+        /// Sessions.
+        #[arg(long, default_value_t = 1_000)]
+        count: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
     /// Replay an editing trace through the store and through bare automerge.
     Trace {
         /// Trace file (`.json` or `.json.gz`).
@@ -175,6 +267,51 @@ fn store_replay(
     Ok((run, dir_bytes(dir.path())))
 }
 
+/// Figures of one mode over its runs.
+struct ModeRuns {
+    runs: Vec<fieldchart_tests::trace::Replay>,
+    db_bytes: u64,
+}
+
+impl ModeRuns {
+    /// Best (least) edit time over the runs, seconds.
+    fn edit_s(&self) -> f64 {
+        self.runs
+            .iter()
+            .map(|r| r.edit_time.as_secs_f64())
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Best (least) edit + merge time over the runs, seconds.
+    fn total_s(&self) -> f64 {
+        self.runs
+            .iter()
+            .map(|r| (r.edit_time + r.merge_time).as_secs_f64())
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Every run's edit latencies, sorted.
+    fn latencies(&self) -> Vec<Duration> {
+        let mut all: Vec<Duration> = self.runs.iter().flat_map(|r| r.latencies.clone()).collect();
+        all.sort();
+        all
+    }
+
+    fn ok(&self, end: &str) -> bool {
+        self.runs.iter().all(|r| r.texts.iter().all(|t| t == end))
+    }
+
+    fn json(&self, prefix: &str) -> serde_json::Value {
+        let lat = self.latencies();
+        serde_json::json!({
+            format!("{prefix}edit_s_runs"): self.runs.iter().map(|r| r.edit_time.as_secs_f64()).collect::<Vec<_>>(),
+            format!("{prefix}merge_s_runs"): self.runs.iter().map(|r| r.merge_time.as_secs_f64()).collect::<Vec<_>>(),
+            format!("{prefix}p50_edit_us"): percentile(&lat, 0.50),
+            format!("{prefix}p99_edit_us"): percentile(&lat, 0.99),
+        })
+    }
+}
+
 fn trace_workload(file: &std::path::Path) -> Result<serde_json::Value, String> {
     let trace = Trace::load(file)?;
     let agents = trace.num_agents.max(1);
@@ -182,52 +319,131 @@ fn trace_workload(file: &std::path::Path) -> Result<serde_json::Value, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         seed_note(open_store(dir.path(), 0, false), &trace.start_content).1
     };
-    // Same process, one after the other; each side's time counts only the edit calls.
-    let mut bare: Vec<BareReplica> = (0..agents)
-        .map(|_| BareReplica::from_saved(&seed))
-        .collect();
-    let bare_run = replay(&trace, &mut bare)?;
-    let (store_run, db_bytes) = store_replay(&trace, true)?;
-    let (unbatched_run, unbatched_db_bytes) = store_replay(&trace, false)?;
-
-    let ok = store_run
-        .texts
-        .iter()
-        .chain(&unbatched_run.texts)
-        .chain(&bare_run.texts)
-        .all(|t| *t == trace.end_content);
-    let mut unbatched_lat = unbatched_run.latencies.clone();
-    unbatched_lat.sort();
-    let unbatched_s = unbatched_run.edit_time.as_secs_f64();
-    let mut lat = store_run.latencies.clone();
-    lat.sort();
-    let bare_s = bare_run.edit_time.as_secs_f64();
-    let store_s = store_run.edit_time.as_secs_f64();
-    Ok(serde_json::json!({
+    // Same process, each mode twice, alternating (bare, store, unbatched, bare, ...), so a
+    // noisy neighbour hits every mode alike. Edit time counts only the edit calls; merge time
+    // the imports of other agents' changes (concurrent traces), each a durable transaction on
+    // a store. Figures are the better of the two runs.
+    let mut bare = ModeRuns {
+        runs: Vec::new(),
+        db_bytes: 0,
+    };
+    let mut store = ModeRuns {
+        runs: Vec::new(),
+        db_bytes: 0,
+    };
+    let mut unbatched = ModeRuns {
+        runs: Vec::new(),
+        db_bytes: 0,
+    };
+    for _ in 0..2 {
+        let mut replicas: Vec<BareReplica> = (0..agents)
+            .map(|_| BareReplica::from_saved(&seed))
+            .collect();
+        bare.runs.push(replay(&trace, &mut replicas)?);
+        let (run, bytes) = store_replay(&trace, true)?;
+        store.runs.push(run);
+        store.db_bytes = bytes;
+        let (run, bytes) = store_replay(&trace, false)?;
+        unbatched.runs.push(run);
+        unbatched.db_bytes = bytes;
+    }
+    let end = &trace.end_content;
+    let ok = bare.ok(end) && store.ok(end) && unbatched.ok(end);
+    let (bare_s, store_s, unbatched_s) = (bare.edit_s(), store.edit_s(), unbatched.edit_s());
+    let (bare_total, store_total, unbatched_total) =
+        (bare.total_s(), store.total_s(), unbatched.total_s());
+    let mut out = serde_json::json!({
         "workload": "trace",
         "file": file.file_name().map(|f| f.to_string_lossy().into_owned()),
         "ok": ok,
         "agents": agents,
         "edits": trace.edits(),
+        "runs_per_mode": 2,
         "store_s": store_s,
         "bare_automerge_s": bare_s,
         "ratio": store_s / bare_s,
-        "db_bytes": db_bytes,
-        "p50_edit_us": percentile(&lat, 0.50),
-        "p99_edit_us": percentile(&lat, 0.99),
-        "durability": "each splice returns after its encrypted keystroke-journal record is written (survives a process kill); the journal is committed to SQLite every 1024 records or at the next structural edit",
+        "store_with_merges_s": store_total,
+        "bare_automerge_with_merges_s": bare_total,
+        "ratio_with_merges": store_total / bare_total,
+        "db_bytes": store.db_bytes,
+        "durability": "each splice returns after its encrypted keystroke-journal record is written (survives a process kill); the journal is committed to SQLite every 1024 records or at the next structural edit; each merge (import) is its own durable transaction",
         "unbatched_store_s": unbatched_s,
         "unbatched_ratio": unbatched_s / bare_s,
-        "unbatched_db_bytes": unbatched_db_bytes,
-        "unbatched_p50_edit_us": percentile(&unbatched_lat, 0.50),
-        "unbatched_p99_edit_us": percentile(&unbatched_lat, 0.99),
+        "unbatched_with_merges_s": unbatched_total,
+        "unbatched_ratio_with_merges": unbatched_total / bare_total,
+        "unbatched_db_bytes": unbatched.db_bytes,
         "unbatched_durability": "each splice commits its own SQLite transaction (WAL, synchronous=NORMAL)",
-    }))
+    });
+    for (prefix, mode) in [("", &store), ("bare_", &bare), ("unbatched_", &unbatched)] {
+        if let (Some(o), serde_json::Value::Object(extra)) =
+            (out.as_object_mut(), mode.json(prefix))
+        {
+            o.extend(extra);
+        }
+    }
+    Ok(out)
+}
+
+fn storm_workload(
+    devices: usize,
+    visits: usize,
+    relay: &RelayArgs,
+    reconnect: bool,
+) -> Result<serde_json::Value, String> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(fieldchart_tests::storm::run(
+        fieldchart_tests::storm::StormConfig {
+            devices,
+            visits,
+            seed: relay.seed,
+            target: relay.target(),
+            reconnect,
+            progress: true,
+            phase_timeout: Duration::from_secs(relay.timeout_s),
+        },
+    ))
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.workload {
+        Workload::Storm {
+            devices,
+            visits,
+            relay,
+        } => storm_workload(devices, visits, &relay, false),
+        Workload::ReconnectStorm {
+            devices,
+            docs,
+            relay,
+        } => storm_workload(devices, docs, &relay, true),
+        Workload::Bootstrap {
+            patients,
+            visits,
+            relay,
+        } => tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(fieldchart_tests::bootstrap::run(
+                    fieldchart_tests::bootstrap::BootstrapConfig {
+                        patients,
+                        visits,
+                        seed: relay.seed,
+                        target: relay.target(),
+                        phase_timeout: Duration::from_secs(relay.timeout_s),
+                    },
+                ))
+            }),
+        Workload::Sessions { count, relay } => tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(fieldchart_tests::sessions::run(
+                    count,
+                    &relay.target(),
+                    true,
+                    Duration::from_secs(relay.timeout_s),
+                ))
+            }),
         Workload::Trace { file } => trace_workload(&file),
         Workload::Reconnect { docs, changed } => reconnect_workload(docs, changed),
         Workload::Soak { runs, seed } => soak_workload(runs, seed),
