@@ -357,7 +357,8 @@ pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
         });
     }
     let relay: SharedRelay = Arc::new(Mutex::new(RelayProcess::start(&relay_dir)));
-    let proxy = FaultProxy::start(lock(&relay).addr(), FaultRates::ROUGH, seed).await;
+    let relay_addr = lock(&relay).addr();
+    let proxy = FaultProxy::start(relay_addr, FaultRates::ROUGH, seed).await;
     // Every change hash an edit call returned, per device.
     let mut returned: Vec<ChangeHash> = Vec::new();
     let restore_round = rng.random_range(1..ROUNDS);
