@@ -552,7 +552,11 @@ mod tests {
         msg.extend_from_slice(&BUNDLE_RUN_OOM);
         let refused = check_sync_message(&msg).expect_err("refused");
         assert!(refused.reason.contains("rows"), "{refused}");
-        assert_eq!(refused.offset, 6 + 17, "offsets count from the message's start");
+        assert_eq!(
+            refused.offset,
+            6 + 17,
+            "offsets count from the message's start"
+        );
     }
 
     #[test]
