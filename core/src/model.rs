@@ -46,6 +46,7 @@
 
 pub mod conflicts;
 mod history;
+pub mod import_guard;
 pub(crate) mod patient;
 pub mod schedule;
 pub mod signing;
@@ -215,6 +216,7 @@ pub(crate) fn new_document(actor: &Actor) -> Result<AutoCommit> {
 /// Load a document saved by [`AutoCommit::save`] (or any automerge document), counting text in
 /// UTF-16 code units.
 pub fn load_document(bytes: &[u8]) -> Result<AutoCommit> {
+    import_guard::check_chunks(bytes).map_err(|e| Error::InvalidInput(e.to_string()))?;
     let opts = automerge::LoadOptions::new().text_encoding(TextEncoding::Utf16CodeUnit);
     Ok(AutoCommit::load_with_options(bytes, opts)?)
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use automerge::Automerge;
-use fieldchart_core::model::{Actor, NoteText, Role, VisitStart};
+use fieldchart_core::model::{Actor, NoteText, Role, VisitStart, import_guard};
 use fieldchart_core::protocol::{DocSync, DocumentId, Message, PeerId, PeerMetadata};
 use fieldchart_core::store::{Store, StoreConfig, StoreKey};
 
@@ -52,12 +52,21 @@ pub fn document_import(data: &[u8]) {
         let store = Store::open(store_config(&dir.path().join("import.db"), false)).expect("open");
         std::sync::Mutex::new(Held { _dir: dir, store })
     });
-    // automerge 0.12 itself panics on some malformed chunks (this target found one; see
-    // fuzz/regressions/document_import/): the bare load is contained here, and what must never
-    // panic is the store's import below.
-    let bare = std::panic::catch_unwind(|| Automerge::load(data))
-        .ok()
+    // automerge 0.12 itself panics on some malformed chunks and aborts on others (an
+    // allocation of gigabytes it cannot make; both found by this target, see
+    // fuzz/regressions/document_import/): bytes reach bare automerge only past the import
+    // guard, as in the app, and its panics are contained here; what must never panic is the
+    // store's import below.
+    let guarded = import_guard::check_chunks(data).is_ok();
+    let bare = guarded
+        .then(|| std::panic::catch_unwind(|| Automerge::load(data)).ok())
+        .flatten()
         .and_then(Result::ok);
+    // The same bytes as a sync message: refused by the guard or applied (or rejected) by
+    // automerge, never an abort.
+    if import_guard::check_sync_message(data).is_ok() {
+        let _ = std::panic::catch_unwind(|| DocSync::new().receive(&mut Automerge::new(), data));
+    }
     let held = held
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -626,6 +626,10 @@ fn evict(table: &mut Table, target: usize) {
 }
 
 fn build(stored: StoredDocument) -> Result<LoadedDoc> {
+    // Bytes automerge would abort on (an allocation it cannot make) are refused first.
+    (stored.snapshot.iter().chain(&stored.chunks))
+        .try_for_each(|b| fieldchart_core::model::import_guard::check_chunks(b))
+        .map_err(|e| Error::Storage(format!("stored document: {e}")))?;
     let mut doc = match &stored.snapshot {
         Some(bytes) => Automerge::load(bytes)?,
         None => Automerge::new(),

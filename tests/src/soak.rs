@@ -1,8 +1,9 @@
 //! The randomized fault run: several devices edit offline and sync through the
 //! [`FaultProxy`] while faults fire — frames dropped, delayed, duplicated, reordered and
-//! truncated, connections reset, the relay SIGKILLed and restarted, once restarted from an
-//! older copy of its data directory, device passes cut off mid-way with the store reopened
-//! from disk — then, faults off, every device syncs until nothing changes. Then:
+//! truncated, connections reset, the relay SIGKILLed and restarted (between rounds, and in
+//! the middle of a device's pass: at a progress report while its sync frames flow and
+//! documents are still open), once restarted from an older copy of its data directory, device
+//! passes cut off mid-way with the store reopened from disk — then, faults off, every device syncs until nothing changes. Then:
 //! - all replicas are identical (same documents, same heads, the relay's too);
 //! - every edit whose call returned on a device is present on every device and on the relay;
 //! - every receipt a device shows names heads the relay's store holds.
@@ -12,14 +13,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use automerge::{ChangeHash, ReadDoc};
 use fieldchart_core::model::{NoteText, Role, VisitStart};
 use fieldchart_core::protocol::DocumentId;
 use fieldchart_core::store::{Store, StoreKey};
-use fieldchart_mobile::{PassOptions, PassStatus, RelayConfig, SyncClient};
+use fieldchart_mobile::{
+    PassOptions, PassStatus, Progress, ProgressCallback, RelayConfig, SyncClient,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -80,8 +84,12 @@ pub struct SoakReport {
     pub faults: u64,
     /// Connections the proxy reset.
     pub resets: u64,
-    /// Relay SIGKILLs (each followed by a restart).
+    /// Relay SIGKILLs between rounds (each followed by a restart).
     pub relay_kills: usize,
+    /// Relay SIGKILLs in the middle of a device's pass, observed there: sent from the pass's
+    /// own progress report while its frames flowed and documents were open (each followed by a
+    /// restart once the pass returned).
+    pub relay_kills_mid_pass: usize,
     /// Restarts from an older copy of the data directory.
     pub restores: usize,
     /// Device passes cut off mid-way in this process (store reopened from disk after).
@@ -103,6 +111,7 @@ impl SoakReport {
             "faults": self.faults,
             "resets": self.resets,
             "relayKills": self.relay_kills,
+            "relayKillsMidPass": self.relay_kills_mid_pass,
             "restores": self.restores,
             "cutPasses": self.cut_passes,
             "deviceKills": self.device_kills,
@@ -127,6 +136,80 @@ fn copy_files(from: &Path, to: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The relay's data directory after the administrative setup every run shares (an agency, a
+/// patient, an office user and [`DEVICES`] nurses assigned to the patient, with tokens), made
+/// once per process: each run starts its relay on a copy. The admin CLI is a process per
+/// command, a dozen per setup — most of a run's fixed cost before it was shared.
+struct Cast {
+    dir: tempfile::TempDir,
+    agency: String,
+    patient: String,
+    office_token: String,
+    /// Per nurse: user id and token.
+    nurses: Vec<(String, String)>,
+}
+
+impl Cast {
+    fn get() -> &'static Cast {
+        static CAST: std::sync::OnceLock<Cast> = std::sync::OnceLock::new();
+        CAST.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("a directory for the shared relay setup");
+            let admin = Admin::new(dir.path());
+            let agency = admin.create_agency("Riverside");
+            let (patient, _) = admin.create_patient(&agency, "Ada");
+            let office = admin.create_user(&agency, "Olive", "office");
+            let office_token = admin.issue_token(&office, "desk").token;
+            let nurses = (0..DEVICES)
+                .map(|i| {
+                    let user = admin.create_user(&agency, &format!("Nurse {i}"), "clinician");
+                    admin.assign(&user, &patient);
+                    let token = admin.issue_token(&user, "phone").token;
+                    (user, token)
+                })
+                .collect();
+            Cast {
+                dir,
+                agency,
+                patient,
+                office_token,
+                nurses,
+            }
+        })
+    }
+}
+
+/// The relay process, shared with a pass's progress callback that may SIGKILL it.
+type SharedRelay = Arc<Mutex<RelayProcess>>;
+
+fn lock(relay: &SharedRelay) -> MutexGuard<'_, RelayProcess> {
+    relay.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A progress callback that SIGKILLs the relay at the `kill_at`-th report showing the pass in
+/// the middle of its work: sync messages sent and fewer documents settled than planned. The
+/// kill runs inside the pass's own callback, so it is mid-pass by construction; `killed` says
+/// whether it happened (a pass with nothing to exchange never qualifies).
+fn kill_relay_mid_pass(
+    relay: &SharedRelay,
+    kill_at: usize,
+    killed: &Arc<AtomicBool>,
+) -> ProgressCallback {
+    let relay = Arc::clone(relay);
+    let killed = Arc::clone(killed);
+    let seen = AtomicUsize::new(0);
+    Arc::new(move |p: &Progress| {
+        if killed.load(Ordering::SeqCst) || p.messages_sent == 0 || p.docs_done >= p.docs_total {
+            return;
+        }
+        if seen.fetch_add(1, Ordering::SeqCst) + 1 < kill_at {
+            return;
+        }
+        // SIGKILL and reap: a few milliseconds on the pass's thread.
+        lock(&relay).kill();
+        killed.store(true, Ordering::SeqCst);
+    })
 }
 
 fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
@@ -249,16 +332,12 @@ pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
     let relay_dir = dir.path().join("relay");
     let backup_dir = dir.path().join("backup");
     std::fs::create_dir_all(&relay_dir).map_err(|e| e.to_string())?;
-    let admin = Admin::new(&relay_dir);
-    let agency = admin.create_agency("Riverside");
-    let (patient, _) = admin.create_patient(&agency, "Ada");
-    let office = admin.create_user(&agency, "Olive", "office");
-    let office_token = admin.issue_token(&office, "desk").token;
+    let cast = Cast::get();
+    copy_files(cast.dir.path(), &relay_dir).map_err(&fail)?;
+    let (agency, patient) = (&cast.agency, &cast.patient);
+    let office_token = cast.office_token.clone();
     let mut phones = Vec::new();
-    for i in 0..DEVICES {
-        let user = admin.create_user(&agency, &format!("Nurse {i}"), "clinician");
-        admin.assign(&user, &patient);
-        let token = admin.issue_token(&user, "phone").token;
+    for (i, (user, token)) in cast.nurses.iter().cloned().enumerate() {
         let path = dir.path().join(format!("phone{i}.db"));
         let key: [u8; 32] = rng.random();
         let store = Arc::new(open_store(
@@ -277,8 +356,9 @@ pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
             notes: Vec::new(),
         });
     }
-    let mut relay = RelayProcess::start(&relay_dir);
-    let proxy = FaultProxy::start(relay.addr(), FaultRates::ROUGH, seed).await;
+    let relay: SharedRelay = Arc::new(Mutex::new(RelayProcess::start(&relay_dir)));
+    let relay_addr = lock(&relay).addr();
+    let proxy = FaultProxy::start(relay_addr, FaultRates::ROUGH, seed).await;
     // Every change hash an edit call returned, per device.
     let mut returned: Vec<ChangeHash> = Vec::new();
     let restore_round = rng.random_range(1..ROUNDS);
@@ -290,8 +370,8 @@ pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
                     let note = phone
                         .store
                         .start_visit(&VisitStart {
-                            agency_id: agency.clone(),
-                            patient_id: patient.clone(),
+                            agency_id: agency.to_string(),
+                            patient_id: patient.to_string(),
                             service_type: "skilled-nursing".into(),
                             date: "2026-11-30".into(),
                             location: format!("{round}-{i} Elm St"),
@@ -325,8 +405,11 @@ pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
                 returned.extend(phone.store.heads(note).map_err(|e| fail(e.to_string()))?);
             }
         }
-        // Faulty syncs; some passes cut off mid-way (the app killed), the store reopened.
-        for phone in &mut phones {
+        // Faulty syncs; some passes cut off mid-way (the app killed), the store reopened. In
+        // half the rounds the relay is killed in the middle of one device's ordinary pass.
+        let mid_pass = rng.random_bool(0.5).then(|| rng.random_range(0..DEVICES));
+        let mut killed_mid_pass = false;
+        for (index, phone) in phones.iter_mut().enumerate() {
             let client = phone.client(&proxy.http_base());
             let options = PassOptions {
                 time_budget: Some(Duration::from_secs(4)),
@@ -359,29 +442,50 @@ pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
                 }
                 drop(client);
                 phone.reopen();
+            } else if mid_pass == Some(index) {
+                let killed = Arc::new(AtomicBool::new(false));
+                let kill_at = rng.random_range(1..=3);
+                let options = PassOptions {
+                    progress: Some(kill_relay_mid_pass(&relay, kill_at, &killed)),
+                    ..options
+                };
+                let _ = client.run_pass(options).await;
+                if killed.load(Ordering::SeqCst) {
+                    let mut relay = lock(&relay);
+                    relay.restart();
+                    proxy.set_upstream(relay.addr());
+                    report.relay_kills_mid_pass += 1;
+                    killed_mid_pass = true;
+                }
             } else {
                 let _ = client.run_pass(options).await;
             }
         }
         // The relay: killed and restarted, or (once) restarted from last round's copy.
+        // A round whose relay was killed mid-pass is not killed again (same number of
+        // restarts as before mid-pass kills, so the same run time).
+        let between = rng.random_bool(0.5);
+        let mut relay = lock(&relay);
         if round == restore_round.saturating_sub(1) {
             relay.kill();
             copy_files(&relay_dir, &backup_dir).map_err(&fail)?;
-            relay = RelayProcess::start(&relay_dir);
+            *relay = RelayProcess::start(&relay_dir);
             proxy.set_upstream(relay.addr());
         } else if round == restore_round {
             relay.kill();
             copy_files(&backup_dir, &relay_dir).map_err(&fail)?;
-            relay = RelayProcess::start(&relay_dir);
+            *relay = RelayProcess::start(&relay_dir);
             proxy.set_upstream(relay.addr());
             report.restores += 1;
-        } else if rng.random_bool(0.5) {
+        } else if between && !killed_mid_pass {
             relay.restart();
             proxy.set_upstream(relay.addr());
             report.relay_kills += 1;
         }
     }
 
+    // The relay stays up (held by `relay`) to the end; only its URL is needed from here on.
+    let office_url = lock(&relay).ws_url(&office_token);
     // Faults off: sync until every device holds the same documents with the same heads.
     proxy.set_rates(FaultRates::NONE);
     let mut converged = false;
@@ -420,7 +524,7 @@ pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
         for phone in &phones {
             all.extend(phone.store.document_ids().unwrap_or_default());
         }
-        if let Ok(mut reader) = TestPeer::connect(&relay.ws_url(&office_token), None).await {
+        if let Ok(mut reader) = TestPeer::connect(&office_url, None).await {
             for id in all {
                 let relay_says = match reader.fetch(id).await {
                     SyncOutcome::InSync(h) => format!("relay {:?}", sorted(h)),
@@ -446,7 +550,7 @@ pub async fn run(seed: u64, device: &Path) -> Result<SoakReport, String> {
         .store
         .document_ids()
         .map_err(|e| fail(e.to_string()))?;
-    let mut reader = TestPeer::connect(&relay.ws_url(&office_token), None)
+    let mut reader = TestPeer::connect(&office_url, None)
         .await
         .map_err(|e| fail(format!("reader: {e:?}")))?;
     let mut relay_heads = BTreeMap::new();

@@ -537,7 +537,9 @@ fn catalogue() -> Vec<Row> {
                 })
                 .expect("edit");
                 let mut data = full_sync(&doc);
-                // Flip a byte inside the change itself (its checksum no longer matches).
+                // Flip a byte of the change's checksum (bytes 4..8 of the chunk): the chunk
+                // still parses, its checksum no longer matches. (A byte flipped inside its
+                // columns is refused by the import guard when it breaks their structure.)
                 let message = automerge::sync::Message::decode(&data).expect("decodes");
                 let change = message
                     .changes
@@ -549,7 +551,34 @@ fn catalogue() -> Vec<Row> {
                     .windows(change.len())
                     .position(|w| w == change.as_slice())
                     .expect("the sync message carries the change");
-                data[at + change.len() / 2] ^= 0xff;
+                data[at + 5] ^= 0xff;
+                bin(sync_msg(c, c.note, data))
+            },
+        ),
+        session(
+            // fuzz/regressions/document_import/oom-…: a bundle chunk whose counter column
+            // declares 1,342,177,279 rows in 5 bytes; automerge 0.12 expands it eagerly and the
+            // process aborts. The import guard refuses it before automerge sees it.
+            "a sync message carrying a 32-byte chunk that declares 1.3 billion rows",
+            Expect::Closed("rows"),
+            |c| {
+                let chunk: &[u8] = include_bytes!(
+                    "../../fuzz/regressions/document_import/oom-df67b51d37f9c22db0058e5372ca06be25580049"
+                );
+                let mut data = vec![0x42, 0, 0, 0, 1, u8::try_from(chunk.len()).expect("short")];
+                data.extend_from_slice(chunk);
+                bin(sync_msg(c, c.note, data))
+            },
+        ),
+        session(
+            // automerge allocates the probe count per hash it looks up (up to 2^32 - 1).
+            "a sync message whose Bloom filter asks for 4 billion probes",
+            Expect::Closed("probes"),
+            |c| {
+                let filter = [1, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0];
+                let mut data = vec![0x42, 0, 0, 1, 0, filter.len() as u8];
+                data.extend_from_slice(&filter);
+                data.push(0);
                 bin(sync_msg(c, c.note, data))
             },
         ),

@@ -153,6 +153,8 @@ impl DocSync {
 /// into the sync state and later re-encodes them behind a `debug_assert!` that they are sorted,
 /// so an unsorted list from a peer would panic debug builds of the relay.
 fn decode_sync_message(data: &[u8]) -> Result<sync::Message, ProtocolError> {
+    crate::model::import_guard::check_sync_message(data)
+        .map_err(|e| ProtocolError::InvalidSyncMessage(e.to_string()))?;
     let mut message = sync::Message::decode(data)
         .map_err(|e| ProtocolError::InvalidSyncMessage(e.to_string()))?;
     canonicalize(&mut message.heads);

@@ -19,6 +19,7 @@ fn validate_automerge_bytes(bytes: &[u8]) -> Result<()> {
     if bytes.is_empty() {
         return Err(Error::InvalidInput("empty automerge data".into()));
     }
+    model::import_guard::check_chunks(bytes).map_err(|e| Error::InvalidInput(e.to_string()))?;
     let options = automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
     // automerge 0.12 can panic on malformed chunks (found by `fuzz/` document_import; the input
     // is in fuzz/regressions/): such bytes are invalid input, not a crash of the app.

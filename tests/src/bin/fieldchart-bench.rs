@@ -180,7 +180,7 @@ fn soak_workload(runs: u64, first_seed: u64) -> Result<serde_json::Value, String
     let (mut clean, mut failed) = (0u64, Vec::new());
     let (mut faults, mut resets, mut kills, mut restores, mut edits) = (0, 0, 0, 0, 0);
     let device = std::env::current_exe().map_err(|e| e.to_string())?;
-    let (mut device_kills, mut cut_passes) = (0, 0);
+    let (mut device_kills, mut cut_passes, mut mid_pass_kills) = (0, 0, 0);
     for seed in first_seed..first_seed.saturating_add(runs) {
         match runtime.block_on(fieldchart_tests::soak::run(seed, &device)) {
             Ok(report) => {
@@ -188,6 +188,7 @@ fn soak_workload(runs: u64, first_seed: u64) -> Result<serde_json::Value, String
                 faults += report.faults;
                 resets += report.resets;
                 kills += report.relay_kills;
+                mid_pass_kills += report.relay_kills_mid_pass;
                 restores += report.restores;
                 edits += report.edits;
                 device_kills += report.device_kills;
@@ -208,6 +209,7 @@ fn soak_workload(runs: u64, first_seed: u64) -> Result<serde_json::Value, String
         "faultsInjected": faults,
         "connectionsReset": resets,
         "relayKills": kills,
+        "relayKillsMidPass": mid_pass_kills,
         "restores": restores,
         "deviceKillsMidPass": device_kills,
         "passesCutInProcess": cut_passes,
