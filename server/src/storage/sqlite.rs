@@ -1507,14 +1507,10 @@ mod tests {
         let (first, second) = (new_agency("first"), new_agency("second"));
         let first_write = storage.insert_agency(first.clone());
         let duplicate = storage.insert_agency(taken.clone());
+        // A write that changes rows and then panics: its change is rolled back with it.
         let panicking = storage.write(|tx| -> Result<()> {
-            tx.execute(
-                "INSERT INTO document_chunks (document_id, bytes) VALUES (x'00', x'00')",
-                [],
-            )
-            .map(|_| ())
-            .or_else(|_| -> Result<()> { panic!("injected panic in a write") })?;
-            Ok(())
+            tx.execute("UPDATE agencies SET name = 'renamed'", [])?;
+            panic!("injected panic in a write");
         });
         let second_write = storage.insert_agency(second.clone());
         release.send(()).expect("release the writer");
@@ -1522,7 +1518,7 @@ mod tests {
         assert!(matches!(duplicate.await, Err(Error::Conflict(_))));
         assert!(matches!(panicking.await, Err(Error::Storage(m)) if m.contains("panicked")));
         second_write.await.expect("second write commits");
-        for agency in [first, second] {
+        for agency in [taken, first, second] {
             assert_eq!(
                 storage.agency(agency.id.clone()).await.expect("read"),
                 Some(agency)
