@@ -85,6 +85,12 @@ pub const DEFAULT_TOKEN_TTL_DAYS: u32 = 90;
 /// the connection mid-frame. Larger messages are cut off by the transport itself.
 pub const OVERSIZE_FRAME_GRACE_BYTES: usize = 1024 * 1024 + 64 * 1024;
 
+/// Initial capacity of a WebSocket's read buffer. tungstenite allocates 128 KiB per connection
+/// by default, which is most of an idle session's memory (10,000 idle sessions would hold
+/// 1.3 GB for nothing). The buffer grows for a larger frame and a visit note's sync message is
+/// a few KiB, so a small start costs an idle session little and a busy one a few reallocations.
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+
 /// Concurrent sessions of one device token; the next upgrade gets `429 Too Many Requests`.
 /// A phone needs one; the JS client may briefly hold two while it reconnects.
 pub const MAX_SESSIONS_PER_DEVICE: usize = 4;

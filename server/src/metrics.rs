@@ -44,6 +44,13 @@ pub const SESSION_PANICS: &str = "fieldchart_session_panics_total";
 /// Counter: changes refused because they tamper with a signed note (see `signatures`).
 pub const TAMPER_REFUSALS: &str = "fieldchart_tamper_refusals_total";
 
+/// Counter: transactions the SQLite writer committed (or tried to), each holding every write
+/// that was waiting (group commit; see `storage::sqlite::group`).
+pub const GROUP_COMMITS: &str = "fieldchart_group_commits_total";
+
+/// Counter: writes the SQLite writer ran inside group commits.
+pub const GROUP_COMMIT_WRITES: &str = "fieldchart_group_commit_writes_total";
+
 /// Upper bounds of the sync latency buckets, in seconds.
 const SYNC_LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -122,6 +129,16 @@ fn describe() {
         SESSION_PANICS,
         Unit::Count,
         "Sessions ended by a panic while handling one of their messages"
+    );
+    describe_counter!(
+        GROUP_COMMITS,
+        Unit::Count,
+        "Transactions of the SQLite writer (each commits every write that was waiting)"
+    );
+    describe_counter!(
+        GROUP_COMMIT_WRITES,
+        Unit::Count,
+        "Writes committed (or failed) inside the SQLite writer's transactions"
     );
     metrics::gauge!(SESSIONS_ACTIVE).set(0.0);
     metrics::gauge!(DOCS_LOADED).set(0.0);

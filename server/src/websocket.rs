@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 
 use crate::auth::{authenticate, bearer_token, query_token};
-use crate::config::OVERSIZE_FRAME_GRACE_BYTES;
+use crate::config::{OVERSIZE_FRAME_GRACE_BYTES, WS_READ_BUFFER_BYTES};
 use crate::error::Error;
 use crate::session::{self, Frame};
 use crate::state::AppState;
@@ -60,6 +60,10 @@ pub async fn sync_endpoint(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        // Frames are written as they are sent (the session's outbox flushes each one); no
+        // 128 KiB staging buffer per connection.
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let (sink, stream) = socket.split();
             let incoming = stream.map(|message| message.map(from_ws));

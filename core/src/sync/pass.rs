@@ -1041,7 +1041,17 @@ impl SyncPass {
             self.stats.docs_changed += 1;
             out.push(PassAction::DocumentChanged(id));
         }
-        let reply = store.generate_sync_message(id, &mut sync)?;
+        // A document this pass asked about that is now in sync (the relay told us its heads,
+        // they equal ours and are shared) needs no answer: the relay learns nothing from an
+        // acknowledgement it needs, and leaving it out saves a third of the messages of a
+        // first sync (`request`, `sync`, no ack). Automerge's sync is robust to it: the next
+        // exchange starts from the heads each side has. Forwarded changes are still answered.
+        let settled = task.is_some() && applied.in_sync;
+        let reply = if settled {
+            None
+        } else {
+            store.generate_sync_message(id, &mut sync)?
+        };
         self.states.insert(id, sync);
         let quiet = reply.is_none();
         let mode = task.map_or(PlanMode::Sync, |t| t.mode);

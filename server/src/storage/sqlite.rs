@@ -3,10 +3,12 @@
 //! - WAL with `synchronous=FULL`: a committed transaction survives power loss, which is what
 //!   lets the relay acknowledge a sync only after its commit returns.
 //! - Exactly one writer connection (SQLite has one writer anyway; queuing here instead of on
-//!   the file lock keeps `SQLITE_BUSY` out of the relay), plus a few reader connections so that
-//!   access checks and the change feed do not wait behind a write's fsync.
-//! - Every call runs on tokio's blocking pool; the connection mutexes are std mutexes held only
-//!   inside that blocking closure, never across an `.await`.
+//!   the file lock keeps `SQLITE_BUSY` out of the relay), owned by a writer thread that
+//!   commits every write waiting at the same moment in one transaction, one fsync (group
+//!   commit, see [`group`]), plus a few reader connections so that access checks and the
+//!   change feed do not wait behind a write's fsync.
+//! - Reads run on tokio's blocking pool; the reader mutexes are std mutexes held only inside
+//!   that blocking closure, never across an `.await`.
 //! - `busy_timeout` lets the admin CLI write to the same file while `serve` runs.
 //! - Schema: a migration ladder over `PRAGMA user_version`; a file newer than this build is
 //!   refused rather than misread.
@@ -34,6 +36,7 @@ use crate::identity::{
 };
 
 mod console;
+mod group;
 
 /// Schema version this build writes; see `server/migrations/`.
 pub const SCHEMA_VERSION: u32 = 5;
@@ -69,7 +72,8 @@ pub struct SqliteStorage {
 
 struct Inner {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    /// The one writer connection, owned by the group-commit thread.
+    writer: group::GroupWriter,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     /// Last `last_seen_at` written per device by this process (see [`Storage::touch_device`]).
@@ -184,7 +188,7 @@ impl SqliteStorage {
         Ok(SqliteStorage {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
-                writer: Mutex::new(writer),
+                writer: group::GroupWriter::start(writer)?,
                 readers,
                 next_reader: AtomicUsize::new(0),
                 last_seen: Mutex::new(HashMap::new()),
@@ -219,23 +223,21 @@ impl SqliteStorage {
         })
     }
 
-    /// Run `f` in a write transaction on the writer connection, on the blocking pool. The
-    /// transaction commits (durably) before the future resolves; any error rolls it back.
+    /// Run `f` in a write transaction on the writer connection: queued now, to the writer
+    /// thread, which commits it together with every other write waiting at that moment (see
+    /// [`group`]). The future resolves after that transaction committed (durably), with `f`'s
+    /// result; an error of `f` rolls back `f`'s work only, a failed commit fails every write
+    /// of the group. Dropping the future does not withdraw the write.
     fn write<T, F>(&self, f: F) -> StorageFuture<'_, T>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
+        let result = self.inner.writer.submit(f);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let mut conn = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let out = f(&tx)?;
-                tx.commit()?;
-                Ok(out)
-            })
-            .await?
+            result
+                .await
+                .map_err(|_| Error::Storage("the SQLite writer thread has stopped".into()))?
         })
     }
 }
@@ -1427,6 +1429,103 @@ impl Storage for SqliteStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn new_agency(name: &str) -> Agency {
+        Agency {
+            id: AgencyId::random(),
+            name: name.into(),
+            created_at: 1,
+        }
+    }
+
+    /// Occupy the writer thread until the returned sender is used (or dropped): the writes
+    /// queued meanwhile are committed together, as one group.
+    async fn hold_writer(storage: &SqliteStorage) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        drop(storage.write(move |_tx| {
+            let _ = started.send(());
+            let _ = held.recv();
+            Ok(())
+        }));
+        running
+            .await
+            .expect("the writer thread runs the holding write");
+        release
+    }
+
+    #[tokio::test]
+    async fn a_failed_group_commit_fails_every_write_in_the_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = SqliteStorage::open(&dir.path().join("relay.sqlite3")).expect("open");
+        let release = hold_writer(&storage).await;
+        let (first, second) = (new_agency("first"), new_agency("second"));
+        let first_write = storage.insert_agency(first.clone());
+        // A write that succeeds inside its savepoint but makes the group's COMMIT fail: a
+        // deferred foreign-key violation is only checked at commit.
+        let poison = storage.write(|tx| {
+            tx.execute_batch(
+                "PRAGMA defer_foreign_keys = ON;
+                 INSERT INTO document_chunks (document_id, bytes) VALUES (x'00', x'00');",
+            )?;
+            Ok(())
+        });
+        let second_write = storage.insert_agency(second.clone());
+        release.send(()).expect("release the writer");
+        for (what, result) in [
+            ("first", first_write.await),
+            ("poison", poison.await),
+            ("second", second_write.await),
+        ] {
+            match result {
+                Err(Error::Storage(msg)) => {
+                    assert!(msg.contains("group commit failed"), "{what}: {msg}")
+                }
+                other => panic!("{what}: expected the group's failure, got {other:?}"),
+            }
+        }
+        for agency in [&first, &second] {
+            assert_eq!(storage.agency(agency.id.clone()).await.expect("read"), None);
+        }
+        // The writer goes on: the next group commits.
+        storage
+            .insert_agency(first.clone())
+            .await
+            .expect("insert after the failed group");
+        assert_eq!(
+            storage.agency(first.id.clone()).await.expect("read"),
+            Some(first)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_in_a_group_fails_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = SqliteStorage::open(&dir.path().join("relay.sqlite3")).expect("open");
+        let taken = new_agency("taken");
+        storage.insert_agency(taken.clone()).await.expect("insert");
+        let release = hold_writer(&storage).await;
+        let (first, second) = (new_agency("first"), new_agency("second"));
+        let first_write = storage.insert_agency(first.clone());
+        let duplicate = storage.insert_agency(taken.clone());
+        // A write that changes rows and then panics: its change is rolled back with it.
+        let panicking = storage.write(|tx| -> Result<()> {
+            tx.execute("UPDATE agencies SET name = 'renamed'", [])?;
+            panic!("injected panic in a write");
+        });
+        let second_write = storage.insert_agency(second.clone());
+        release.send(()).expect("release the writer");
+        first_write.await.expect("first write commits");
+        assert!(matches!(duplicate.await, Err(Error::Conflict(_))));
+        assert!(matches!(panicking.await, Err(Error::Storage(m)) if m.contains("panicked")));
+        second_write.await.expect("second write commits");
+        for agency in [taken, first, second] {
+            assert_eq!(
+                storage.agency(agency.id.clone()).await.expect("read"),
+                Some(agency)
+            );
+        }
+    }
 
     #[test]
     fn a_database_from_a_newer_relay_is_refused_untouched() {
