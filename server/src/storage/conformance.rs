@@ -90,7 +90,10 @@ pub(crate) mod test_postgres {
                 .batch_execute(&format!("CREATE SCHEMA {name}"))
                 .await
                 .expect("create schema");
-            let url = format!("{} options='-c search_path={name}'", server());
+            let url = format!(
+                "{} application_name={name} options='-c search_path={name}'",
+                server()
+            );
             Schema { name, url }
         }
     }
@@ -105,9 +108,15 @@ pub(crate) mod test_postgres {
                     .build()
                     .expect("runtime");
                 rt.block_on(async {
+                    // The test's pool may still hold connections (its runtime is blocked
+                    // here): end them first, so nothing they hold blocks the drop.
                     admin()
                         .await
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                        .batch_execute(&format!(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                             WHERE application_name = '{name}';
+                             DROP SCHEMA IF EXISTS {name} CASCADE"
+                        ))
                         .await
                 })
             })

@@ -209,9 +209,18 @@ impl PostgresStorage {
         Box::pin(async move {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            let out = f(&tx).await?;
-            tx.commit().await?;
-            Ok(out)
+            // Roll back explicitly on error: the connection goes back to the pool clean, and no
+            // lock waits for a rollback that a dropped transaction only queues.
+            match f(&tx).await {
+                Ok(out) => {
+                    tx.commit().await?;
+                    Ok(out)
+                }
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            }
         })
     }
 
@@ -229,9 +238,18 @@ impl PostgresStorage {
                 .read_only(true)
                 .start()
                 .await?;
-            let out = f(&tx).await?;
-            tx.commit().await?;
-            Ok(out)
+            // Roll back explicitly on error: the connection goes back to the pool clean, and no
+            // lock waits for a rollback that a dropped transaction only queues.
+            match f(&tx).await {
+                Ok(out) => {
+                    tx.commit().await?;
+                    Ok(out)
+                }
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            }
         })
     }
 }
@@ -1306,7 +1324,7 @@ impl Storage for PostgresStorage {
                 Box::pin(async move {
                     tx.execute(
                         "UPDATE devices SET last_seen_at = $2 WHERE id = $1
-                           AND (last_seen_at IS NULL OR last_seen_at <= $2 - $3)",
+                           AND (last_seen_at IS NULL OR last_seen_at <= $2::bigint - $3::bigint)",
                         &[&key.as_str(), &at_ms, &LAST_SEEN_RESOLUTION_MS],
                     )
                     .await?;
