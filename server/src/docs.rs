@@ -67,6 +67,9 @@ struct LoadedDoc {
     meta: DocMeta,
     /// Chunks stored since the last snapshot.
     chunks: u32,
+    /// The stored heads this copy was loaded from or last committed: what the next write
+    /// builds on ([`Storage::write_document_on`]).
+    stored_heads: Vec<ChangeHash>,
     /// Signatures and identity fields seen in the stored history (built on first write; see
     /// `crate::signatures`).
     ledger: Option<NoteLedger>,
@@ -440,10 +443,12 @@ impl DocHub {
             return match self.storage.write_document(write).await {
                 Ok(_) => {
                     metrics::counter!(DOC_WRITES).increment(1);
+                    let stored_heads = doc.get_heads();
                     *guard = EntryState::Loaded(Box::new(LoadedDoc {
                         doc,
                         meta,
                         chunks: 0,
+                        stored_heads,
                         ledger: None,
                     }));
                     Ok(Created::Stored(DocGuard {
@@ -484,41 +489,124 @@ impl DocHub {
         audit: AuditEvent,
         origin: SessionId,
     ) -> Result<(DocGuard, Seq)> {
-        let compact = guard.loaded().chunks + 1 >= self.compact_after_chunks;
-        let data = if compact {
-            let (saved, snapshot) = self.blocking(guard, |g| g.doc().save()).await?;
-            guard = saved;
-            DocumentData::Snapshot(snapshot)
-        } else {
-            DocumentData::Chunk(
-                changes
-                    .iter()
-                    .flat_map(|c| c.raw_bytes().iter().copied())
-                    .collect(),
-            )
-        };
-        let write = DocumentWrite {
-            document_id: guard.id,
-            meta: guard.meta().clone(),
-            create: false,
-            data,
-            heads: guard.heads(),
-            audit: Some(audit),
-        };
-        match self.storage.write_document(write).await {
-            Ok(seq) => {
-                metrics::counter!(DOC_WRITES).increment(1);
-                guard.dirty = false;
-                guard.clean_heads.clear();
-                let loaded = guard.loaded_mut();
-                loaded.chunks = if compact { 0 } else { loaded.chunks + 1 };
-                self.notify(guard.id, origin);
-                Ok((guard, seq))
+        // Each write names the stored heads it builds on. Another relay process on the same
+        // database may have written the document since this copy was loaded: then the write is
+        // refused as stale, and this copy is rebased on what is stored (reload, merge) and
+        // written again. `changes` stay what is new relative to the stored document either way.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let compact = guard.loaded().chunks + 1 >= self.compact_after_chunks;
+            let data = if compact {
+                let (saved, snapshot) = self.blocking(guard, |g| g.doc().save()).await?;
+                guard = saved;
+                DocumentData::Snapshot(snapshot)
+            } else {
+                DocumentData::Chunk(
+                    changes
+                        .iter()
+                        .flat_map(|c| c.raw_bytes().iter().copied())
+                        .collect(),
+                )
+            };
+            let heads = guard.heads();
+            let write = DocumentWrite {
+                document_id: guard.id,
+                meta: guard.meta().clone(),
+                create: false,
+                data,
+                heads: heads.clone(),
+                audit: Some(audit.clone()),
+            };
+            let base = guard.loaded().stored_heads.clone();
+            match self.storage.write_document_on(write, base).await {
+                Ok(seq) => {
+                    metrics::counter!(DOC_WRITES).increment(1);
+                    guard.dirty = false;
+                    guard.clean_heads.clear();
+                    let loaded = guard.loaded_mut();
+                    loaded.chunks = if compact { 0 } else { loaded.chunks + 1 };
+                    loaded.stored_heads = heads;
+                    self.notify(guard.id, origin);
+                    return Ok((guard, seq));
+                }
+                Err(Error::Stale(_)) if attempt < OPEN_ATTEMPTS => {
+                    guard = self.rebase(guard).await?;
+                }
+                Err(e) => {
+                    self.discard(guard);
+                    return Err(e);
+                }
             }
-            Err(e) => {
-                self.discard(guard);
-                Err(e)
+        }
+    }
+
+    /// Merge what storage holds now into the guarded (dirty) copy: after another relay process
+    /// wrote the document. The result holds the stored document plus this copy's uncommitted
+    /// changes, and builds on the stored heads.
+    async fn rebase(&self, guard: DocGuard) -> Result<DocGuard> {
+        let id = guard.id;
+        let Some(stored) = self.storage.load_document(id).await? else {
+            return Err(Error::NotFound("document"));
+        };
+        let (guard, merged) = self
+            .blocking(guard, move |g| -> Result<()> {
+                let mut fresh = build(stored)?;
+                let loaded = g.loaded_mut();
+                fresh.doc.merge(&mut loaded.doc)?;
+                loaded.doc = fresh.doc;
+                loaded.chunks = fresh.chunks;
+                loaded.stored_heads = fresh.stored_heads;
+                loaded.ledger = None;
+                Ok(())
+            })
+            .await?;
+        // On error the dirty guard is dropped, which discards the copy.
+        merged?;
+        tracing::debug!(doc = %id, "document changed by another relay process; rebased the write");
+        Ok(guard)
+    }
+
+    /// Another relay process committed a change to `id` (see [`crate::notify`]): drop the copy
+    /// held here, so the next use reloads what is stored, and wake every session syncing it.
+    pub async fn invalidate(&self, id: DocumentId) {
+        let entry = self
+            .table()
+            .docs
+            .get(&id)
+            .map(|slot| Arc::clone(&slot.entry));
+        if let Some(entry) = entry {
+            let mut state = entry.lock().await;
+            if matches!(*state, EntryState::Loaded(_)) {
+                *state = EntryState::Unloaded;
             }
+        }
+        let table = self.table();
+        for inbox in table
+            .subscribers
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .map(|(_, i)| i)
+        {
+            inbox.mark(id);
+        }
+    }
+
+    /// [`DocHub::invalidate`] every document held or subscribed to: after changes may have
+    /// been missed (the notification connection was lost).
+    pub async fn invalidate_all(&self) {
+        let ids: HashSet<DocumentId> = {
+            let table = self.table();
+            table
+                .docs
+                .keys()
+                .chain(table.subscribers.keys())
+                .copied()
+                .collect()
+        };
+        for id in ids {
+            self.invalidate(id).await;
         }
     }
 
@@ -642,6 +730,7 @@ fn build(stored: StoredDocument) -> Result<LoadedDoc> {
         doc,
         meta: stored.meta,
         chunks,
+        stored_heads: stored.heads,
         ledger: None,
     })
 }

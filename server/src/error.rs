@@ -28,6 +28,10 @@ pub enum Error {
     /// The request conflicts with existing state (e.g. a document id already stored).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A document write built on heads that are no longer the stored ones (another relay
+    /// process wrote it meanwhile); nothing was written. Reload and retry.
+    #[error("stale write of document {0}: it changed meanwhile")]
+    Stale(String),
     /// A one-time credential (an enrollment code) is past its expiry.
     #[error("{0} expired")]
     Expired(&'static str),
@@ -84,7 +88,7 @@ impl Error {
             Error::Core(e) if matches!(**e, fieldchart_core::Error::InvalidInput(_)) => {
                 StatusCode::BAD_REQUEST
             }
-            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Conflict(_) | Error::Stale(_) => StatusCode::CONFLICT,
             Error::Expired(_) => StatusCode::GONE,
             Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

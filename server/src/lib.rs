@@ -51,6 +51,7 @@ pub mod feed;
 pub mod http_log;
 pub mod identity;
 pub mod metrics;
+pub mod notify;
 pub mod session;
 pub mod signatures;
 pub mod state;

@@ -32,8 +32,11 @@ use fieldchart_server::config::{
     Limits, MAX_AUDIT_ROWS, database_path,
 };
 use fieldchart_server::console;
+use fieldchart_server::console::store::ConsoleStore;
 use fieldchart_server::identity::{AgencyId, DeviceId, PatientId, Role, UserId, parse_role};
-use fieldchart_server::storage::{AdminLogQuery, DatabaseKey, SqliteStorage, Storage};
+use fieldchart_server::storage::{
+    AdminLogQuery, DatabaseKey, PostgresStorage, SqliteStorage, Storage,
+};
 use fieldchart_server::{AppState, Error, Result, audit};
 use serde_json::{Value, json};
 
@@ -60,6 +63,14 @@ struct Cli {
     /// Operator name recorded as the actor of admin commands (default: the OS user).
     #[arg(long, global = true)]
     actor: Option<String>,
+    /// Keep the relay's state in this PostgreSQL database (`postgres://user@host:5432/db`)
+    /// instead of the SQLite file in --data-dir: several relays may serve from one database.
+    /// Encryption at rest is then the database's business (--key-file does not apply).
+    #[arg(long, global = true)]
+    database: Option<String>,
+    /// Connections each relay process keeps to --database.
+    #[arg(long, global = true, default_value_t = fieldchart_server::storage::postgres::DEFAULT_POOL_SIZE)]
+    database_pool: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -270,14 +281,37 @@ async fn main() -> ExitCode {
             metrics_addr,
         } => {
             let tls = tls_cert.zip(tls_key);
-            serve(
-                &cli.data_dir,
-                cli.key_file.as_deref(),
-                listen,
-                tls,
-                metrics_addr,
-            )
-            .await
+            match &cli.database {
+                Some(url) => {
+                    serve_postgres(url, cli.database_pool, listen, tls, metrics_addr).await
+                }
+                None => {
+                    serve(
+                        &cli.data_dir,
+                        cli.key_file.as_deref(),
+                        listen,
+                        tls,
+                        metrics_addr,
+                    )
+                    .await
+                }
+            }
+        }
+        Command::Admin(AdminCommand::Rekey { .. }) if cli.database.is_some() => {
+            Err(Error::BadRequest(
+                "rekey re-encrypts the SQLite database; a PostgreSQL database is encrypted at rest by its own host"
+                    .into(),
+            ))
+        }
+        Command::Admin(command) if cli.database.is_some() => {
+            let ctx = AdminContext::cli(&operator(cli.actor.as_deref()));
+            let url = cli.database.as_deref().unwrap_or_default();
+            match PostgresStorage::connect(url, 2).await {
+                Ok(storage) => run_admin(&storage, &ctx, command)
+                    .await
+                    .map(|output| print_json(&output)),
+                Err(e) => Err(e),
+            }
         }
         Command::Admin(AdminCommand::Rekey { new_key_file }) => {
             rekey(&cli.data_dir, cli.key_file.as_deref(), &new_key_file)
@@ -519,6 +553,68 @@ async fn serve(
     served
 }
 
+/// `serve --database postgres://…`: one of possibly several relays on one PostgreSQL
+/// database. No data-directory lock (the database serialises writers; see
+/// `storage/postgres.rs`); a listener for other relays' document changes (`notify`).
+async fn serve_postgres(
+    url: &str,
+    pool_size: usize,
+    listen: SocketAddr,
+    tls: Option<(PathBuf, PathBuf)>,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<()> {
+    let storage = PostgresStorage::connect(url, pool_size).await?;
+    let tls = tls
+        .map(|(cert, key)| fieldchart_server::tls::TlsFiles::load(&cert, &key))
+        .transpose()?;
+    let shared = Arc::new(storage.clone());
+    let state = AppState::new(shared.clone(), Limits::default()).await?;
+    state.attach_console(
+        shared,
+        console::ConsoleOptions {
+            secure_cookies: tls.is_some(),
+            ..console::ConsoleOptions::default()
+        },
+    );
+    let listener_task = fieldchart_server::notify::spawn(&storage, state.clone());
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let metrics = match metrics_addr {
+        Some(metrics_addr) => Some(tokio::net::TcpListener::bind(metrics_addr).await?),
+        None => None,
+    };
+    let metrics_local = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
+    tracing::info!(%addr, tls = tls.is_some(), database = ?storage, "relay listening");
+    print_json(&json!({
+        "listening": addr.to_string(),
+        "tls": tls.is_some(),
+        "metrics": metrics_local.map(|a| a.to_string()),
+        "database": "postgres",
+        "storageId": state.storage_id().as_str(),
+        "epoch": state.epoch(),
+    }));
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics.map(|listener| {
+        tokio::spawn(fieldchart_server::run_metrics(
+            listener,
+            state.clone(),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ))
+    });
+    let served = match tls {
+        Some(files) => fieldchart_server::run_tls(listener, files, state, shutdown_signal()).await,
+        None => fieldchart_server::run(listener, state, shutdown_signal()).await,
+    };
+    listener_task.abort();
+    let _ = stop_metrics.send(());
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    served
+}
+
 /// Ctrl-C, or SIGTERM (what service managers and container runtimes send).
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -547,8 +643,8 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run_admin(
-    storage: &SqliteStorage,
+async fn run_admin<S: Storage + ConsoleStore>(
+    storage: &S,
     ctx: &AdminContext,
     command: AdminCommand,
 ) -> Result<Value> {

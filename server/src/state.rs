@@ -38,6 +38,12 @@ impl AppState {
     /// A relay over `storage`. Starts the audit writer, so it needs a tokio runtime.
     pub async fn new(storage: Arc<dyn Storage>, limits: Limits) -> Result<AppState> {
         let storage_id = storage.storage_id().await?;
+        // Several relay processes on one database (PostgreSQL) share the database's epoch, so
+        // a cursor of one is good on the others.
+        let epoch = match storage.shared_epoch().await? {
+            Some(epoch) => epoch,
+            None => crate::identity::random_hex::<8>(),
+        };
         Ok(AppState(Arc::new(Relay {
             docs: DocHub::new(
                 Arc::clone(&storage),
@@ -52,7 +58,7 @@ impl AppState {
             // New at every start: a relay whose database was restored from a backup (or
             // replaced) can only have been restarted, so devices holding a cursor from before
             // see a new epoch and reconcile (see `crate::feed`).
-            epoch: crate::identity::random_hex::<8>(),
+            epoch,
             metrics: crate::metrics::handle(),
             console: std::sync::OnceLock::new(),
             limits,

@@ -20,6 +20,7 @@
 
 pub mod faulty;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -37,6 +38,7 @@ use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, Ro
 
 pub use faulty::{Faults, FaultyStorage, WriteFault};
 pub use memory::MemoryStorage;
+pub use postgres::PostgresStorage;
 pub use sqlite::{DatabaseKey, SqliteStorage};
 
 /// The future every storage method returns.
@@ -570,6 +572,22 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// position. A `create` of an existing document is [`crate::Error::Conflict`]; an update of
     /// a missing one is [`crate::Error::NotFound`].
     fn write_document(&self, write: DocumentWrite) -> StorageFuture<'_, Seq>;
+
+    /// Like [`Storage::write_document`] (an update, not a create), applied only if the
+    /// document's stored heads are still `base`, the heads the writer's copy was built from;
+    /// otherwise [`crate::Error::Stale`] and nothing is written. How several relay processes
+    /// share one document: the loser reloads, merges and retries (see `crate::docs`).
+    fn write_document_on(
+        &self,
+        write: DocumentWrite,
+        base: Vec<ChangeHash>,
+    ) -> StorageFuture<'_, Seq>;
+
+    /// A feed epoch shared by every relay process on this storage, if the backend keeps one
+    /// (PostgreSQL); `None`: each process makes its own at start (SQLite, one process).
+    fn shared_epoch(&self) -> StorageFuture<'_, Option<String>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
 
     /// The persisted automerge sync state of a peer for a document.
     fn load_sync_state(

@@ -3,6 +3,7 @@
 pub mod bootstrap;
 pub mod fault_proxy;
 pub mod plain_client;
+pub mod postgres;
 pub mod reconnect;
 pub mod relay_process;
 pub mod relay_stats;

@@ -94,6 +94,26 @@ impl RelayProcess {
         Self::start_on(data_dir, "127.0.0.1:0", &args).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Start a relay on a PostgreSQL database (`serve --database <database_url>`) at a free
+    /// port: several may run on one database (scale-out). `data_dir` is only where it would
+    /// keep files (none today).
+    pub fn start_postgres(data_dir: &Path, database_url: &str) -> RelayProcess {
+        let args = vec!["--database".to_owned(), database_url.to_owned()];
+        Self::start_on(data_dir, "127.0.0.1:0", &args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Run `fieldchart-server --database <database_url> admin <args...>` (the admin CLI on a
+    /// PostgreSQL database) and return its JSON; panics with its output if it fails.
+    pub fn admin_postgres(database_url: &str, args: &[&str]) -> Value {
+        let mut full = vec!["--database", database_url];
+        full.extend_from_slice(args);
+        let dir = std::env::temp_dir();
+        match Self::try_admin(&dir, &full) {
+            Ok(value) => value,
+            Err(value) => panic!("`admin {}` failed: {value}", args.join(" ")),
+        }
+    }
+
     /// Start the relay with extra `serve` arguments; `Err` with its stderr if it does not come
     /// up (e.g. a wrong database key).
     pub fn try_start_with(data_dir: &Path, serve_args: &[String]) -> Result<RelayProcess, String> {
@@ -684,6 +704,8 @@ async fn open(
 #[derive(Debug, Clone)]
 pub struct Admin {
     data_dir: PathBuf,
+    /// `--database` (PostgreSQL) instead of the data directory's SQLite file.
+    database: Option<String>,
 }
 
 /// A device token issued by [`Admin::issue_token`].
@@ -700,12 +722,24 @@ impl Admin {
     pub fn new(data_dir: &Path) -> Admin {
         Admin {
             data_dir: data_dir.to_owned(),
+            database: None,
+        }
+    }
+
+    /// The CLI on a PostgreSQL database (`--database <database_url>`).
+    pub fn postgres(database_url: &str) -> Admin {
+        Admin {
+            data_dir: std::env::temp_dir(),
+            database: Some(database_url.to_owned()),
         }
     }
 
     /// Run any admin command (see [`RelayProcess::admin`]).
     pub fn run(&self, args: &[&str]) -> Value {
-        RelayProcess::admin(&self.data_dir, args)
+        match &self.database {
+            Some(url) => RelayProcess::admin_postgres(url, args),
+            None => RelayProcess::admin(&self.data_dir, args),
+        }
     }
 
     fn field(value: &Value, key: &str) -> String {

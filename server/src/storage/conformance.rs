@@ -1,8 +1,9 @@
-//! The storage contract as one test suite, run against every backend (SQLite in a temp dir and
-//! in-memory; PostgreSQL joins with one more line). A backend that passes is interchangeable.
+//! The storage contract as one test suite, run against every backend (SQLite in a temp dir,
+//! in-memory, and PostgreSQL in a fresh schema per test: see [`test_postgres`]). A backend that
+//! passes is interchangeable.
 
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, ChangeHash, ROOT};
+use automerge::{AutoCommit, ChangeHash, ROOT, ReadDoc};
 use fieldchart_core::protocol::DocumentId;
 
 use super::*;
@@ -13,6 +14,7 @@ use crate::identity::{Agency, AgencyId, Device, DeviceId, Patient, PatientId, Ro
 struct Fixture {
     storage: Box<dyn Storage>,
     _dir: Option<tempfile::TempDir>,
+    _schema: Option<test_postgres::Schema>,
 }
 
 impl Fixture {
@@ -22,6 +24,7 @@ impl Fixture {
         Fixture {
             storage: Box::new(storage),
             _dir: Some(dir),
+            _schema: None,
         }
     }
 
@@ -29,6 +32,98 @@ impl Fixture {
         Fixture {
             storage: Box::new(MemoryStorage::new()),
             _dir: None,
+            _schema: None,
+        }
+    }
+
+    async fn postgres() -> Fixture {
+        let schema = test_postgres::Schema::create().await;
+        let storage = PostgresStorage::connect(&schema.url, 4)
+            .await
+            .expect("connect to the test schema");
+        Fixture {
+            storage: Box::new(storage),
+            _dir: None,
+            _schema: Some(schema),
+        }
+    }
+}
+
+/// A fresh PostgreSQL schema per test (tests run in parallel), dropped when the test ends.
+///
+/// The server is `FIELDCHART_TEST_POSTGRES` (a libpq key=value string), default
+/// `host=127.0.0.1 port=5432 user=postgres dbname=postgres`; `.ci/run` starts one when none
+/// runs. An unreachable server fails the test with a message saying so: never a silent skip.
+pub(crate) mod test_postgres {
+    /// The server's connection string.
+    pub fn server() -> String {
+        std::env::var("FIELDCHART_TEST_POSTGRES")
+            .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
+    }
+
+    async fn admin() -> tokio_postgres::Client {
+        let server = server();
+        let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is needed for this test and is not reachable at `{server}` ({e}). \
+                     Start it (`.ci/run` does) or set FIELDCHART_TEST_POSTGRES."
+                )
+            });
+        tokio::spawn(connection);
+        client
+    }
+
+    /// A schema of its own; the connection string selects it through `search_path`.
+    #[derive(Debug)]
+    pub struct Schema {
+        pub name: String,
+        pub url: String,
+    }
+
+    impl Schema {
+        pub async fn create() -> Schema {
+            let name = format!("fc_test_{}", crate::identity::random_hex::<8>());
+            admin()
+                .await
+                .batch_execute(&format!("CREATE SCHEMA {name}"))
+                .await
+                .expect("create schema");
+            let url = format!(
+                "{} application_name={name} options='-c search_path={name}'",
+                server()
+            );
+            Schema { name, url }
+        }
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            let name = self.name.clone();
+            // Drop runs inside the test's runtime: a thread of its own with its own runtime.
+            let dropped = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    // The test's pool may still hold connections (its runtime is blocked
+                    // here): end them first, so nothing they hold blocks the drop.
+                    admin()
+                        .await
+                        .batch_execute(&format!(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                             WHERE application_name = '{name}';
+                             DROP SCHEMA IF EXISTS {name} CASCADE"
+                        ))
+                        .await
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Ok(()))) {
+                eprintln!("could not drop test schema {}", self.name);
+            }
         }
     }
 }
@@ -40,6 +135,12 @@ macro_rules! conformance_suite {
         }
         mod memory_backend {
             $( #[tokio::test] async fn $test() { super::$test(&*super::Fixture::memory().storage).await; } )*
+        }
+        mod postgres_backend {
+            $( #[tokio::test] async fn $test() {
+                let fixture = super::Fixture::postgres().await;
+                super::$test(&*fixture.storage).await;
+            } )*
         }
     };
 }
@@ -61,6 +162,7 @@ conformance_suite!(
     enrollment_codes_are_consumed_once_and_bind_a_key,
     disabling_a_user_revokes_every_device_at_a_sequence_position,
     audit_pages_resume_after_a_cursor,
+    a_write_on_heads_that_are_no_longer_stored_is_refused_and_stores_nothing,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1124,4 +1226,75 @@ async fn audit_pages_resume_after_a_cursor(s: &dyn Storage) {
             .await
             .expect("all")
     );
+}
+
+async fn a_write_on_heads_that_are_no_longer_stored_is_refused_and_stores_nothing(s: &dyn Storage) {
+    let w = world(s).await;
+    let (pid, _) = patient(s, &w.agency).await;
+    let (id, mut doc) = store_doc(s, &w.agency, &pid).await;
+    let m = meta(&w.agency, &pid, "visit-note");
+    let base = doc.get_heads();
+    // Another writer's copy, forked before the first edit below.
+    let mut other = doc.fork();
+    edit(s, id, &mut doc, &m, None).await;
+    let stored = s.load_document(id).await.expect("load").expect("exists");
+    let seq = s.current_seq().await.expect("seq");
+
+    other.put(ROOT, "other", 1).expect("put");
+    other.commit();
+    let bytes: Vec<u8> = other
+        .get_changes(&base)
+        .iter()
+        .flat_map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let stale = DocumentWrite {
+        document_id: id,
+        meta: m.clone(),
+        create: false,
+        data: DocumentData::Chunk(bytes.clone()),
+        heads: other.get_heads(),
+        audit: Some(event(&w, id, &pid, AuditAction::Write, 5)),
+    };
+    let refused = s.write_document_on(stale.clone(), base.clone()).await;
+    assert!(matches!(refused, Err(Error::Stale(_))), "{refused:?}");
+    assert_eq!(
+        s.load_document(id).await.expect("load").expect("exists"),
+        stored,
+        "nothing of a refused write is stored"
+    );
+    assert_eq!(s.current_seq().await.expect("seq"), seq);
+    assert!(
+        s.query_audit(AuditQuery {
+            patient_id: Some(pid.clone()),
+            user_id: None,
+            from_ms: 0,
+            to_ms: i64::MAX,
+            limit: 100,
+        })
+        .await
+        .expect("audit")
+        .is_empty(),
+        "nor its audit row"
+    );
+
+    // Rebased on what is stored, the same change is accepted, and both edits survive.
+    let mut merged = load(&stored);
+    merged
+        .merge(&mut automerge::Automerge::load(&other.save()).expect("load"))
+        .expect("merge");
+    let accepted = DocumentWrite {
+        heads: merged.get_heads(),
+        ..stale
+    };
+    let seq = s
+        .write_document_on(accepted, stored.heads.clone())
+        .await
+        .expect("rebased write");
+    let now = s.load_document(id).await.expect("load").expect("exists");
+    assert_eq!(now.seq, seq);
+    assert_eq!(now.heads, merged.get_heads());
+    let reloaded = load(&now);
+    assert_eq!(reloaded.get_heads(), merged.get_heads());
+    assert!(reloaded.get(ROOT, "edited").expect("get").is_some());
+    assert!(reloaded.get(ROOT, "other").expect("get").is_some());
 }

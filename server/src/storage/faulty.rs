@@ -251,6 +251,21 @@ impl Storage for FaultyStorage {
         self.inner.write_document(write)
     }
 
+    fn write_document_on(
+        &self,
+        write: DocumentWrite,
+        base: Vec<automerge::ChangeHash>,
+    ) -> StorageFuture<'_, Seq> {
+        if let Some(e) = self.faults.before_write("write_document") {
+            return Box::pin(async move { Err(e) });
+        }
+        self.inner.write_document_on(write, base)
+    }
+
+    fn shared_epoch(&self) -> StorageFuture<'_, Option<String>> {
+        self.inner.shared_epoch()
+    }
+
     fn load_sync_state(
         &self,
         peer: PeerKey,

@@ -639,6 +639,22 @@ impl Storage for MemoryStorage {
         self.write(move |s| s.write_document(write))
     }
 
+    fn write_document_on(
+        &self,
+        write: DocumentWrite,
+        base: Vec<automerge::ChangeHash>,
+    ) -> StorageFuture<'_, Seq> {
+        self.write(move |s| {
+            if let Some(doc) = s.documents.get(&write.document_id)
+                && !write.create
+                && doc.heads != base
+            {
+                return Err(Error::Stale(write.document_id.to_string()));
+            }
+            s.write_document(write)
+        })
+    }
+
     fn load_sync_state(
         &self,
         peer: PeerKey,

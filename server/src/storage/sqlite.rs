@@ -1309,6 +1309,28 @@ impl Storage for SqliteStorage {
         self.write(move |tx| write_document_tx(tx, &write))
     }
 
+    fn write_document_on(
+        &self,
+        write: DocumentWrite,
+        base: Vec<automerge::ChangeHash>,
+    ) -> StorageFuture<'_, Seq> {
+        self.write(move |tx| {
+            // One writer process: the heads check only fails if the admin CLI wrote the
+            // document meanwhile; it is here so the contract is the same on every backend.
+            let stored: Option<Vec<u8>> = tx
+                .query_row(
+                    "SELECT heads FROM documents WHERE id = ?1",
+                    [write.document_id.as_bytes().as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if !write.create && stored.is_some_and(|h| h != heads_to_bytes(&base)) {
+                return Err(Error::Stale(write.document_id.to_string()));
+            }
+            write_document_tx(tx, &write)
+        })
+    }
+
     fn load_sync_state(
         &self,
         peer: PeerKey,
