@@ -671,19 +671,30 @@ impl SyncClient {
         if let Some(since) = since {
             query.push(("since", since.to_owned()));
         }
-        let sent = self
-            .http
-            .get(format!("{}/v1/changes", self.http_base))
-            .bearer_auth(&self.relay.token)
-            .query(&query)
-            .send()
-            .await;
-        let mut response = match sent {
-            Ok(response) => response,
-            Err(e) => {
-                return PassEvent::FeedUnreachable {
-                    error: crate::tls::error_chain(&e.without_url()),
-                };
+        // The feed request is a read, so it is sent once more when the first attempt failed
+        // before any response: a pooled keep-alive connection the network (or the relay) has
+        // already closed fails that way, as after a phone changes networks, and the second
+        // attempt opens a fresh connection.
+        let mut retried = false;
+        let mut response = loop {
+            let sent = self
+                .http
+                .get(format!("{}/v1/changes", self.http_base))
+                .bearer_auth(&self.relay.token)
+                .query(&query)
+                .send()
+                .await;
+            match sent {
+                Ok(response) => break response,
+                Err(e) if !retried && !e.is_timeout() && e.is_request() && !e.is_connect() => {
+                    retried = true;
+                    io.http_requests += 1;
+                }
+                Err(e) => {
+                    return PassEvent::FeedUnreachable {
+                        error: crate::tls::error_chain(&e.without_url()),
+                    };
+                }
             }
         };
         let status = response.status().as_u16();
