@@ -3,12 +3,10 @@
 //!
 //! Used by `fieldchart-bench reconnect` and by the reconnect-cost test. The relay is the real
 //! `fieldchart-server` binary of the same build profile, run as a child process on a temporary
-//! data directory; [`LocalRelay`] finds it next to the running executable whether that is a
+//! data directory; [`server_binary`] finds it next to the running executable whether that is a
 //! test (`target/<profile>/deps/…`) or the benchmark binary (`target/<profile>/…`).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +17,7 @@ use fieldchart_mobile::{PassOptions, PassReport, PassStatus, RelayConfig, SyncCl
 use serde_json::{Value, json};
 
 use crate::relay_process::{SyncOutcome, TestPeer, set, visit_note};
-
-/// How long the relay may take to print its listening line.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::relay_stats::BenchRelay;
 
 /// How long a live session may take to report it is up to date.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -52,112 +48,6 @@ pub fn server_binary() -> Result<PathBuf, String> {
         "the relay binary {name} is not next to {}: build it with `cargo build [--release] -p fieldchart-server`",
         exe.display()
     ))
-}
-
-/// The real relay as a child process (killed on drop).
-#[derive(Debug)]
-pub struct LocalRelay {
-    child: Child,
-    addr: String,
-    data_dir: PathBuf,
-}
-
-impl LocalRelay {
-    /// Run an admin command against `data_dir` and return its JSON.
-    pub fn admin(data_dir: &Path, args: &[&str]) -> Result<Value, String> {
-        let output = Command::new(server_binary()?)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("admin")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run the admin CLI: {e}"))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            return Err(format!(
-                "`admin {}` failed: {stdout} {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        serde_json::from_str(stdout.trim()).map_err(|e| format!("admin output {stdout:?}: {e}"))
-    }
-
-    /// An admin command's string field.
-    pub fn admin_field(data_dir: &Path, args: &[&str], field: &str) -> Result<String, String> {
-        let out = Self::admin(data_dir, args)?;
-        out[field]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("`{field}` missing in {out}"))
-    }
-
-    /// Start `fieldchart-server serve` on `data_dir` at a free port of 127.0.0.1; returns once
-    /// it listens (it prints its address as its first line).
-    pub fn start(data_dir: &Path) -> Result<LocalRelay, String> {
-        let mut child = Command::new(server_binary()?)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            // Logs are not needed here, and an undrained pipe would stall the relay.
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start the relay: {e}"))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep draining after the first line so the relay never blocks on stdout.
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let line = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("the relay did not report its address".into());
-            }
-        };
-        let parsed: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        let Some(addr) = parsed["listening"].as_str().map(str::to_owned) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("unexpected first line from the relay: {line:?}"));
-        };
-        Ok(LocalRelay {
-            child,
-            addr,
-            data_dir: data_dir.to_owned(),
-        })
-    }
-
-    /// `http://<addr>`.
-    pub fn http_base(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// `ws://<addr>/v1/sync?token=…` (for [`TestPeer`]).
-    pub fn ws_url(&self, token: &str) -> String {
-        format!("ws://{}/v1/sync?token={token}", self.addr)
-    }
-
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-}
-
-impl Drop for LocalRelay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Open (or create) a device store at `path` for `user` on `device`.
@@ -375,7 +265,14 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
     }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let data = dir.path().join("relay");
-    let admin = |args: &[&str], field: &str| LocalRelay::admin_field(&data, args, field);
+    let binary = server_binary()?;
+    let admin = |args: &[&str], field: &str| -> Result<String, String> {
+        let out = BenchRelay::admin(&binary, &data, args)?;
+        out[field]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("`{field}` missing in {out}"))
+    };
     let agency = admin(&["create-agency", "--name", "Riverside"], "agencyId")?;
     let nurse = admin(
         &[
@@ -404,7 +301,8 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
     let patient_count = (docs / 100).clamp(1, 20);
     let mut patients = Vec::new();
     for i in 0..patient_count {
-        let out = LocalRelay::admin(
+        let out = BenchRelay::admin(
+            &binary,
             &data,
             &[
                 "create-patient",
@@ -425,7 +323,7 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         &["issue-token", "--user", &nurse, "--device", "phone"],
         "token",
     )?;
-    let relay = LocalRelay::start(&data)?;
+    let relay = BenchRelay::start(&binary, &data)?;
 
     // The office's desks create the visit notes (a desk per 2,000 notes: rate limits are per
     // device).
