@@ -104,6 +104,9 @@ pub struct Console {
     /// Per agency, how many times its devices' reported sync failures changed (in this
     /// process): the live pages reload when it moves.
     failure_reports: std::sync::Mutex<std::collections::HashMap<crate::identity::AgencyId, u64>>,
+    /// Times every agency's failures may have changed unseen (another relay's notifications
+    /// were missed): added to every agency's count.
+    failure_resyncs: std::sync::atomic::AtomicU64,
 }
 
 impl Console {
@@ -114,6 +117,7 @@ impl Console {
             options,
             limiter: auth::SignInLimiter::default(),
             failure_reports: std::sync::Mutex::default(),
+            failure_resyncs: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -126,15 +130,27 @@ impl Console {
         *counts.entry(agency.clone()).or_default() += 1;
     }
 
+    /// Any agency's reported sync failures may have changed without this process hearing of
+    /// it (the relay's notification connection to PostgreSQL was down): every live page
+    /// reloads once.
+    pub fn failures_may_have_changed(&self) {
+        self.failure_resyncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// How many times `agency`'s reported sync failures changed (see
-    /// [`Console::failures_changed`]).
+    /// [`Console::failures_changed`] and [`Console::failures_may_have_changed`]); it only grows.
     pub fn failure_reports(&self, agency: &crate::identity::AgencyId) -> u64 {
-        self.failure_reports
+        let own = self
+            .failure_reports
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(agency)
             .copied()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        own + self
+            .failure_resyncs
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Its store.

@@ -24,8 +24,8 @@ use fieldchart_server::console::{self, ConsoleOptions};
 use fieldchart_server::identity::{AgencyId, DeviceId, Patient, Role, User};
 use fieldchart_server::storage::memory::MemoryConsole;
 use fieldchart_server::storage::{
-    AuditAction, AuditQuery, DocMeta, DocumentData, DocumentWrite, MemoryStorage, Redemption,
-    SqliteStorage, Storage,
+    AuditAction, AuditQuery, DocMeta, DocumentData, DocumentWrite, MemoryStorage, PostgresStorage,
+    Redemption, SqliteStorage, Storage,
 };
 use fieldchart_server::{AppState, clock::now_ms};
 use tower::ServiceExt;
@@ -37,10 +37,97 @@ const PASSWORD: &str = "correct horse battery";
 enum Backend {
     Sqlite,
     Memory,
+    /// A fresh schema of its own on the test PostgreSQL server (see [`Schema`]).
+    Postgres,
+}
+
+/// Connections the PostgreSQL backend's pool holds in these tests.
+const POSTGRES_POOL: usize = 4;
+
+/// The PostgreSQL server the tests use: `FIELDCHART_TEST_POSTGRES` (libpq key=value), default
+/// `host=127.0.0.1 port=5432 user=postgres dbname=postgres` (trust auth).
+fn postgres_server() -> String {
+    std::env::var("FIELDCHART_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into())
+}
+
+/// Run `sql` on the test server; panics with a clear message when it is not reachable.
+async fn postgres_execute(sql: &str) {
+    let server = postgres_server();
+    let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is needed for this test and is not reachable at `{server}` ({e}). \
+                 Start it (`.ci/run` does) or set FIELDCHART_TEST_POSTGRES."
+            )
+        });
+    let connection = tokio::spawn(connection);
+    client.batch_execute(sql).await.expect(sql);
+    drop(client);
+    let _ = connection.await;
+}
+
+/// A schema of its own for one test (so the tests run in parallel), dropped with the relay.
+struct Schema {
+    name: String,
+    url: String,
+}
+
+impl Schema {
+    async fn create() -> Schema {
+        let name = format!("fc_console_{:016x}", rand::random::<u64>());
+        postgres_execute(&format!("CREATE SCHEMA {name}")).await;
+        let url = format!(
+            "{} application_name={name} options='-c search_path={name}'",
+            postgres_server()
+        );
+        Schema { name, url }
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: a thread of its own with its own runtime. The
+        // relay's pool may still hold connections: end them first so they block nothing.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(postgres_execute(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE application_name = '{name}';
+                     DROP SCHEMA IF EXISTS {name} CASCADE"
+                )))
+        })
+        .join();
+        if dropped.is_err() {
+            eprintln!("could not drop test schema {}", self.name);
+        }
+    }
+}
+
+/// A task aborted when dropped.
+struct Aborted(tokio::task::JoinHandle<()>);
+
+impl Drop for Aborted {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Relay {
     _dir: tempfile::TempDir,
+    /// The PostgreSQL backend's schema, dropped after the test (held by the first relay).
+    _schema: Option<Schema>,
+    /// On PostgreSQL: the listener for other relays' notifications (`fieldchart_server::notify`).
+    _listener: Option<Aborted>,
+    /// How many times that listener has started listening.
+    listening: Option<tokio::sync::watch::Receiver<u64>>,
+    /// On PostgreSQL: the schema's connection string (for another relay beside this one).
+    postgres_url: Option<String>,
     dir: std::path::PathBuf,
     storage: Arc<dyn Storage>,
     console: Arc<dyn ConsoleStore>,
@@ -161,11 +248,13 @@ impl Relay {
 
     async fn start_on(backend: Backend, options: ConsoleOptions) -> Relay {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_owned();
+        let mut schema = None;
+        let mut postgres = None;
         let (storage, console): (Arc<dyn Storage>, Arc<dyn ConsoleStore>) = match backend {
             Backend::Sqlite => {
                 let s = Arc::new(
-                    SqliteStorage::open(&path.join("relay.sqlite3")).expect("open relay database"),
+                    SqliteStorage::open(&dir.path().join("relay.sqlite3"))
+                        .expect("open relay database"),
                 );
                 (s.clone(), s)
             }
@@ -173,17 +262,76 @@ impl Relay {
                 let s = Arc::new(MemoryStorage::new());
                 (s.clone(), Arc::new(MemoryConsole::new(s)))
             }
+            Backend::Postgres => {
+                let created = Schema::create().await;
+                let s = PostgresStorage::connect(&created.url, POSTGRES_POOL)
+                    .await
+                    .expect("open the PostgreSQL schema");
+                postgres = Some((s.clone(), created.url.clone()));
+                schema = Some(created);
+                let s = Arc::new(s);
+                (s.clone(), s)
+            }
         };
-        let state = AppState::new(storage.clone(), Limits::default())
-            .await
-            .expect("state");
-        state.attach_console(console.clone(), options);
         let agency = admin::create_agency(&*storage, &cli(), "Riverside")
             .await
             .expect("agency")
             .id;
+        Relay::open(dir, schema, postgres, (storage, console), options, agency).await
+    }
+
+    /// Another relay process on the same PostgreSQL schema: a pool and a `LISTEN` connection of
+    /// its own, the same agency.
+    async fn beside(&self, options: ConsoleOptions) -> Relay {
+        let url = self
+            .postgres_url
+            .clone()
+            .expect("a second relay needs the PostgreSQL backend");
+        let s = PostgresStorage::connect(&url, POSTGRES_POOL)
+            .await
+            .expect("open the PostgreSQL schema");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = Arc::new(s.clone());
+        Relay::open(
+            dir,
+            None,
+            Some((s, url)),
+            (shared.clone(), shared),
+            options,
+            self.agency.clone(),
+        )
+        .await
+    }
+
+    /// The relay's state over `storage`; on PostgreSQL also its listener for other relays'
+    /// notifications, as `serve --database` runs it.
+    async fn open(
+        dir: tempfile::TempDir,
+        schema: Option<Schema>,
+        postgres: Option<(PostgresStorage, String)>,
+        (storage, console): (Arc<dyn Storage>, Arc<dyn ConsoleStore>),
+        options: ConsoleOptions,
+        agency: AgencyId,
+    ) -> Relay {
+        let path = dir.path().to_owned();
+        let state = AppState::new(storage.clone(), Limits::default())
+            .await
+            .expect("state");
+        state.attach_console(console.clone(), options);
+        let (listener, listening, postgres_url) = match postgres {
+            Some((pg, url)) => {
+                let (task, listening) =
+                    fieldchart_server::notify::spawn_watched(&pg, state.clone());
+                (Some(Aborted(task)), Some(listening), Some(url))
+            }
+            None => (None, None, None),
+        };
         Relay {
             _dir: dir,
+            _schema: schema,
+            _listener: listener,
+            listening,
+            postgres_url,
             dir: path,
             storage,
             console,
@@ -1407,6 +1555,11 @@ async fn agencies_roles_and_care_teams_scope_what_the_console_shows_in_memory() 
 }
 
 #[tokio::test]
+async fn agencies_roles_and_care_teams_scope_what_the_console_shows_on_postgres() {
+    agencies_roles_and_care_teams_scope_what_the_console_shows_on(Backend::Postgres).await;
+}
+
+#[tokio::test]
 async fn the_note_page_verifies_the_signature_and_every_view_is_audited() {
     the_note_page_verifies_the_signature_and_every_view_is_audited_on(Backend::Sqlite).await;
 }
@@ -1414,6 +1567,11 @@ async fn the_note_page_verifies_the_signature_and_every_view_is_audited() {
 #[tokio::test]
 async fn the_note_page_verifies_the_signature_and_every_view_is_audited_in_memory() {
     the_note_page_verifies_the_signature_and_every_view_is_audited_on(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn the_note_page_verifies_the_signature_and_every_view_is_audited_on_postgres() {
+    the_note_page_verifies_the_signature_and_every_view_is_audited_on(Backend::Postgres).await;
 }
 
 #[tokio::test]
@@ -1427,6 +1585,12 @@ async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes_i
 }
 
 #[tokio::test]
+async fn administration_creates_users_and_patients_assigns_enrolls_and_revokes_on_postgres() {
+    administration_creates_users_and_patients_assigns_enrolls_and_revokes_on(Backend::Postgres)
+        .await;
+}
+
+#[tokio::test]
 async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got() {
     schedulers_plan_visits_and_the_board_shows_how_far_each_got_on(Backend::Sqlite).await;
 }
@@ -1437,6 +1601,11 @@ async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got_in_memory()
 }
 
 #[tokio::test]
+async fn schedulers_plan_visits_and_the_board_shows_how_far_each_got_on_postgres() {
+    schedulers_plan_visits_and_the_board_shows_how_far_each_got_on(Backend::Postgres).await;
+}
+
+#[tokio::test]
 async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side() {
     the_review_queue_lists_late_changes_and_conflicts_side_by_side_on(Backend::Sqlite).await;
 }
@@ -1444,6 +1613,11 @@ async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side() {
 #[tokio::test]
 async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side_in_memory() {
     the_review_queue_lists_late_changes_and_conflicts_side_by_side_on(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn the_review_queue_lists_late_changes_and_conflicts_side_by_side_on_postgres() {
+    the_review_queue_lists_late_changes_and_conflicts_side_by_side_on(Backend::Postgres).await;
 }
 
 /// Reads the event stream until an `event: changed` frame, bounded; returns its data.
@@ -1941,6 +2115,12 @@ async fn care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person
         .await;
 }
 
+#[tokio::test]
+async fn care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person_on_postgres() {
+    care_plans_are_edited_in_the_browser_and_conflicts_resolved_by_a_person_on(Backend::Postgres)
+        .await;
+}
+
 /// What a device's sync does on the relay: its changes committed through the relay's loaded
 /// documents (as the WebSocket session does), so the console sees them at once.
 async fn device_commits(
@@ -2371,6 +2551,11 @@ async fn demographics_allergies_and_medications_are_edited_in_the_browser_in_mem
     demographics_allergies_and_medications_are_edited_in_the_browser_on(Backend::Memory).await;
 }
 
+#[tokio::test]
+async fn demographics_allergies_and_medications_are_edited_in_the_browser_on_postgres() {
+    demographics_allergies_and_medications_are_edited_in_the_browser_on(Backend::Postgres).await;
+}
+
 /// A draft visit note whose `nextVisit` two copies set concurrently (the phone and the
 /// nurse's tablet, offline), stored on the relay; with `signed`, signed before the two edits.
 async fn note_in_conflict(
@@ -2669,6 +2854,14 @@ async fn conflicts_of_draft_notes_are_resolved_in_the_browser_and_signed_notes_n
         .await;
 }
 
+#[tokio::test]
+async fn conflicts_of_draft_notes_are_resolved_in_the_browser_and_signed_notes_never_on_postgres() {
+    conflicts_of_draft_notes_are_resolved_in_the_browser_and_signed_notes_never_on(
+        Backend::Postgres,
+    )
+    .await;
+}
+
 /// `POST /v1/sync-failures` with a device's bearer token.
 async fn report_failures(relay: &Relay, token: Option<&str>, body: serde_json::Value) -> Page {
     let mut req =
@@ -2873,4 +3066,74 @@ async fn device_sync_failures_reach_the_review_queue_of_their_agency_only() {
 #[tokio::test]
 async fn device_sync_failures_reach_the_review_queue_of_their_agency_only_in_memory() {
     device_sync_failures_reach_the_review_queue_of_their_agency_only_on(Backend::Memory).await;
+}
+
+#[tokio::test]
+async fn device_sync_failures_reach_the_review_queue_of_their_agency_only_on_postgres() {
+    device_sync_failures_reach_the_review_queue_of_their_agency_only_on(Backend::Postgres).await;
+}
+
+/// Two relays on one PostgreSQL schema, each with its own pool and `LISTEN` connection as two
+/// `serve --database` processes have: a device's failure report through relay 1 moves the
+/// review queue's live event stream open on relay 2 (the report's `NOTIFY`), and relay 2's
+/// queue lists it. Without the notification only relay 1's own pages would move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_report_through_one_relay_moves_the_live_review_queue_on_another() {
+    let one = Relay::start_on(Backend::Postgres, ConsoleOptions::default()).await;
+    let two = one.beside(ConsoleOptions::default()).await;
+    let a = one.agency.clone();
+    let grace = one.patient(&a, "Grace Hopper").await;
+    let ana = admin::create_user(&*one.storage, &cli(), &a, "Ana", Role::Clinician)
+        .await
+        .expect("nurse");
+    let (_, ana_token) = admin::issue_token(
+        &*one.storage,
+        &cli(),
+        &ana.id,
+        "phone",
+        now_ms() + 86_400_000,
+    )
+    .await
+    .expect("token");
+    two.console_user(&a, Role::Office, "olga").await;
+    let (mut olga, _) = two.signed_in("olga").await;
+    // Relay 2 has started listening (a notification sent before would not reach it).
+    let mut listening = two.listening.clone().expect("relay 2 listens");
+    tokio::time::timeout(Duration::from_secs(20), listening.wait_for(|n| *n > 0))
+        .await
+        .expect("relay 2 listening within 20 s")
+        .expect("the listener runs");
+    let events = two
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/console/events")
+                .header(header::COOKIE, olga.cookie_header())
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(events.status(), StatusCode::OK);
+    let mut stream = events.into_body().into_data_stream();
+
+    let refused_note = DocumentId::random().to_string();
+    let done = report_failures(
+        &one,
+        Some(&ana_token),
+        serde_json::json!({ "failures": [failure(&refused_note, grace.id.as_str(), "the relay refused the document (no access to the patient)")] }),
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::NO_CONTENT, "{}", done.body);
+    let data = next_change(&mut stream).await;
+    assert!(
+        data.starts_with("failures-"),
+        "a live update on relay 2: {data}"
+    );
+    let queue = two.get(&mut olga, "/console/review").await;
+    assert!(
+        queue.body.contains(&refused_note) && queue.body.contains("Grace Hopper"),
+        "{}",
+        queue.body
+    );
 }

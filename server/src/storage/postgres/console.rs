@@ -11,6 +11,7 @@ use crate::console::store::{
 };
 use crate::error::{Error, Result};
 use crate::identity::{AgencyId, DeviceId, Patient, PatientId, UserId};
+use crate::notify::FAILURES_CHANNEL;
 use crate::storage::{AdminEvent, StorageFuture};
 
 const FAILURE_COLUMNS: &str = "device_id, document_id, agency_id, user_id, patient_id, document_kind, failure, reason, at_ms, attempts, reported_at";
@@ -380,6 +381,7 @@ impl ConsoleStore for PostgresStorage {
         device_id: DeviceId,
         failures: Vec<ReportedFailure>,
     ) -> StorageFuture<'_, bool> {
+        let instance = self.instance().to_owned();
         self.tx(move |tx| {
             Box::pin(async move {
                 // The device's rows are locked by the DELETE below; concurrent reports of one
@@ -427,6 +429,22 @@ impl ConsoleStore for PostgresStorage {
                 after.sort_by_key(|f| f.document_id.as_bytes().to_vec());
                 let unchanged = before.len() == after.len()
                     && before.iter().zip(&after).all(|(a, b)| a.same_failure(b));
+                if !unchanged {
+                    // Other relays' live console pages reload too (delivered on commit only;
+                    // `crate::notify`).
+                    let agencies: std::collections::BTreeSet<&str> = before
+                        .iter()
+                        .chain(&failures)
+                        .map(|f| f.agency_id.as_str())
+                        .collect();
+                    for agency in agencies {
+                        tx.execute(
+                            "SELECT pg_notify($1, $2)",
+                            &[&FAILURES_CHANNEL, &format!("{instance} {agency}")],
+                        )
+                        .await?;
+                    }
+                }
                 Ok(!unchanged)
             })
         })
