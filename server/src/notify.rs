@@ -16,9 +16,10 @@
 //!
 //! Notifications sent while the connection is down are lost, so after every (re)connection the
 //! relay first listens again and then invalidates every document it holds
-//! ([`crate::docs::DocHub::invalidate_all`]): whatever changed meanwhile is reloaded; open
-//! console pages reload once too ([`crate::console::Console::failures_may_have_changed`]). A
-//! heartbeat query every [`HEARTBEAT`] notices a connection that died silently.
+//! ([`crate::docs::DocHub::invalidate_all`]): whatever changed meanwhile is reloaded; after a
+//! reconnection open console pages reload once too
+//! ([`crate::console::Console::failures_may_have_changed`]). A heartbeat query every
+//! [`HEARTBEAT`] notices a connection that died silently.
 //!
 //! Revocations, disabled users and care-team changes need nothing here: revocations are
 //! polled from the shared sequence every [`crate::config::REVOCATION_POLL_INTERVAL`] by every
