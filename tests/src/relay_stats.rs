@@ -356,7 +356,9 @@ impl CpuBudget {
     /// writable cgroup CPU controller exists here.
     pub fn new(name: &str, cpus: f64) -> Result<CpuBudget, String> {
         if !(cpus.is_finite() && cpus >= 0.01) {
-            return Err(format!("a CPU budget must be at least 0.01 CPUs, not {cpus}"));
+            return Err(format!(
+                "a CPU budget must be at least 0.01 CPUs, not {cpus}"
+            ));
         }
         let quota = (cpus * CFS_PERIOD_US as f64).round() as u64;
         let v1 = Path::new("/sys/fs/cgroup/cpu");
@@ -368,9 +370,11 @@ impl CpuBudget {
         } else if v2_has_cpu {
             (v2.join(name), true)
         } else {
-            return Err("no cgroup CPU controller here (neither /sys/fs/cgroup/cpu/cpu.cfs_quota_us \
+            return Err(
+                "no cgroup CPU controller here (neither /sys/fs/cgroup/cpu/cpu.cfs_quota_us \
                  nor `cpu` in /sys/fs/cgroup/cgroup.subtree_control): run without a CPU budget"
-                .into());
+                    .into(),
+            );
         };
         std::fs::create_dir(&dir).map_err(|e| {
             format!(
@@ -456,7 +460,11 @@ impl PgBackends {
             return PgBackends { cpu_s };
         };
         for entry in entries.filter_map(Result::ok) {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {

@@ -44,8 +44,7 @@ use serde_json::{Value, json};
 use crate::plain_client::{PlainClient, Settled, Traffic};
 use crate::postgres::TestDatabase;
 use crate::relay_stats::{
-    BenchRelay, CpuBudget, PgBackends, ProcSample, Throttling, dir_size, percentile,
-    raise_fd_limit,
+    BenchRelay, CpuBudget, PgBackends, ProcSample, Throttling, dir_size, percentile, raise_fd_limit,
 };
 
 /// Notes one observer connection reads back (Fieldchart's rate limits are per device token).
@@ -287,10 +286,15 @@ pub async fn fieldchart_relay(
     data_dir: &Path,
     observers: usize,
 ) -> Result<(BenchRelay, String, String, String), String> {
-    let mut relays = fieldchart_relays(server_bin, data_dir, observers, &Deployment::default())
-        .await?;
+    let mut relays =
+        fieldchart_relays(server_bin, data_dir, observers, &Deployment::default()).await?;
     let relay = relays.processes.pop().ok_or("no relay started")?;
-    Ok((relay, relays.agency, relays.admin_token, relays.observer_tokens))
+    Ok((
+        relay,
+        relays.agency,
+        relays.admin_token,
+        relays.observer_tokens,
+    ))
 }
 
 /// Fieldchart's relays as `deployment` says, with the agency of [`fieldchart_relay`].
@@ -912,9 +916,12 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
     if config.devices == 0 || config.visits == 0 {
         return Err("need --devices >= 1 and --visits >= 1".into());
     }
-    if matches!(config.target, Target::External { .. }) && config.deployment != Deployment::default()
+    if matches!(config.target, Target::External { .. })
+        && config.deployment != Deployment::default()
     {
-        return Err("--relay (an external relay) takes no PostgreSQL, relay count or CPU budget".into());
+        return Err(
+            "--relay (an external relay) takes no PostgreSQL, relay count or CPU budget".into(),
+        );
     }
     let fd_limit = raise_fd_limit()?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -1405,7 +1412,11 @@ fn scale_out_table(rows: &[Value], per_round: &[Value]) -> String {
             num(&row["relay_cpu_ms_per_doc"], 1.0, 2),
             num(&row["relay_throttled_share"], 100.0, 0) + "%",
             num(&row["postgres_backend_cpu_s"], 1.0, 1),
-            if row["ok"] == Value::Bool(true) { "yes" } else { "**no**" },
+            if row["ok"] == Value::Bool(true) {
+                "yes"
+            } else {
+                "**no**"
+            },
         ));
     }
     for (i, r) in per_round.iter().enumerate() {

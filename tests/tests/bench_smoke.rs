@@ -116,7 +116,11 @@ async fn scale_out_on_sqlite_and_one_and_two_postgres_relays() {
     assert_ok(&out);
     let runs = out["runs"].as_array().expect("runs");
     let configs: Vec<&str> = runs.iter().filter_map(|r| r["config"].as_str()).collect();
-    assert_eq!(configs, ["sqlite x1", "postgres x1", "postgres x2"], "{out:#}");
+    assert_eq!(
+        configs,
+        ["sqlite x1", "postgres x1", "postgres x2"],
+        "{out:#}"
+    );
     for run in runs {
         // Every note read back (through the other relay, for most of them, on two relays).
         assert_eq!(run["observer_matched"], 8, "{out:#}");
@@ -130,11 +134,16 @@ async fn scale_out_on_sqlite_and_one_and_two_postgres_relays() {
         );
     }
     assert!(
-        out["ratios"]["postgres_x2_over_postgres_x1"].as_f64().is_some(),
+        out["ratios"]["postgres_x2_over_postgres_x1"]
+            .as_f64()
+            .is_some(),
         "{out:#}"
     );
     assert!(
-        out["table"].as_str().expect("table").contains("postgres x2"),
+        out["table"]
+            .as_str()
+            .expect("table")
+            .contains("postgres x2"),
         "{out:#}"
     );
 }

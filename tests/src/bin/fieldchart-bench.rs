@@ -514,7 +514,14 @@ fn main() {
             rounds,
             database_pool,
             relay,
-        } => scale_out_workload(devices, visits, cpu_per_relay, rounds, database_pool, &relay),
+        } => scale_out_workload(
+            devices,
+            visits,
+            cpu_per_relay,
+            rounds,
+            database_pool,
+            &relay,
+        ),
         Workload::ReconnectStorm {
             devices,
             docs,
