@@ -56,20 +56,30 @@ impl TestDatabase {
     /// Create a fresh, empty database; panics with a clear message when PostgreSQL is not
     /// reachable.
     pub fn create() -> TestDatabase {
+        Self::try_create().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Create a fresh, empty database; `Err` says why (e.g. PostgreSQL is not reachable).
+    pub fn try_create() -> Result<TestDatabase, String> {
         let name = format!("fc_test_{:016x}", rand::random::<u64>());
-        maintenance(format!("CREATE DATABASE {name}")).unwrap_or_else(|e| {
-            panic!(
-                "this test needs PostgreSQL: {e}. Start it (`.ci/run` does) or point \
+        maintenance(format!("CREATE DATABASE {name}")).map_err(|e| {
+            format!(
+                "this needs PostgreSQL: {e}. Start it (`.ci/run` does) or point \
                  FIELDCHART_TEST_POSTGRES at one."
             )
-        });
+        })?;
         let (host, port, user) = (
             option(&server(), "host").unwrap_or_else(|| "127.0.0.1".into()),
             option(&server(), "port").unwrap_or_else(|| "5432".into()),
             option(&server(), "user").unwrap_or_else(|| "postgres".into()),
         );
         let url = format!("postgres://{user}@{host}:{port}/{name}");
-        TestDatabase { name, url }
+        Ok(TestDatabase { name, url })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// `postgres://…` of the database: what `serve --database` takes.

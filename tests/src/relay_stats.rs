@@ -5,8 +5,12 @@
 //! `VmHWM`, `VmRSS`) and bytes written (`io`: `wchar`, everything passed to write(2)-like
 //! calls; `write_bytes`, what reached the block layer). [`BenchRelay`] runs a
 //! `fieldchart-server` binary (any build: `--server-bin` compares two in one run) on a data
-//! directory and kills it on drop.
+//! directory (or, with `--database`, on PostgreSQL) and kills it on drop. [`CpuBudget`] caps a
+//! relay process's CPU with a cgroup of its own (the scale-out benchmark gives every relay the
+//! same budget, so one relay and two relays on one 2-core machine compare fairly), and
+//! [`PgBackends`] reads the CPU time of the PostgreSQL backends serving one database.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -144,6 +148,8 @@ pub struct BenchRelay {
     child: Child,
     addr: String,
     data_dir: PathBuf,
+    /// Its cgroup, removed after the process is killed (fields drop after `Drop::drop`).
+    budget: Option<CpuBudget>,
 }
 
 impl BenchRelay {
@@ -158,9 +164,23 @@ impl BenchRelay {
 
     /// Run an admin command of `binary` against `data_dir`; its JSON.
     pub fn admin(binary: &Path, data_dir: &Path, args: &[&str]) -> Result<Value, String> {
-        let output = Command::new(binary)
-            .arg("--data-dir")
-            .arg(data_dir)
+        Self::admin_on(binary, data_dir, None, args)
+    }
+
+    /// Run an admin command of `binary` against `data_dir`, or against the PostgreSQL
+    /// `database` (`--database postgres://…`) when given; its JSON.
+    pub fn admin_on(
+        binary: &Path,
+        data_dir: &Path,
+        database: Option<&str>,
+        args: &[&str],
+    ) -> Result<Value, String> {
+        let mut command = Command::new(binary);
+        command.arg("--data-dir").arg(data_dir);
+        if let Some(url) = database {
+            command.arg("--database").arg(url);
+        }
+        let output = command
             .arg("admin")
             .args(args)
             .stdin(Stdio::null())
@@ -179,16 +199,36 @@ impl BenchRelay {
 
     /// Start `binary serve` on `data_dir` at a free port of 127.0.0.1.
     pub fn start(binary: &Path, data_dir: &Path) -> Result<BenchRelay, String> {
+        Self::start_with(binary, data_dir, &[], None)
+    }
+
+    /// Start `binary serve <serve_args>` (e.g. `--database postgres://…`) on `data_dir` at a
+    /// free port of 127.0.0.1, inside `budget`'s cgroup when given (moved there right after
+    /// it starts, before it listens).
+    pub fn start_with(
+        binary: &Path,
+        data_dir: &Path,
+        serve_args: &[String],
+        budget: Option<CpuBudget>,
+    ) -> Result<BenchRelay, String> {
         let mut child = Command::new(binary)
             .arg("--data-dir")
             .arg(data_dir)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(serve_args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        if let Some(budget) = &budget
+            && let Err(e) = budget.add(child.id())
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -216,7 +256,13 @@ impl BenchRelay {
             child,
             addr,
             data_dir: data_dir.to_owned(),
+            budget,
         })
+    }
+
+    /// Its CPU budget's throttling so far, when it runs under one.
+    pub fn throttling(&self) -> Option<Throttling> {
+        self.budget.as_ref().and_then(CpuBudget::throttling)
     }
 
     /// Its process id.
@@ -259,4 +305,195 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+/// Period of the CFS quota, microseconds (the kernel's default).
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// Scheduling weight of a budgeted process's cgroup, as a multiple of the default (v1
+/// `cpu.shares` 1024, v2 `cpu.weight` 100). The quota caps the process at its budget; the high
+/// weight lets it reach the budget on a machine crowded with other work, so the budget is
+/// what it gets, as on a machine of its own that size.
+const BUDGET_WEIGHT_FACTOR: u64 = 8;
+
+/// A CPU budget for one process: a cgroup of its own whose CFS quota allows `cpus` CPUs
+/// (cgroup v1 `cpu.cfs_quota_us` under `/sys/fs/cgroup/cpu`, or cgroup v2 `cpu.max`) and whose
+/// weight is [`BUDGET_WEIGHT_FACTOR`] times the default, removed on drop. Needs a writable
+/// cgroup hierarchy (root, or a delegated subtree).
+#[derive(Debug)]
+pub struct CpuBudget {
+    dir: PathBuf,
+    cpus: f64,
+    v2: bool,
+}
+
+/// How often, and for how long, a cgroup's quota stopped its processes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Throttling {
+    /// CFS periods in which the cgroup ran.
+    pub periods: u64,
+    /// Periods in which it used up its quota and was stopped.
+    pub throttled_periods: u64,
+    /// Time its processes were stopped, seconds.
+    pub throttled_s: f64,
+}
+
+impl Throttling {
+    /// The growth from `before` to `self`.
+    pub fn since(&self, before: &Throttling) -> Throttling {
+        Throttling {
+            periods: self.periods.saturating_sub(before.periods),
+            throttled_periods: self
+                .throttled_periods
+                .saturating_sub(before.throttled_periods),
+            throttled_s: self.throttled_s - before.throttled_s,
+        }
+    }
+}
+
+impl CpuBudget {
+    /// A new cgroup named `name` allowing `cpus` CPUs (e.g. 0.5). `Err` says why when no
+    /// writable cgroup CPU controller exists here.
+    pub fn new(name: &str, cpus: f64) -> Result<CpuBudget, String> {
+        if !(cpus.is_finite() && cpus >= 0.01) {
+            return Err(format!(
+                "a CPU budget must be at least 0.01 CPUs, not {cpus}"
+            ));
+        }
+        let quota = (cpus * CFS_PERIOD_US as f64).round() as u64;
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let v2_has_cpu = std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"));
+        let (dir, is_v2) = if v1.join("cpu.cfs_quota_us").is_file() {
+            (v1.join(name), false)
+        } else if v2_has_cpu {
+            (v2.join(name), true)
+        } else {
+            return Err(
+                "no cgroup CPU controller here (neither /sys/fs/cgroup/cpu/cpu.cfs_quota_us \
+                 nor `cpu` in /sys/fs/cgroup/cgroup.subtree_control): run without a CPU budget"
+                    .into(),
+            );
+        };
+        std::fs::create_dir(&dir).map_err(|e| {
+            format!(
+                "cannot create the cgroup {} ({e}): a CPU budget needs a writable cgroup \
+                 hierarchy (run as root, or without a CPU budget)",
+                dir.display()
+            )
+        })?;
+        let budget = CpuBudget {
+            dir,
+            cpus,
+            v2: is_v2,
+        };
+        let write = |file: &str, value: String| {
+            std::fs::write(budget.dir.join(file), &value)
+                .map_err(|e| format!("{}/{file} <- {value}: {e}", budget.dir.display()))
+        };
+        if is_v2 {
+            write("cpu.max", format!("{quota} {CFS_PERIOD_US}"))?;
+            write("cpu.weight", (100 * BUDGET_WEIGHT_FACTOR).to_string())?;
+        } else {
+            write("cpu.cfs_period_us", CFS_PERIOD_US.to_string())?;
+            write("cpu.cfs_quota_us", quota.to_string())?;
+            write("cpu.shares", (1024 * BUDGET_WEIGHT_FACTOR).to_string())?;
+        }
+        Ok(budget)
+    }
+
+    /// CPUs allowed.
+    pub fn cpus(&self) -> f64 {
+        self.cpus
+    }
+
+    /// Move process `pid` (all its threads) into the cgroup.
+    pub fn add(&self, pid: u32) -> Result<(), String> {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| format!("move {pid} into {}: {e}", self.dir.display()))
+    }
+
+    /// Throttling so far (`cpu.stat`).
+    pub fn throttling(&self) -> Option<Throttling> {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
+        let field = |key: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let throttled_s = if self.v2 {
+            field("throttled_usec")? as f64 / 1e6
+        } else {
+            field("throttled_time")? as f64 / 1e9
+        };
+        Some(Throttling {
+            periods: field("nr_periods")?,
+            throttled_periods: field("nr_throttled")?,
+            throttled_s,
+        })
+    }
+}
+
+impl Drop for CpuBudget {
+    fn drop(&mut self) {
+        // Succeeds once its processes are gone (the relay is killed and reaped first).
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The PostgreSQL backend processes serving one database (`postgres: USER DB HOST(PORT) …` in
+/// their process title, after the cluster name where one is set), found in `/proc`, and their CPU time. Counts only the backends of
+/// this database (the relays' pooled and `LISTEN` connections); the server's shared processes
+/// (WAL writer, checkpointer, background writer) serve every database and are not counted.
+#[derive(Debug, Clone, Default)]
+pub struct PgBackends {
+    /// CPU seconds by backend pid.
+    cpu_s: HashMap<u32, f64>,
+}
+
+impl PgBackends {
+    /// Read every backend of `database` now.
+    pub fn read(database: &str) -> PgBackends {
+        let mut cpu_s = HashMap::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return PgBackends { cpu_s };
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            // `postgres: [CLUSTER: ]USER DATABASE HOST(PORT) STATE`, NUL-padded.
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let mut words = cmdline.split(|c: char| c == '\0' || c.is_whitespace());
+            if words.next() != Some("postgres:") || !words.any(|w| w == database) {
+                continue;
+            }
+            if let Ok(sample) = ProcSample::read(pid) {
+                cpu_s.insert(pid, sample.cpu_s);
+            }
+        }
+        PgBackends { cpu_s }
+    }
+
+    /// Backends found.
+    pub fn count(&self) -> usize {
+        self.cpu_s.len()
+    }
+
+    /// CPU seconds the backends used from `before` to `self`: growth of those in both, all of
+    /// those started since (a backend that exited in between is not counted).
+    pub fn cpu_since(&self, before: &PgBackends) -> f64 {
+        self.cpu_s
+            .iter()
+            .map(|(pid, now)| now - before.cpu_s.get(pid).copied().unwrap_or(0.0))
+            .sum()
+    }
 }

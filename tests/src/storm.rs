@@ -15,6 +15,16 @@
 //!
 //! Deterministic from the seed: store keys, every typed word, vital and timestamp (document
 //! ids and automerge actor ids are random, as on phones).
+//!
+//! Scale-out ([`Deployment`]): Fieldchart may also run as N relay processes on one fresh
+//! PostgreSQL database (created for the run on the server of
+//! [`crate::postgres::server`] and dropped after it; relays started with `serve --database`,
+//! provisioning through the admin CLI with the same `--database`). Devices are spread over the
+//! relays round-robin (device i on relay i mod N, enrollment included), the observer reads
+//! back through the relays in turn and the caseload fetch goes through another relay than the
+//! nurse's first phone. Relay CPU, RSS and bytes are summed over every relay process; the CPU
+//! of the database's PostgreSQL backends is reported beside them. Each relay may run under a
+//! CPU budget of its own ([`CpuBudget`]), the same for every relay of every configuration.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,7 +42,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use crate::plain_client::{PlainClient, Settled, Traffic};
-use crate::relay_stats::{BenchRelay, ProcSample, dir_size, percentile, raise_fd_limit};
+use crate::postgres::TestDatabase;
+use crate::relay_stats::{
+    BenchRelay, CpuBudget, PgBackends, ProcSample, Throttling, dir_size, percentile, raise_fd_limit,
+};
 
 /// Notes one observer connection reads back (Fieldchart's rate limits are per device token).
 const OBSERVER_BATCH: usize = 500;
@@ -93,6 +106,54 @@ pub struct StormConfig {
     pub progress: bool,
     /// Limit for each timed phase; a relay that does not finish in it fails the run.
     pub phase_timeout: Duration,
+    /// How Fieldchart's relays run (ignored for [`Target::External`]).
+    pub deployment: Deployment,
+}
+
+/// How many Fieldchart relay processes, on what storage, with what CPU each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deployment {
+    /// PostgreSQL (a fresh database per run) instead of the SQLite file.
+    pub postgres: bool,
+    /// Relay processes (more than one needs `postgres`).
+    pub relays: usize,
+    /// CPUs each relay process may use (a cgroup CFS quota); `None`: unlimited.
+    pub cpu_per_relay: Option<f64>,
+    /// `--database-pool` of each relay (PostgreSQL); `None`: the relay's default.
+    pub pool: Option<usize>,
+}
+
+impl Default for Deployment {
+    /// One relay on SQLite, no CPU budget: the plain storm.
+    fn default() -> Self {
+        Deployment {
+            postgres: false,
+            relays: 1,
+            cpu_per_relay: None,
+            pool: None,
+        }
+    }
+}
+
+impl Deployment {
+    /// Short name for reports: `sqlite x1`, `postgres x2`.
+    pub fn name(&self) -> String {
+        let backend = if self.postgres { "postgres" } else { "sqlite" };
+        format!("{backend} x{}", self.relays)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.relays == 0 {
+            return Err("need at least one relay".into());
+        }
+        if self.relays > 1 && !self.postgres {
+            return Err("several relays need PostgreSQL (one relay owns a SQLite file)".into());
+        }
+        if self.pool == Some(0) {
+            return Err("a database pool needs at least one connection".into());
+        }
+        Ok(())
+    }
 }
 
 /// One enrolled nurse with her phone.
@@ -104,27 +165,74 @@ struct Device {
     notes: Vec<(DocumentId, Vec<ChangeHash>)>,
 }
 
-/// The relay under test and how to reach it.
+/// The relays under test and how to reach them.
 struct Relay {
-    /// Our child process (Fieldchart); `None` for an external relay.
-    process: Option<BenchRelay>,
-    pid: Option<u32>,
+    /// Our child processes (Fieldchart); empty for an external relay. Killed (dropped) before
+    /// the database is dropped.
+    processes: Vec<BenchRelay>,
+    pids: Vec<u32>,
     data_dir: Option<PathBuf>,
     /// Observer tokens (Fieldchart: an office user's desks).
     observer_tokens: Vec<String>,
+    /// The run's PostgreSQL database, dropped at the end.
+    database: Option<TestDatabase>,
+}
+
+/// Everything sampled before and after a phase.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    /// Every relay process's counters, summed (RSS and peak RSS: sums of the processes').
+    relays: Option<ProcSample>,
+    /// Each relay process's counters.
+    each: Vec<ProcSample>,
+    /// Each relay's CPU budget throttling.
+    throttling: Vec<Option<Throttling>>,
+    /// The PostgreSQL backends of the run's database.
+    postgres: Option<PgBackends>,
 }
 
 impl Relay {
-    fn ws_url(&self, target: &Target, token: Option<&str>) -> String {
-        match (target, &self.process, token) {
+    /// The relay device (or connection) `i` uses: round-robin.
+    fn process(&self, i: usize) -> Option<&BenchRelay> {
+        (!self.processes.is_empty()).then(|| &self.processes[i % self.processes.len()])
+    }
+
+    fn ws_url(&self, target: &Target, token: Option<&str>, i: usize) -> String {
+        match (target, self.process(i), token) {
             (_, Some(process), Some(token)) => process.ws_url(token),
             (Target::External { url, .. }, _, _) => url.clone(),
             _ => String::new(),
         }
     }
 
-    fn sample(&self) -> Option<ProcSample> {
-        self.pid.and_then(|pid| ProcSample::read(pid).ok())
+    fn http_base(&self, i: usize) -> Option<String> {
+        self.process(i).map(BenchRelay::http_base)
+    }
+
+    fn sample(&self) -> Sample {
+        let mut relays: Option<ProcSample> = None;
+        let mut each = Vec::new();
+        for pid in &self.pids {
+            let Ok(s) = ProcSample::read(*pid) else {
+                relays = None;
+                break;
+            };
+            each.push(s);
+            let sum = relays.unwrap_or_default();
+            relays = Some(ProcSample {
+                cpu_s: sum.cpu_s + s.cpu_s,
+                peak_rss: sum.peak_rss + s.peak_rss,
+                rss: sum.rss + s.rss,
+                wchar: sum.wchar + s.wchar,
+                write_bytes: sum.write_bytes + s.write_bytes,
+            });
+        }
+        Sample {
+            relays,
+            each,
+            throttling: self.processes.iter().map(BenchRelay::throttling).collect(),
+            postgres: self.database.as_ref().map(|db| PgBackends::read(db.name())),
+        }
     }
 }
 
@@ -178,10 +286,51 @@ pub async fn fieldchart_relay(
     data_dir: &Path,
     observers: usize,
 ) -> Result<(BenchRelay, String, String, String), String> {
+    let mut relays =
+        fieldchart_relays(server_bin, data_dir, observers, &Deployment::default()).await?;
+    let relay = relays.processes.pop().ok_or("no relay started")?;
+    Ok((
+        relay,
+        relays.agency,
+        relays.admin_token,
+        relays.observer_tokens,
+    ))
+}
+
+/// Fieldchart's relays as `deployment` says, with the agency of [`fieldchart_relay`].
+#[derive(Debug)]
+pub struct Relays {
+    /// The relay processes (on one PostgreSQL database when several).
+    pub processes: Vec<BenchRelay>,
+    /// The run's PostgreSQL database (dropped with this; drop the processes first).
+    pub database: Option<TestDatabase>,
+    /// The agency's id.
+    pub agency: String,
+    /// An admin's token.
+    pub admin_token: String,
+    /// Observer desk tokens, space-separated.
+    pub observer_tokens: String,
+}
+
+/// Start Fieldchart's relays as `deployment` says (a fresh PostgreSQL database when it says
+/// PostgreSQL) and provision the agency, its admin and observer desks (through relay 0).
+pub async fn fieldchart_relays(
+    server_bin: Option<&Path>,
+    data_dir: &Path,
+    observers: usize,
+    deployment: &Deployment,
+) -> Result<Relays, String> {
+    deployment.check()?;
     let binary = BenchRelay::binary(server_bin)?;
     std::fs::create_dir_all(data_dir).map_err(|e| e.to_string())?;
+    let database = if deployment.postgres {
+        Some(TestDatabase::try_create()?)
+    } else {
+        None
+    };
+    let url = database.as_ref().map(|db| db.url().to_owned());
     let admin = |args: &[&str], key: &str| {
-        BenchRelay::admin(&binary, data_dir, args).and_then(|v| field(&v, key))
+        BenchRelay::admin_on(&binary, data_dir, url.as_deref(), args).and_then(|v| field(&v, key))
     };
     let agency = admin(&["create-agency", "--name", "Riverside"], "agencyId")?;
     let boss = admin(
@@ -212,20 +361,48 @@ pub async fn fieldchart_relay(
         ],
         "userId",
     )?;
-    let relay = BenchRelay::start(&binary, data_dir)?;
+    let mut serve_args = Vec::new();
+    if let Some(url) = &url {
+        serve_args.extend(["--database".to_owned(), url.clone()]);
+        if let Some(pool) = deployment.pool {
+            serve_args.extend(["--database-pool".to_owned(), pool.to_string()]);
+        }
+    }
+    let mut processes = Vec::new();
+    for i in 0..deployment.relays {
+        let budget = match deployment.cpu_per_relay {
+            Some(cpus) => Some(CpuBudget::new(
+                &format!("fieldchart-bench-{}-{i}", std::process::id()),
+                cpus,
+            )?),
+            None => None,
+        };
+        processes.push(BenchRelay::start_with(
+            &binary,
+            data_dir,
+            &serve_args,
+            budget,
+        )?);
+    }
     let http = reqwest::Client::new();
     let mut tokens = Vec::new();
     for i in 0..observers.max(1) {
         let out = post(
             &http,
-            format!("{}/v1/admin/tokens", relay.http_base()),
+            format!("{}/v1/admin/tokens", processes[0].http_base()),
             &admin_token,
             json!({ "userId": office, "deviceName": format!("observer-{i}") }),
         )
         .await?;
         tokens.push(field(&out, "token")?);
     }
-    Ok((relay, agency, admin_token, tokens.join(" ")))
+    Ok(Relays {
+        processes,
+        database,
+        agency,
+        admin_token,
+        observer_tokens: tokens.join(" "),
+    })
 }
 
 /// A nurse provisioned on Fieldchart: user, her own patient, and enrollment codes.
@@ -522,25 +699,25 @@ async fn sync_phase(
     devices: &[Device],
     relay: &Relay,
     config: &StormConfig,
-    base_url: Option<&str>,
     what: &str,
 ) -> Result<(Vec<PassFigures>, Duration), String> {
     let barrier = Arc::new(tokio::sync::Barrier::new(devices.len() + 1));
     let bar = progress_bar(config.progress, devices.len(), what);
     let deadline_after = config.phase_timeout;
     let mut tasks = Vec::new();
-    for device in devices {
+    for (i, device) in devices.iter().enumerate() {
         let barrier = Arc::clone(&barrier);
         let store = Arc::clone(&device.store);
         let bar = bar.clone();
         let plain = config.target.plain();
-        let url = relay.ws_url(&config.target, device.token.as_deref());
+        let url = relay.ws_url(&config.target, device.token.as_deref(), i);
+        let base_url = relay.http_base(i);
         let client = match (plain, base_url, &device.token) {
             (false, Some(base), Some(token)) => Some(
                 SyncClient::new(
                     Arc::clone(&store),
                     RelayConfig {
-                        base_url: base.to_owned(),
+                        base_url: base,
                         token: token.clone(),
                     },
                 )
@@ -650,7 +827,9 @@ async fn observe(
         } else {
             Some(relay.observer_tokens[i % relay.observer_tokens.len()].as_str())
         };
-        let url = relay.ws_url(target, token);
+        // Batch i through relay i + 1 (mod N): most notes are read back through another relay
+        // than the one their device wrote through.
+        let url = relay.ws_url(target, token, i + 1);
         let mut client = PlainClient::connect(&url, None, deadline).await?;
         let ids: Vec<DocumentId> = batch.iter().map(|(id, _)| *id).collect();
         let settled = client.fetch(&ids, deadline).await?;
@@ -674,12 +853,43 @@ async fn observe(
     Ok((matched, problems))
 }
 
-/// What the relay process did during a phase.
-fn relay_figures(before: Option<ProcSample>, after: Option<ProcSample>) -> Value {
-    match (before, after) {
+/// What the relay processes (summed), their CPU budgets and the database's PostgreSQL
+/// backends did during a phase.
+fn relay_figures(before: &Sample, after: &Sample) -> Value {
+    let mut out = match (before.relays, after.relays) {
         (Some(b), Some(a)) => a.since(&b).to_json(),
         _ => json!({ "relay_stats": "unavailable (no relay pid)" }),
+    };
+    let throttling: Vec<Value> = before
+        .throttling
+        .iter()
+        .zip(&after.throttling)
+        .filter_map(|(b, a)| {
+            let d = a.as_ref()?.since(b.as_ref()?);
+            Some(json!({
+                "periods": d.periods,
+                "throttled_periods": d.throttled_periods,
+                "throttled_s": d.throttled_s,
+            }))
+        })
+        .collect();
+    if after.each.len() > 1 && after.each.len() == before.each.len() {
+        let each: Vec<f64> = after
+            .each
+            .iter()
+            .zip(&before.each)
+            .map(|(a, b)| a.since(b).cpu_s)
+            .collect();
+        out["relay_cpu_s_each"] = json!(each);
     }
+    if !throttling.is_empty() {
+        out["relay_throttling"] = json!(throttling);
+    }
+    if let (Some(b), Some(a)) = (&before.postgres, &after.postgres) {
+        out["postgres_backends"] = json!(a.count());
+        out["postgres_backend_cpu_s"] = json!(a.cpu_since(b));
+    }
+    out
 }
 
 fn summary(figures: &[PassFigures], wall: Duration, docs: usize) -> Value {
@@ -706,22 +916,31 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
     if config.devices == 0 || config.visits == 0 {
         return Err("need --devices >= 1 and --visits >= 1".into());
     }
+    if matches!(config.target, Target::External { .. })
+        && config.deployment != Deployment::default()
+    {
+        return Err(
+            "--relay (an external relay) takes no PostgreSQL, relay count or CPU budget".into(),
+        );
+    }
     let fd_limit = raise_fd_limit()?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let total_docs = config.devices * config.visits;
     let mut rng = StdRng::seed_from_u64(config.seed);
 
     // The relay, and who the nurses are.
-    let (relay, agency, nurses, base_url) = match &config.target {
+    let (relay, agency, nurses) = match &config.target {
         Target::Fieldchart { server_bin, .. } => {
             let data = dir.path().join("relay");
-            let (process, agency, admin_token, observers) = fieldchart_relay(
+            let relays = fieldchart_relays(
                 server_bin.as_deref(),
                 &data,
                 total_docs.div_ceil(OBSERVER_BATCH),
+                &config.deployment,
             )
             .await?;
-            let base = process.http_base();
+            let (agency, admin_token) = (relays.agency, relays.admin_token);
+            let base = relays.processes[0].http_base();
             let http = reqwest::Client::new();
             let bar = progress_bar(config.progress, config.devices, "provision");
             let nurses: Vec<Nurse> = futures::stream::iter(0..config.devices)
@@ -740,12 +959,18 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
                 .collect::<Result<_, _>>()?;
             bar.finish_and_clear();
             let relay = Relay {
-                pid: Some(process.pid()),
-                data_dir: Some(data),
-                observer_tokens: observers.split(' ').map(str::to_owned).collect(),
-                process: Some(process),
+                pids: relays.processes.iter().map(BenchRelay::pid).collect(),
+                // The SQLite relay's files; a PostgreSQL relay keeps none there.
+                data_dir: (!config.deployment.postgres).then_some(data),
+                observer_tokens: relays
+                    .observer_tokens
+                    .split(' ')
+                    .map(str::to_owned)
+                    .collect(),
+                processes: relays.processes,
+                database: relays.database,
             };
-            (relay, agency, nurses, Some(base))
+            (relay, agency, nurses)
         }
         Target::External { pid, data_dir, .. } => {
             let nurses = (0..config.devices)
@@ -756,12 +981,13 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
                 })
                 .collect();
             let relay = Relay {
-                process: None,
-                pid: *pid,
+                processes: Vec::new(),
+                pids: pid.iter().copied().collect(),
                 data_dir: data_dir.clone(),
                 observer_tokens: Vec::new(),
+                database: None,
             };
-            (relay, "agency_bench".to_owned(), nurses, None)
+            (relay, "agency_bench".to_owned(), nurses)
         }
     };
 
@@ -772,6 +998,7 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
     for (i, nurse) in nurses.iter().enumerate() {
         let key: [u8; 32] = rng.random();
         keys.push(key);
+        let base_url = relay.http_base(i);
         let enroll = base_url
             .as_deref()
             .zip(nurse.codes.first().map(String::as_str));
@@ -829,14 +1056,22 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
 
     // The storm.
     let before = relay.sample();
-    let (figures, wall) =
-        sync_phase(&devices, &relay, &config, base_url.as_deref(), "storm").await?;
+    let (figures, wall) = sync_phase(&devices, &relay, &config, "storm").await?;
     let after = relay.sample();
     let data_dir_bytes = relay.data_dir.as_deref().map(dir_size);
     let storm = summary(&figures, wall, total_docs);
     let mut out = json!({
         "workload": if config.reconnect { "reconnect-storm" } else { "storm" },
         "relay": config.target.name(),
+        "deployment": match config.target {
+            Target::Fieldchart { .. } => json!({
+                "backend": if config.deployment.postgres { "postgres" } else { "sqlite" },
+                "relays": config.deployment.relays,
+                "cpu_per_relay": config.deployment.cpu_per_relay,
+                "database_pool": config.deployment.pool,
+            }),
+            Target::External { .. } => Value::Null,
+        },
         "client": if config.target.plain() { "plain-v1" } else { "device-stack" },
         "devices": config.devices,
         "visits": config.visits,
@@ -845,10 +1080,10 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
         "fd_limit": fd_limit,
         "notes_save_bytes": save_bytes,
         "storm": storm,
-        "relay_storm": relay_figures(before, after),
+        "relay_storm": relay_figures(&before, &after),
         "relay_data_dir_bytes": data_dir_bytes,
     });
-    if let (Some(b), Some(a)) = (before, after) {
+    if let (Some(b), Some(a)) = (before.relays, after.relays) {
         let d = a.since(&b);
         out["relay_cpu_ms_per_doc"] = json!(d.cpu_s * 1e3 / total_docs as f64);
         if let Some(size) = data_dir_bytes.filter(|s| *s > 0) {
@@ -867,15 +1102,7 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
     out["observer_problems"] = json!(problems.iter().take(5).collect::<Vec<_>>());
 
     // The caseload fetch: a second device of nurse 0 fetches her notes.
-    let caseload = caseload_fetch(
-        &devices[0],
-        &nurses[0],
-        &relay,
-        &config,
-        base_url.as_deref(),
-        &dir,
-    )
-    .await;
+    let caseload = caseload_fetch(&devices[0], &nurses[0], &relay, &config, &dir).await;
     match caseload {
         Ok(v) => {
             ok &= v["ok"] == Value::Bool(true);
@@ -890,14 +1117,14 @@ pub async fn run(config: StormConfig) -> Result<Value, String> {
     // Everyone reconnects at once, nothing changed.
     if config.reconnect {
         let before = relay.sample();
-        let (figures, wall) =
-            sync_phase(&devices, &relay, &config, base_url.as_deref(), "reconnect").await?;
+        let (figures, wall) = sync_phase(&devices, &relay, &config, "reconnect").await?;
         let after = relay.sample();
         ok &= figures.iter().all(|f| f.error.is_none());
         out["reconnect"] = summary(&figures, wall, total_docs);
-        out["relay_reconnect"] = relay_figures(before, after);
+        out["relay_reconnect"] = relay_figures(&before, &after);
     }
-    if let Some(s) = relay.pid.and_then(|pid| ProcSample::read(pid).ok()) {
+    if let Some(s) = relay.sample().relays {
+        // Summed over the relay processes.
         out["relay_peak_rss_bytes"] = json!(s.peak_rss);
     }
     // The data directory again at the end: a relay that acknowledges before it writes shows
@@ -918,10 +1145,12 @@ async fn caseload_fetch(
     nurse: &Nurse,
     relay: &Relay,
     config: &StormConfig,
-    base_url: Option<&str>,
     dir: &tempfile::TempDir,
 ) -> Result<Value, String> {
     let ids: Vec<DocumentId> = device.notes.iter().map(|(id, _)| *id).collect();
+    // The second phone goes through the next relay (her first phone used relay 0).
+    let base_url = relay.http_base(1);
+    let base_url = base_url.as_deref();
     let enroll = base_url.zip(nurse.codes.get(1).map(String::as_str));
     let (store, token) = phone(
         &dir.path().join("second-phone.db"),
@@ -935,7 +1164,7 @@ async fn caseload_fetch(
     let deadline = Instant::now() + config.phase_timeout;
     let (figures, held): (PassFigures, Vec<(DocumentId, Vec<ChangeHash>)>) =
         if config.target.plain() {
-            let url = relay.ws_url(&config.target, token.as_deref());
+            let url = relay.ws_url(&config.target, token.as_deref(), 1);
             let started = Instant::now();
             let mut client = PlainClient::connect(&url, None, deadline).await?;
             let settled = client.fetch(&ids, deadline).await?;
@@ -990,4 +1219,213 @@ async fn caseload_fetch(
         "bytes_up": figures.bytes_up,
         "error": figures.error,
     }))
+}
+
+/// The scale-out comparison: the storm against 1 relay on SQLite, 1 relay on PostgreSQL and 2
+/// relays on PostgreSQL, in that order, `rounds` times (alternating, so a noisy neighbour
+/// hits every configuration alike), every relay process under the same CPU budget.
+#[derive(Debug, Clone)]
+pub struct ScaleOutConfig {
+    /// Devices (enough to saturate one relay under its budget).
+    pub devices: usize,
+    /// Visit notes per device.
+    pub visits: usize,
+    /// Seed (the same for every run).
+    pub seed: u64,
+    /// Fieldchart, device stack or plain client.
+    pub target: Target,
+    /// CPUs each relay process may use.
+    pub cpu_per_relay: Option<f64>,
+    /// `--database-pool` of each PostgreSQL relay.
+    pub pool: Option<usize>,
+    /// Rounds of the three configurations.
+    pub rounds: usize,
+    /// Progress bars on stderr.
+    pub progress: bool,
+    /// Limit for each timed phase.
+    pub phase_timeout: Duration,
+}
+
+/// The three configurations of [`scale_out`].
+fn scale_out_deployments(config: &ScaleOutConfig) -> [Deployment; 3] {
+    let with = |postgres: bool, relays: usize| Deployment {
+        postgres,
+        relays,
+        cpu_per_relay: config.cpu_per_relay,
+        pool: if postgres { config.pool } else { None },
+    };
+    [with(false, 1), with(true, 1), with(true, 2)]
+}
+
+/// One storm's line of the scale-out table.
+fn scale_out_row(round: usize, deployment: &Deployment, out: &Value) -> Value {
+    let storm = &out["relay_storm"];
+    // The busiest relay's share of CFS periods in which its budget ran out.
+    let throttled = storm["relay_throttling"].as_array().map(|relays| {
+        relays
+            .iter()
+            .filter_map(|t| {
+                let periods = t["periods"].as_f64()?;
+                Some(t["throttled_periods"].as_f64()? / periods.max(1.0))
+            })
+            .fold(0.0, f64::max)
+    });
+    json!({
+        "round": round,
+        "config": deployment.name(),
+        "ok": out["ok"],
+        "docs_per_s": out["storm"]["docs_per_s"],
+        "wall_s": out["storm"]["wall_s"],
+        "device_p50_s": out["storm"]["device_p50_s"],
+        "device_p99_s": out["storm"]["device_p99_s"],
+        "devices_failed": out["storm"]["devices_failed"],
+        "relay_cpu_s": storm["relay_cpu_s"],
+        "relay_cpu_ms_per_doc": out["relay_cpu_ms_per_doc"],
+        "relay_throttled_share": throttled,
+        "postgres_backend_cpu_s": storm["postgres_backend_cpu_s"],
+        "relay_peak_rss_bytes": out["relay_peak_rss_bytes"],
+        "observer_matched": out["observer_matched"],
+        "error": out["error"],
+    })
+}
+
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// Run the three configurations `rounds` times; one JSON object with every run, the mean
+/// docs/s of each configuration, the ratios (per round and of the means) and a Markdown table.
+pub async fn scale_out(config: ScaleOutConfig) -> Result<Value, String> {
+    if config.rounds == 0 {
+        return Err("need --rounds >= 1".into());
+    }
+    let Target::Fieldchart { .. } = config.target else {
+        return Err("scale-out starts Fieldchart relays; --relay does not apply".into());
+    };
+    let deployments = scale_out_deployments(&config);
+    let mut rows = Vec::new();
+    for round in 1..=config.rounds {
+        for deployment in &deployments {
+            if config.progress {
+                eprintln!(
+                    "scale-out round {round}/{}: {}",
+                    config.rounds,
+                    deployment.name()
+                );
+            }
+            let out = run(StormConfig {
+                devices: config.devices,
+                visits: config.visits,
+                seed: config.seed,
+                target: config.target.clone(),
+                reconnect: false,
+                progress: config.progress,
+                phase_timeout: config.phase_timeout,
+                deployment: deployment.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| json!({ "ok": false, "error": e }));
+            rows.push(scale_out_row(round, deployment, &out));
+        }
+    }
+    let docs_per_s = |name: &str, round: Option<usize>| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| r["config"] == name && r["ok"] == Value::Bool(true))
+            .filter(|r| round.is_none_or(|n| r["round"] == n))
+            .filter_map(|r| r["docs_per_s"].as_f64())
+            .collect()
+    };
+    let [sqlite, pg1, pg2] = deployments.map(|d| d.name());
+    let ratios = |round: Option<usize>| {
+        let m = |name: &str| mean(&docs_per_s(name, round));
+        let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        json!({
+            "postgres_x2_over_postgres_x1": ratio(m(&pg2), m(&pg1)),
+            "postgres_x1_over_sqlite_x1": ratio(m(&pg1), m(&sqlite)),
+            "postgres_x2_over_sqlite_x1": ratio(m(&pg2), m(&sqlite)),
+        })
+    };
+    let per_round: Vec<Value> = (1..=config.rounds).map(|n| ratios(Some(n))).collect();
+    let overall = ratios(None);
+    let means = json!({
+        "sqlite_x1": mean(&docs_per_s(&sqlite, None)),
+        "postgres_x1": mean(&docs_per_s(&pg1, None)),
+        "postgres_x2": mean(&docs_per_s(&pg2, None)),
+    });
+    let ok = rows.iter().all(|r| r["ok"] == Value::Bool(true));
+    let target_met = overall["postgres_x2_over_postgres_x1"]
+        .as_f64()
+        .map(|r| r >= 1.6);
+    let table = scale_out_table(&rows, &per_round);
+    Ok(json!({
+        "workload": "scale-out",
+        "client": if config.target.plain() { "plain-v1" } else { "device-stack" },
+        "devices": config.devices,
+        "visits": config.visits,
+        "docs": config.devices * config.visits,
+        "seed": config.seed,
+        "cpu_per_relay": config.cpu_per_relay,
+        "database_pool": config.pool,
+        "rounds": config.rounds,
+        "runs": rows,
+        "mean_docs_per_s": means,
+        "ratios_per_round": per_round,
+        "ratios": overall,
+        "target_2x_over_1x_ge_1_6": target_met,
+        "table": table,
+        "ok": ok,
+    }))
+}
+
+/// A Markdown table of the runs, each with its ratio to the same round's 1-relay PostgreSQL
+/// and SQLite figures.
+fn scale_out_table(rows: &[Value], per_round: &[Value]) -> String {
+    let num = |v: &Value, scale: f64, digits: usize| {
+        v.as_f64()
+            .map_or("—".to_owned(), |x| format!("{:.digits$}", x * scale))
+    };
+    let mut out = String::from(
+        "| round | relays | docs/s | vs 1 PG relay | vs SQLite | device p50 / p99 s | relay CPU s (sum) | CPU ms/doc | busiest relay throttled | PG backends CPU s | ok |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for row in rows {
+        let round = row["round"].as_u64().unwrap_or(0) as usize;
+        let same_round = |name: &str| {
+            rows.iter()
+                .find(|r| r["round"] == round && r["config"] == name)
+                .and_then(|r| r["docs_per_s"].as_f64())
+        };
+        let mine = row["docs_per_s"].as_f64();
+        let vs = |name: &str| match (mine, same_round(name)) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+            _ => "—".into(),
+        };
+        out.push_str(&format!(
+            "| {round} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
+            row["config"].as_str().unwrap_or("?"),
+            num(&row["docs_per_s"], 1.0, 0),
+            vs("postgres x1"),
+            vs("sqlite x1"),
+            num(&row["device_p50_s"], 1.0, 2),
+            num(&row["device_p99_s"], 1.0, 2),
+            num(&row["relay_cpu_s"], 1.0, 1),
+            num(&row["relay_cpu_ms_per_doc"], 1.0, 2),
+            num(&row["relay_throttled_share"], 100.0, 0) + "%",
+            num(&row["postgres_backend_cpu_s"], 1.0, 1),
+            if row["ok"] == Value::Bool(true) {
+                "yes"
+            } else {
+                "**no**"
+            },
+        ));
+    }
+    for (i, r) in per_round.iter().enumerate() {
+        out.push_str(&format!(
+            "\nround {}: 2 PG relays / 1 PG relay {}, 1 PG relay / SQLite {}",
+            i + 1,
+            num(&r["postgres_x2_over_postgres_x1"], 1.0, 2),
+            num(&r["postgres_x1_over_sqlite_x1"], 1.0, 2),
+        ));
+    }
+    out
 }

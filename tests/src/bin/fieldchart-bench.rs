@@ -22,7 +22,13 @@
 //! (`fieldchart_tests::bootstrap`); `sessions --count N` holds N idle authenticated sessions
 //! (`fieldchart_tests::sessions`). `--relay ws://HOST:PORT/PATH` points them at any
 //! automerge-repo protocol v1 relay without auth; `--plain` syncs with the plain v1 client
-//! against Fieldchart too. Progress goes to stderr, the JSON line to stdout.
+//! against Fieldchart too. `storm --postgres --relays N [--cpu-per-relay C]` runs the storm
+//! against N relay processes on one fresh PostgreSQL database, devices spread round-robin.
+//!
+//! `fieldchart-bench scale-out --devices N --visits M [--cpu-per-relay C] [--rounds R]` runs
+//! the storm against 1 relay on SQLite, 1 relay on PostgreSQL and 2 relays on PostgreSQL, one
+//! after another, R rounds alternating, every relay under the same CPU budget, and prints a
+//! table (stderr) and the ratios (JSON). Progress goes to stderr, the JSON line to stdout.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -79,6 +85,35 @@ impl RelayArgs {
     }
 }
 
+/// How Fieldchart's relays run in a storm.
+#[derive(clap::Args, Debug, Clone)]
+struct DeploymentArgs {
+    /// Run the relays on a fresh PostgreSQL database (made on the server of
+    /// FIELDCHART_TEST_POSTGRES, default 127.0.0.1:5432 user postgres; dropped at the end).
+    #[arg(long, conflicts_with = "relay")]
+    postgres: bool,
+    /// Relay processes (more than one needs --postgres); devices are spread round-robin.
+    #[arg(long, default_value_t = 1, requires = "postgres")]
+    relays: usize,
+    /// CPUs each relay process may use (a cgroup CFS quota; needs a writable cgroup tree).
+    #[arg(long, conflicts_with = "relay")]
+    cpu_per_relay: Option<f64>,
+    /// `--database-pool` of each relay (default: the relay's).
+    #[arg(long, requires = "postgres")]
+    database_pool: Option<usize>,
+}
+
+impl DeploymentArgs {
+    fn deployment(&self) -> fieldchart_tests::storm::Deployment {
+        fieldchart_tests::storm::Deployment {
+            postgres: self.postgres,
+            relays: self.relays,
+            cpu_per_relay: self.cpu_per_relay,
+            pool: self.database_pool,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Workload {
     /// The 5 pm sync storm: N devices chart M visit notes offline, then all sync at once.
@@ -89,6 +124,29 @@ enum Workload {
         /// Visit notes per device.
         #[arg(long, default_value_t = 50)]
         visits: usize,
+        #[command(flatten)]
+        relay: RelayArgs,
+        #[command(flatten)]
+        deployment: DeploymentArgs,
+    },
+    /// The storm against 1 relay on SQLite, 1 relay on PostgreSQL and 2 relays on PostgreSQL,
+    /// in turn (R rounds), every relay under the same CPU budget: docs/s and ratios.
+    ScaleOut {
+        /// Devices (enough to saturate one relay).
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Visit notes per device.
+        #[arg(long, default_value_t = 10)]
+        visits: usize,
+        /// CPUs each relay process may use (cgroup CFS quota); 0: no budget.
+        #[arg(long, default_value_t = 0.5)]
+        cpu_per_relay: f64,
+        /// Rounds of the three configurations, alternating.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// `--database-pool` of each PostgreSQL relay (default: the relay's).
+        #[arg(long)]
+        database_pool: Option<usize>,
         #[command(flatten)]
         relay: RelayArgs,
     },
@@ -391,6 +449,7 @@ fn storm_workload(
     visits: usize,
     relay: &RelayArgs,
     reconnect: bool,
+    deployment: fieldchart_tests::storm::Deployment,
 ) -> Result<serde_json::Value, String> {
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(fieldchart_tests::storm::run(
@@ -402,8 +461,41 @@ fn storm_workload(
             reconnect,
             progress: true,
             phase_timeout: Duration::from_secs(relay.timeout_s),
+            deployment,
         },
     ))
+}
+
+/// The scale-out comparison: see `fieldchart_tests::storm::scale_out`.
+fn scale_out_workload(
+    devices: usize,
+    visits: usize,
+    cpu_per_relay: f64,
+    rounds: usize,
+    pool: Option<usize>,
+    relay: &RelayArgs,
+) -> Result<serde_json::Value, String> {
+    if relay.relay.is_some() {
+        return Err("scale-out starts its own relays; --relay does not apply".into());
+    }
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let out = runtime.block_on(fieldchart_tests::storm::scale_out(
+        fieldchart_tests::storm::ScaleOutConfig {
+            devices,
+            visits,
+            seed: relay.seed,
+            target: relay.target(),
+            cpu_per_relay: (cpu_per_relay > 0.0).then_some(cpu_per_relay),
+            pool,
+            rounds,
+            progress: true,
+            phase_timeout: Duration::from_secs(relay.timeout_s),
+        },
+    ))?;
+    if let Some(table) = out["table"].as_str() {
+        eprintln!("{table}");
+    }
+    Ok(out)
 }
 
 fn main() {
@@ -413,12 +505,34 @@ fn main() {
             devices,
             visits,
             relay,
-        } => storm_workload(devices, visits, &relay, false),
+            deployment,
+        } => storm_workload(devices, visits, &relay, false, deployment.deployment()),
+        Workload::ScaleOut {
+            devices,
+            visits,
+            cpu_per_relay,
+            rounds,
+            database_pool,
+            relay,
+        } => scale_out_workload(
+            devices,
+            visits,
+            cpu_per_relay,
+            rounds,
+            database_pool,
+            &relay,
+        ),
         Workload::ReconnectStorm {
             devices,
             docs,
             relay,
-        } => storm_workload(devices, docs, &relay, true),
+        } => storm_workload(
+            devices,
+            docs,
+            &relay,
+            true,
+            fieldchart_tests::storm::Deployment::default(),
+        ),
         Workload::Bootstrap {
             patients,
             visits,
