@@ -56,6 +56,7 @@ pub mod registry;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -268,7 +269,9 @@ pub async fn run<S, K, E>(
     async move {
         tracing::info!("session opened");
         let end = session.serve(&mut incoming).await;
-        session.finish(end, &mut incoming).await;
+        // Boxed, like every step in `serve`: the task of an idle session holds only the
+        // session and the `select!` it waits in, not the largest state any step may need.
+        Box::pin(session.finish(end, &mut incoming)).await;
     }
     .instrument(span)
     .await;
@@ -310,15 +313,15 @@ impl Session {
                     Ok(())
                 }
                 () = &mut idle => return End::quiet("idle", close_code::GOING_AWAY),
-                _ = recheck.tick() => self.recheck_device().await,
+                _ = recheck.tick() => Box::pin(self.recheck_device()).await,
                 () = self.outbox.stopped() => return End::Disconnected("send_failed"),
-                () = inbox.changed() => contained(self.on_changed()).await,
+                () = inbox.changed() => contained(Box::pin(self.on_changed())).await,
                 frame = incoming.next() => {
                     idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                     match frame {
                         None => return End::Disconnected("peer_closed"),
                         Some(Err(e)) => return transport_error(&e.to_string()),
-                        Some(Ok(Frame::Binary(bytes))) => contained(self.on_frame(bytes)).await,
+                        Some(Ok(Frame::Binary(bytes))) => contained(Box::pin(self.on_frame(bytes))).await,
                         Some(Ok(Frame::Text(_))) => Err(End::error(
                             "text_frame",
                             close_code::UNSUPPORTED_DATA,
@@ -328,7 +331,7 @@ impl Session {
                         Some(Ok(Frame::Close(_))) => return End::Disconnected("peer_closed"),
                     }
                 }
-                _ = keepalive.tick() => self.on_keepalive().await,
+                _ = keepalive.tick() => Box::pin(self.on_keepalive()).await,
             };
             if let Err(end) = step {
                 return end;
@@ -1298,9 +1301,13 @@ impl Session {
 /// reachable from one peer's input (automerge has had panics reachable from sync messages)
 /// ends that peer's session, not the relay. Uncommitted documents are discarded by their
 /// guards while the panic unwinds (see [`DocGuard`]).
-async fn contained<F>(step: F) -> Result<(), End>
+///
+/// Callers box the step: a step's future (a sync message's whole path through access checks,
+/// automerge and storage) is tens of KiB, and held inline it would be part of every session's
+/// task for the session's whole life, idle or not (~60 KiB of an idle session's ~70 KiB).
+async fn contained<F>(step: Pin<Box<F>>) -> Result<(), End>
 where
-    F: std::future::Future<Output = Result<(), End>>,
+    F: std::future::Future<Output = Result<(), End>> + ?Sized,
 {
     use futures::FutureExt;
     match std::panic::AssertUnwindSafe(step).catch_unwind().await {
