@@ -41,6 +41,7 @@
 //! is counted in the failure row the UI shows.
 
 mod feed;
+pub mod fetch;
 mod pass;
 #[cfg(test)]
 mod tests;
@@ -52,8 +53,9 @@ use crate::protocol::DocumentId;
 
 pub use feed::{FeedEntry, FeedPage};
 pub use pass::{
-    DEFAULT_MAX_DOCS_IN_FLIGHT, FEED_PAGE_LIMIT, MAX_FEED_ROUNDS, MAX_MESSAGES_PER_DOC, PassAction,
-    PassConfig, PassEvent, PassStats, PassStatus, SyncPass,
+    DEFAULT_FETCH_BATCH_DOCS, DEFAULT_FETCHES_IN_FLIGHT, DEFAULT_MAX_DOCS_IN_FLIGHT,
+    FEED_PAGE_LIMIT, MAX_FEED_ROUNDS, MAX_MESSAGES_PER_DOC, PassAction, PassConfig, PassEvent,
+    PassStats, PassStatus, SyncPass,
 };
 
 /// First retry of a refused document, ms after the refusal.

@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use fieldchart_core::protocol::{DocumentId, MAX_FRAME_BYTES};
 use fieldchart_core::store::Store;
+use fieldchart_core::sync::fetch::{FETCH_PATH, MAX_FETCH_RESPONSE_BYTES};
 use fieldchart_core::sync::{PassAction, PassConfig, PassEvent, PassStats, PassStatus, SyncPass};
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Notify, broadcast, mpsc};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header::AUTHORIZATION};
@@ -32,6 +34,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long one change-feed request may take.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one batch document fetch may take, answer included (a few megabytes on a slow
+/// cellular link).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long the relay may stay silent while the pass waits for an answer, by default. The
 /// relay answers in milliseconds; silence this long means the link is dead even if TCP has
@@ -94,6 +100,10 @@ pub struct PassOptions {
     pub reply_timeout: Duration,
     /// See [`DEFAULT_LIVE_FEED_POLL`].
     pub live_feed_poll: Duration,
+    /// Documents this device lacks are fetched whole, this many per HTTP request
+    /// (`POST /v1/documents/fetch`); 0: one `request` exchange per document over the
+    /// WebSocket, as before batch fetches.
+    pub fetch_batch_docs: usize,
     /// Fault injection for tests: drop the connection (no close frame, as when the radio
     /// goes) once this many WebSocket messages have passed, both ways counted. Only with the
     /// `test-hooks` feature; not part of the public API.
@@ -110,6 +120,7 @@ impl Default for PassOptions {
             max_docs_in_flight: fieldchart_core::sync::DEFAULT_MAX_DOCS_IN_FLIGHT,
             reply_timeout: DEFAULT_REPLY_TIMEOUT,
             live_feed_poll: DEFAULT_LIVE_FEED_POLL,
+            fetch_batch_docs: fieldchart_core::sync::DEFAULT_FETCH_BATCH_DOCS,
             #[cfg(feature = "test-hooks")]
             drop_connection_after_messages: None,
         }
@@ -124,7 +135,8 @@ impl fmt::Debug for PassOptions {
             .field("live", &self.live)
             .field("max_docs_in_flight", &self.max_docs_in_flight)
             .field("reply_timeout", &self.reply_timeout)
-            .field("live_feed_poll", &self.live_feed_poll);
+            .field("live_feed_poll", &self.live_feed_poll)
+            .field("fetch_batch_docs", &self.fetch_batch_docs);
         #[cfg(feature = "test-hooks")]
         d.field(
             "drop_connection_after_messages",
@@ -141,9 +153,9 @@ pub struct Progress {
     pub docs_done: usize,
     /// Documents planned so far.
     pub docs_total: usize,
-    /// Bytes sent: WebSocket payloads.
+    /// Bytes sent: WebSocket payloads and HTTP request bodies.
     pub bytes_sent: u64,
-    /// Bytes received: WebSocket payloads and change-feed bodies.
+    /// Bytes received: WebSocket payloads and HTTP response bodies.
     pub bytes_received: u64,
     /// WebSocket messages sent.
     pub messages_sent: u64,
@@ -166,12 +178,16 @@ pub struct PassReport {
     pub ws_bytes_sent: u64,
     /// WebSocket payload bytes received.
     pub ws_bytes_received: u64,
-    /// Change-feed requests made.
+    /// HTTP requests made: change-feed reads and batch document fetches.
     pub http_requests: u64,
-    /// Change-feed response body bytes.
+    /// HTTP response body bytes (change feed and batch fetches).
     pub http_bytes_received: u64,
-    /// Time spent waiting for change-feed answers, seconds (the relay's share of a quiet
-    /// reconnect).
+    /// HTTP request body bytes (batch fetch requests; feed reads have none).
+    pub http_bytes_sent: u64,
+    /// Batch document fetches made (`POST /v1/documents/fetch`).
+    pub fetch_requests: u64,
+    /// Time spent waiting for HTTP answers (change feed, batch fetches, which may overlap),
+    /// seconds (the relay's share of a quiet reconnect).
     pub http_s: f64,
     /// Times the pass waited on the network for an answer: each feed request, each
     /// WebSocket upgrade, and each wait for frames after sending (documents in flight
@@ -189,9 +205,12 @@ impl PassReport {
         self.messages_sent + self.messages_received
     }
 
-    /// Bytes both ways: WebSocket payloads and change-feed bodies.
+    /// Bytes both ways: WebSocket payloads and HTTP bodies.
     pub fn bytes(&self) -> u64 {
-        self.ws_bytes_sent + self.ws_bytes_received + self.http_bytes_received
+        self.ws_bytes_sent
+            + self.ws_bytes_received
+            + self.http_bytes_received
+            + self.http_bytes_sent
     }
 }
 
@@ -238,6 +257,8 @@ struct Io {
     ws_bytes_received: u64,
     http_requests: u64,
     http_bytes_received: u64,
+    http_bytes_sent: u64,
+    fetch_requests: u64,
     http_time: Duration,
     round_trips: u64,
     connections: u64,
@@ -270,7 +291,7 @@ impl Io {
         Progress {
             docs_done: stats.docs_done,
             docs_total: stats.docs_total,
-            bytes_sent: self.ws_bytes_sent,
+            bytes_sent: self.ws_bytes_sent + self.http_bytes_sent,
             bytes_received: self.ws_bytes_received + self.http_bytes_received,
             messages_sent: self.messages_sent,
             messages_received: self.messages_received,
@@ -317,6 +338,8 @@ pub async fn run_pass(store: Arc<Store>, relay: RelayConfig, options: PassOption
             ws_bytes_received: 0,
             http_requests: 0,
             http_bytes_received: 0,
+            http_bytes_sent: 0,
+            fetch_requests: 0,
             http_s: 0.0,
             round_trips: 0,
             connections: 0,
@@ -333,6 +356,14 @@ enum Wake {
     Local(DocumentId),
     Poll,
     ReplyTimeout,
+    Fetched(Result<(PassEvent, FetchIo), tokio::task::JoinError>),
+}
+
+/// What one batch fetch moved over the network.
+struct FetchIo {
+    bytes_sent: u64,
+    bytes_received: u64,
+    elapsed: Duration,
 }
 
 impl SyncClient {
@@ -448,6 +479,7 @@ impl SyncClient {
         let mut config = PassConfig::new(self.relay.base_url.clone());
         config.live = options.live;
         config.max_docs_in_flight = options.max_docs_in_flight;
+        config.fetch_batch_docs = options.fetch_batch_docs;
         let (mut pass, first) = match self
             .blocking(move |store| SyncPass::start(store, config))
             .await
@@ -464,6 +496,9 @@ impl SyncClient {
         );
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_progress = Progress::default();
+        // Batch fetches run as tasks, so the next one arrives while this one is imported;
+        // those still running when the pass ends are aborted with the set.
+        let mut fetches: JoinSet<(PassEvent, FetchIo)> = JoinSet::new();
 
         loop {
             // 1. Do what the pass asked, in order. Network waits are bounded by the budget: a
@@ -481,6 +516,18 @@ impl SyncClient {
                                 events.push(PassEvent::BudgetExpired);
                             }
                         }
+                    }
+                    PassAction::FetchDocuments { ids, body } => {
+                        io.http_requests += 1;
+                        io.fetch_requests += 1;
+                        io.round_trips += 1;
+                        fetches.spawn(fetch_documents(
+                            self.http.clone(),
+                            format!("{}{FETCH_PATH}", self.http_base),
+                            self.relay.token.clone(),
+                            ids,
+                            body,
+                        ));
                     }
                     PassAction::Connect => match within(deadline, self.connect(&mut io)).await {
                         Some(Ok(s)) => {
@@ -571,6 +618,7 @@ impl SyncClient {
                     () = sleep_until(deadline) => Wake::Budget,
                     incoming = next_message(&mut socket) => Wake::Incoming(incoming),
                     Some(doc) = local.recv() => Wake::Local(doc),
+                    Some(fetched) = fetches.join_next(), if !fetches.is_empty() => Wake::Fetched(fetched),
                     _ = poll.tick(), if options.live => Wake::Poll,
                     () = tokio::time::sleep(options.reply_timeout), if awaiting => Wake::ReplyTimeout,
                 };
@@ -584,6 +632,7 @@ impl SyncClient {
                     }
                     Wake::Local(doc) => events.push(PassEvent::LocalChange(doc)),
                     Wake::Poll => events.push(PassEvent::FeedPollDue),
+                    Wake::Fetched(fetched) => events.push(fetched_event(fetched, &mut io)),
                     Wake::ReplyTimeout => {
                         socket = None;
                         events.push(lost(
@@ -596,6 +645,9 @@ impl SyncClient {
                     }
                 }
                 // Take what else already arrived, so one blocking call handles a batch.
+                while let Some(fetched) = fetches.try_join_next() {
+                    events.push(fetched_event(fetched, &mut io));
+                }
                 while events.len() < MAX_BATCH {
                     let Some(s) = socket.as_mut() else { break };
                     let Some(incoming) = s.next().now_or_never() else {
@@ -753,6 +805,96 @@ impl SyncClient {
     }
 }
 
+/// One batch fetch: `POST` the request, read the answer with a size limit. A `200` whose body
+/// breaks off is [`PassEvent::DocumentsUnreachable`] with what arrived (whole records in it
+/// are kept by the pass).
+async fn fetch_documents(
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    ids: Vec<DocumentId>,
+    body: Vec<u8>,
+) -> (PassEvent, FetchIo) {
+    let started = Instant::now();
+    let bytes_sent = body.len() as u64;
+    let mut received = Vec::new();
+    let outcome = async {
+        // A read, so sent once more when a pooled keep-alive connection fails before any
+        // response (as the feed read is; see `fetch_feed_inner`).
+        let mut retried = false;
+        let mut response = loop {
+            let sent = http
+                .post(&url)
+                .bearer_auth(&token)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .timeout(FETCH_TIMEOUT)
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(response) => break response,
+                Err(e) if !retried && !e.is_timeout() && e.is_request() && !e.is_connect() => {
+                    retried = true;
+                }
+                Err(e) => return Err(crate::tls::error_chain(&e.without_url())),
+            }
+        };
+        let status = response.status().as_u16();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if received.len() + chunk.len() > MAX_FETCH_RESPONSE_BYTES {
+                        return Err(format!(
+                            "document batch over {MAX_FETCH_RESPONSE_BYTES} bytes"
+                        ));
+                    }
+                    received.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(status),
+                Err(e) => return Err(e.without_url().to_string()),
+            }
+        }
+    }
+    .await;
+    let io = FetchIo {
+        bytes_sent,
+        bytes_received: received.len() as u64,
+        elapsed: started.elapsed(),
+    };
+    let event = match outcome {
+        Ok(status) => PassEvent::DocumentsResponse {
+            ids,
+            status,
+            body: received,
+        },
+        Err(error) => PassEvent::DocumentsUnreachable {
+            ids,
+            partial: received,
+            error,
+        },
+    };
+    (event, io)
+}
+
+/// Count a finished batch fetch and turn it into the pass's event.
+fn fetched_event(
+    fetched: Result<(PassEvent, FetchIo), tokio::task::JoinError>,
+    io: &mut Io,
+) -> PassEvent {
+    match fetched {
+        Ok((event, fetch_io)) => {
+            io.http_bytes_sent += fetch_io.bytes_sent;
+            io.http_bytes_received += fetch_io.bytes_received;
+            io.http_time += fetch_io.elapsed;
+            event
+        }
+        // Only a panic gets here (the set is not aborted while the pass runs).
+        Err(e) => PassEvent::FeedUnreachable {
+            error: format!("document fetch task failed: {e}"),
+        },
+    }
+}
+
 fn report(status: PassStatus, stats: PassStats, io: &Io, started: Instant) -> PassReport {
     PassReport {
         status,
@@ -763,6 +905,8 @@ fn report(status: PassStatus, stats: PassStats, io: &Io, started: Instant) -> Pa
         ws_bytes_received: io.ws_bytes_received,
         http_requests: io.http_requests,
         http_bytes_received: io.http_bytes_received,
+        http_bytes_sent: io.http_bytes_sent,
+        fetch_requests: io.fetch_requests,
         http_s: io.http_time.as_secs_f64(),
         round_trips: io.round_trips,
         connections: io.connections,

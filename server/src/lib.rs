@@ -7,6 +7,7 @@
 //! - `GET /v1/sync` — WebSocket, automerge-repo protocol v1 ([`session`], [`websocket`]);
 //!   bearer token in `Authorization` or `?token=` ([`auth`]).
 //! - `GET /v1/changes?since=CURSOR` — which documents the caller may see changed ([`feed`]).
+//! - `POST /v1/documents/fetch` — whole documents, many per request, for a first sync ([`fetch`]).
 //! - `/v1/admin/...` — users, patients, care teams, tokens, audit ([`admin`]).
 //! - `POST /v1/enroll`, `GET /v1/keys` — device enrollment and the agency's device keys
 //!   ([`enroll`]).
@@ -48,6 +49,7 @@ pub mod docs;
 pub mod enroll;
 pub mod error;
 pub mod feed;
+pub mod fetch;
 pub mod http_log;
 pub mod identity;
 pub mod metrics;
@@ -76,6 +78,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/sync", get(websocket::sync_endpoint))
         .route("/v1/changes", get(feed::changes))
+        .route(fieldchart_core::sync::fetch::FETCH_PATH, fetch::route())
         .route("/v1/enroll", post(enroll::enroll_endpoint))
         .route("/v1/keys", get(enroll::keys_endpoint))
         .route("/v1/sync-failures", post(sync_failures::report_endpoint))

@@ -341,9 +341,13 @@ pub async fn run(config: BootstrapConfig) -> Result<Value, String> {
             )
             .map_err(|e| e.to_string())?;
             let started = Instant::now();
+            let fetch_batch_docs = crate::reconnect::fetch_batch_docs();
             let report = tokio::time::timeout(
                 config.phase_timeout,
-                client.run_pass(PassOptions::default()),
+                client.run_pass(PassOptions {
+                    fetch_batch_docs,
+                    ..PassOptions::default()
+                }),
             )
             .await
             .map_err(|_| {
@@ -367,10 +371,21 @@ pub async fn run(config: BootstrapConfig) -> Result<Value, String> {
                 "docs_fetched": report.stats.docs_fetched,
                 "round_trips": report.round_trips,
                 "http_requests": report.http_requests,
+                "fetch_requests": report.fetch_requests,
+                "fetch_batch_docs": fetch_batch_docs,
+                "docs_batch_fetched": report.stats.docs_batch_fetched,
+                "ws_messages": report.messages(),
+                "messages_note": "WebSocket messages plus two per HTTP exchange (feed reads, batch fetches: request and answer); bytes: WebSocket payloads and HTTP bodies",
                 "db_bytes": dir_size(dir.path()).saturating_sub(data_dir.as_deref().map_or(0, dir_size)),
             });
             let _ = store.close();
-            (elapsed, report.messages(), report.bytes(), held, extra)
+            (
+                elapsed,
+                report.messages() + 2 * report.http_requests,
+                report.bytes(),
+                held,
+                extra,
+            )
         }
         _ => {
             let started = Instant::now();

@@ -29,6 +29,16 @@ const DOCS_PER_SEEDER: usize = 2_000;
 /// Documents a seeder sends in one batch.
 const SEED_BATCH: usize = 500;
 
+/// Documents per batch fetch for the benchmarks' first syncs: `$FIELDCHART_BENCH_FETCH_BATCH_DOCS`
+/// (0: no batch fetches, one `request` exchange per document over the WebSocket, as before
+/// they existed; for before/after figures from one build), else the device's default.
+pub fn fetch_batch_docs() -> usize {
+    std::env::var("FIELDCHART_BENCH_FETCH_BATCH_DOCS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(fieldchart_core::sync::DEFAULT_FETCH_BATCH_DOCS)
+}
+
 /// The `fieldchart-server` binary: `$FIELDCHART_SERVER_BIN`, or next to the running
 /// executable, or one directory up (test executables live in `deps/`).
 pub fn server_binary() -> Result<PathBuf, String> {
@@ -188,6 +198,12 @@ pub struct ReconnectRun {
     pub changed: usize,
     /// The first pass (fetching every document).
     pub bootstrap: PassReport,
+    /// Bytes on the wire of the first pass (as `idle_wire_bytes`).
+    pub bootstrap_wire_bytes: u64,
+    /// Sum of the documents' `save()` sizes on the device after the first pass.
+    pub save_bytes: u64,
+    /// Documents per batch fetch in the first pass (0: none, WebSocket only).
+    pub fetch_batch_docs: usize,
     /// Reconnect with nothing changed (a one-off pass).
     pub idle: PassReport,
     /// Reconnect with nothing changed in live mode (stopped once up to date).
@@ -242,8 +258,17 @@ impl ReconnectRun {
             "live_bytes": self.idle_live.bytes(),
             "bootstrap_s": self.bootstrap.elapsed_s,
             "bootstrap_messages": self.bootstrap.messages(),
+            "bootstrap_http_requests": self.bootstrap.http_requests,
+            "bootstrap_fetch_requests": self.bootstrap.fetch_requests,
+            "bootstrap_docs_batch_fetched": self.bootstrap.stats.docs_batch_fetched,
+            "bootstrap_messages_per_doc": (self.bootstrap.messages() + 2 * self.bootstrap.http_requests) as f64 / self.docs as f64,
+            "bootstrap_messages_per_doc_note": "WebSocket messages plus two per HTTP exchange (request and answer), over the documents",
             "bootstrap_bytes": self.bootstrap.bytes(),
+            "bootstrap_wire_bytes": self.bootstrap_wire_bytes,
+            "save_bytes": self.save_bytes,
+            "bootstrap_wire_over_save": self.bootstrap_wire_bytes as f64 / self.save_bytes.max(1) as f64,
             "bootstrap_round_trips": self.bootstrap.round_trips,
+            "fetch_batch_docs": self.fetch_batch_docs,
         });
         if let Some(r) = &self.after_change {
             out["changed_docs_synced"] = json!(r.stats.docs_synced);
@@ -386,8 +411,21 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         )
         .map_err(|e| e.to_string())?,
     );
-    let bootstrap = client.run_pass(PassOptions::default()).await;
-    let held = store.document_ids().map_err(|e| e.to_string())?.len();
+    let fetch_batch_docs = fetch_batch_docs();
+    let _ = wire.take();
+    let bootstrap = client
+        .run_pass(PassOptions {
+            fetch_batch_docs,
+            ..PassOptions::default()
+        })
+        .await;
+    let (bootstrap_wire_bytes, _) = wire.take();
+    let held_ids = store.document_ids().map_err(|e| e.to_string())?;
+    let held = held_ids.len();
+    let mut save_bytes = 0u64;
+    for id in &held_ids {
+        save_bytes += store.export_changes(*id).map_err(|e| e.to_string())?.len() as u64;
+    }
     if held != docs {
         return Err(format!(
             "the device holds {held} documents after the first pass, expected {docs}: {:?}",
@@ -448,6 +486,9 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         docs,
         changed,
         bootstrap,
+        bootstrap_wire_bytes,
+        save_bytes,
+        fetch_batch_docs,
         idle,
         idle_live,
         after_change,

@@ -51,7 +51,7 @@ fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
 /// confirmed) and, when the relay holds exactly our heads (`ours`), clear `unsynced` (on disk,
 /// and on the cached document if it is loaded) and any failure. Returns whether the relay
 /// holds exactly our heads.
-fn settle(
+pub(super) fn settle(
     tx: &Tx<'_>,
     peer: &str,
     id: DocumentId,

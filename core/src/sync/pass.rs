@@ -8,11 +8,12 @@ use std::fmt;
 
 use serde::Serialize;
 
+use super::fetch::{FetchRecord, MAX_FETCH_IDS, decode_fetch_response, fetch_request_body};
 use super::{FeedEntry, FeedPage, PlanMode, PlannedDoc};
 use crate::protocol::{
     DocSync, DocumentId, Message, PROTOCOL_VERSION, PeerId, PeerMetadata, ProtocolError, StorageId,
 };
-use crate::store::Store;
+use crate::store::{FetchedImport, Store};
 use crate::{Error, Result};
 
 /// Feed reads in one pass: the first, and up to two more to absorb the relay's echo of our
@@ -31,6 +32,15 @@ pub const DEFAULT_MAX_DOCS_IN_FLIGHT: usize = 32;
 
 /// Entries asked per feed page (the relay's maximum).
 pub const FEED_PAGE_LIMIT: usize = 1_000;
+
+/// Documents asked for in one batch fetch, by default (see [`crate::sync::fetch`]). Large
+/// enough that a caseload of thousands is a handful of requests; small enough that the
+/// answers stay around a megabyte for typical visit notes and the next batch overlaps the
+/// import of this one.
+pub const DEFAULT_FETCH_BATCH_DOCS: usize = 250;
+
+/// Batch fetches in flight at once, by default: one being imported while the next arrives.
+pub const DEFAULT_FETCHES_IN_FLIGHT: usize = 2;
 
 /// Feed pages read in one round before planning with what is known (10 million entries at
 /// the default page size); the rest is the next round's or the next pass's.
@@ -56,6 +66,11 @@ pub struct PassConfig {
     pub max_docs_in_flight: usize,
     /// Entries asked per feed page.
     pub feed_page_limit: usize,
+    /// Documents this device lacks are fetched whole in batches of this many (at most
+    /// [`MAX_FETCH_IDS`]); 0 turns batch fetches off (one `request` exchange per document).
+    pub fetch_batch_docs: usize,
+    /// Batch fetches in flight at once.
+    pub max_fetches_in_flight: usize,
 }
 
 impl PassConfig {
@@ -66,6 +81,8 @@ impl PassConfig {
             live: false,
             max_docs_in_flight: DEFAULT_MAX_DOCS_IN_FLIGHT,
             feed_page_limit: FEED_PAGE_LIMIT,
+            fetch_batch_docs: DEFAULT_FETCH_BATCH_DOCS,
+            max_fetches_in_flight: DEFAULT_FETCHES_IN_FLIGHT,
         }
     }
 }
@@ -77,6 +94,20 @@ pub enum PassEvent {
     FeedResponse { status: u16, body: Vec<u8> },
     /// [`PassAction::FetchFeed`] got no answer (DNS, TCP, TLS, timeout).
     FeedUnreachable { error: String },
+    /// The answer to [`PassAction::FetchDocuments`] (the same `ids`): HTTP status and body.
+    DocumentsResponse {
+        ids: Vec<DocumentId>,
+        status: u16,
+        body: Vec<u8>,
+    },
+    /// [`PassAction::FetchDocuments`] (the same `ids`) failed before its whole answer arrived:
+    /// the part of a `200` body that did arrive (records in it that are whole are kept), and
+    /// the error.
+    DocumentsUnreachable {
+        ids: Vec<DocumentId>,
+        partial: Vec<u8>,
+        error: String,
+    },
     /// [`PassAction::Connect`] succeeded: the WebSocket is open.
     Connected,
     /// The relay answered the WebSocket upgrade with an HTTP error status (401: token
@@ -111,6 +142,22 @@ impl fmt::Debug for PassEvent {
                 write!(f, "FeedResponse({status}, <{} bytes>)", body.len())
             }
             PassEvent::FeedUnreachable { error } => write!(f, "FeedUnreachable({error})"),
+            PassEvent::DocumentsResponse { ids, status, body } => write!(
+                f,
+                "DocumentsResponse({} ids, {status}, <{} bytes>)",
+                ids.len(),
+                body.len()
+            ),
+            PassEvent::DocumentsUnreachable {
+                ids,
+                partial,
+                error,
+            } => write!(
+                f,
+                "DocumentsUnreachable({} ids, <{} bytes>, {error})",
+                ids.len(),
+                partial.len()
+            ),
             PassEvent::Connected => f.write_str("Connected"),
             PassEvent::ConnectRefused { status } => write!(f, "ConnectRefused({status})"),
             PassEvent::ConnectFailed { error } => write!(f, "ConnectFailed({error})"),
@@ -132,6 +179,10 @@ pub enum PassAction {
     /// `GET /v1/changes?since=…&limit=…` with the device's bearer token; report the answer as
     /// [`PassEvent::FeedResponse`].
     FetchFeed { since: Option<String>, limit: usize },
+    /// `POST` `body` to [`crate::sync::fetch::FETCH_PATH`] with the device's bearer token;
+    /// report [`PassEvent::DocumentsResponse`] (or [`PassEvent::DocumentsUnreachable`]) with
+    /// the same `ids`. Several may be in flight at once, alongside the WebSocket.
+    FetchDocuments { ids: Vec<DocumentId>, body: Vec<u8> },
     /// Open the WebSocket to `/v1/sync`; report [`PassEvent::Connected`] or a failure.
     Connect,
     /// Send one binary frame.
@@ -151,6 +202,9 @@ impl fmt::Debug for PassAction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PassAction::FetchFeed { since, limit } => write!(f, "FetchFeed({since:?}, {limit})"),
+            PassAction::FetchDocuments { ids, .. } => {
+                write!(f, "FetchDocuments({} ids)", ids.len())
+            }
             PassAction::Connect => f.write_str("Connect"),
             PassAction::Send(bytes) => write!(f, "Send(<{} bytes>)", bytes.len()),
             PassAction::Close => f.write_str("Close"),
@@ -213,6 +267,10 @@ pub struct PassStats {
     pub docs_synced: usize,
     /// Documents new to this device, stored.
     pub docs_fetched: usize,
+    /// Of those, documents stored from batch fetches (no WebSocket message).
+    pub docs_batch_fetched: usize,
+    /// Batch fetch requests made.
+    pub fetch_requests: usize,
     /// Documents that received changes from the relay.
     pub docs_changed: usize,
     /// Documents listed in the failure list by this pass.
@@ -294,6 +352,14 @@ pub struct SyncPass {
     queue: VecDeque<(DocumentId, DocTask)>,
     queued: HashSet<DocumentId>,
     in_flight: HashMap<DocumentId, DocTask>,
+    /// Documents this device lacks, waiting for a batch fetch (their ids are in `queued`).
+    fetch_queue: VecDeque<(DocumentId, DocTask)>,
+    /// Documents in a batch fetch that has not answered yet.
+    fetching: HashMap<DocumentId, DocTask>,
+    fetches_in_flight: usize,
+    /// Whether documents this device lacks go through batch fetches (off when configured so,
+    /// or after the relay did not serve one: the WebSocket does the same job).
+    batch_fetch: bool,
     /// Sync states of every document exchanged in this session (kept after a document
     /// settles: the relay keeps forwarding changes to documents this session synced).
     states: HashMap<DocumentId, DocSync>,
@@ -350,6 +416,7 @@ impl SyncPass {
     }
 
     fn new(config: PassConfig, local_storage: StorageId) -> SyncPass {
+        let batch_fetch = config.fetch_batch_docs > 0;
         SyncPass {
             // Stable per store: a second `join` with the same sender id replaces the old
             // socket on the relay, so a connection the phone lost track of is dropped promptly.
@@ -363,6 +430,10 @@ impl SyncPass {
             queue: VecDeque::new(),
             queued: HashSet::new(),
             in_flight: HashMap::new(),
+            fetch_queue: VecDeque::new(),
+            fetching: HashMap::new(),
+            fetches_in_flight: 0,
+            batch_fetch,
             states: HashMap::new(),
             pages: Vec::new(),
             persisted_pages: 0,
@@ -443,6 +514,14 @@ impl SyncPass {
     ) -> Result<()> {
         match event {
             PassEvent::FeedResponse { status, body } => self.on_feed(store, status, &body, out),
+            PassEvent::DocumentsResponse { ids, status, body } => {
+                self.on_documents(store, &ids, status, &body, None, out)
+            }
+            PassEvent::DocumentsUnreachable {
+                ids,
+                partial,
+                error,
+            } => self.on_documents(store, &ids, 200, &partial, Some(error), out),
             PassEvent::FeedUnreachable { error } => {
                 self.finish(
                     PassStatus::Interrupted(format!("change feed unreachable: {error}")),
@@ -702,7 +781,10 @@ impl SyncPass {
     }
 
     fn enqueue(&mut self, doc: PlannedDoc, page: Option<usize>) {
-        if self.in_flight.contains_key(&doc.document_id) || !self.queued.insert(doc.document_id) {
+        if self.in_flight.contains_key(&doc.document_id)
+            || self.fetching.contains_key(&doc.document_id)
+            || !self.queued.insert(doc.document_id)
+        {
             return;
         }
         if let Some(p) = page {
@@ -715,7 +797,11 @@ impl SyncPass {
             local_changes: doc.local_changes,
             messages: 0,
         };
-        self.queue.push_back((doc.document_id, task));
+        if doc.mode == PlanMode::Request && self.batch_fetch {
+            self.fetch_queue.push_back((doc.document_id, task));
+        } else {
+            self.queue.push_back((doc.document_id, task));
+        }
     }
 
     fn enqueue_local(&mut self, id: DocumentId) {
@@ -735,9 +821,15 @@ impl SyncPass {
         for _ in 0..4 {
             match self.phase {
                 Phase::Syncing => {
-                    if self.queue.is_empty() && self.in_flight.is_empty() {
+                    let fetches_done = self.fetch_queue.is_empty() && self.fetching.is_empty();
+                    if self.queue.is_empty() && self.in_flight.is_empty() && fetches_done {
                         self.finish_round(store, out)?;
                         continue;
+                    }
+                    self.start_fetches(out);
+                    if self.queue.is_empty() && self.in_flight.is_empty() {
+                        // Only batch fetches are left: no WebSocket needed for them.
+                        return Ok(());
                     }
                     if let Conn::Ready { .. } = self.conn {
                         while self.in_flight.len() < self.config.max_docs_in_flight.max(1) {
@@ -843,6 +935,156 @@ impl SyncPass {
             },
         };
         out.push(PassAction::Send(message.encode()));
+        Ok(())
+    }
+
+    /// Send batch fetches for documents this device lacks, up to the configured number in
+    /// flight.
+    fn start_fetches(&mut self, out: &mut Vec<PassAction>) {
+        let per_batch = self.config.fetch_batch_docs.clamp(1, MAX_FETCH_IDS);
+        while self.batch_fetch
+            && self.fetches_in_flight < self.config.max_fetches_in_flight.max(1)
+            && !self.fetch_queue.is_empty()
+        {
+            let n = per_batch.min(self.fetch_queue.len());
+            let mut ids = Vec::with_capacity(n);
+            for (id, task) in self.fetch_queue.drain(..n) {
+                self.queued.remove(&id);
+                self.fetching.insert(id, task);
+                ids.push(id);
+            }
+            self.fetches_in_flight += 1;
+            self.stats.fetch_requests += 1;
+            out.push(PassAction::FetchDocuments {
+                body: fetch_request_body(&ids),
+                ids,
+            });
+        }
+    }
+
+    /// Hand documents a batch fetch did not deliver to the WebSocket path.
+    fn to_websocket(&mut self, tasks: impl IntoIterator<Item = (DocumentId, DocTask)>) {
+        for (id, task) in tasks {
+            if self.queued.insert(id) {
+                self.queue.push_back((id, task));
+            }
+        }
+    }
+
+    /// Stop batch fetching for this pass: everything still waiting for one is synced over
+    /// the WebSocket instead.
+    fn stop_batch_fetches(&mut self) {
+        self.batch_fetch = false;
+        let waiting: Vec<_> = self.fetch_queue.drain(..).collect();
+        for (id, _) in &waiting {
+            self.queued.remove(id);
+        }
+        self.to_websocket(waiting);
+    }
+
+    /// The answer to a batch fetch (`network_error`: it broke off; `body` is what arrived).
+    /// Stored documents settle at once; refused ones are handled as a `doc-unavailable`;
+    /// deferred ones wait for the next batch; anything else (invalid bytes, a document that
+    /// appeared here meanwhile, a garbled answer) goes to the WebSocket path.
+    fn on_documents(
+        &mut self,
+        store: &Store,
+        ids: &[DocumentId],
+        status: u16,
+        body: &[u8],
+        network_error: Option<String>,
+        out: &mut Vec<PassAction>,
+    ) -> Result<()> {
+        self.fetches_in_flight = self.fetches_in_flight.saturating_sub(1);
+        let mut tasks: HashMap<DocumentId, DocTask> = ids
+            .iter()
+            .filter_map(|id| self.fetching.remove(id).map(|t| (*id, t)))
+            .collect();
+        if tasks.is_empty() || !matches!(self.phase, Phase::Syncing) {
+            return Ok(());
+        }
+        if network_error.is_none() && status != 200 {
+            match status {
+                401 => return self.unauthorized(store, PassStatus::Unauthorized, out),
+                408 | 429 | 500..=599 => {
+                    self.finish(
+                        PassStatus::Interrupted(format!("document fetch answered HTTP {status}")),
+                        out,
+                    );
+                }
+                _ => {
+                    // A relay without the endpoint (404, 405), or one refusing our request:
+                    // the WebSocket does the same job, one document at a time.
+                    tracing::warn!(
+                        status,
+                        "the relay did not serve a batch fetch; syncing those documents one at a time"
+                    );
+                    self.to_websocket(ordered(ids, &mut tasks));
+                    self.stop_batch_fetches();
+                }
+            }
+            return Ok(());
+        }
+        let peer = self.peer()?.to_owned();
+        let decoded = decode_fetch_response(body, ids);
+        let mut docs = Vec::new();
+        let mut deferred = Vec::new();
+        for record in decoded.records {
+            match record {
+                FetchRecord::Ok(id, bytes) => docs.push((id, bytes)),
+                FetchRecord::Unavailable(id) => {
+                    if let Some(task) = tasks.remove(&id) {
+                        self.in_flight.insert(id, task);
+                        self.on_unavailable(store, id)?;
+                    }
+                }
+                FetchRecord::Deferred(id) => deferred.push(id),
+            }
+        }
+        for (id, outcome) in store.import_fetched(&peer, docs)? {
+            match outcome {
+                FetchedImport::Stored => {
+                    self.stats.docs_fetched += 1;
+                    self.stats.docs_batch_fetched += 1;
+                    self.stats.docs_changed += 1;
+                    out.push(PassAction::DocumentChanged(id));
+                    if let Some(task) = tasks.remove(&id) {
+                        self.complete(store, task, true)?;
+                    }
+                }
+                FetchedImport::AlreadyHeld => {
+                    if let Some(task) = tasks.get_mut(&id) {
+                        task.mode = PlanMode::Sync;
+                    }
+                }
+                FetchedImport::Invalid(reason) => {
+                    tracing::warn!(doc = %id, %reason, "a fetched document was not stored; syncing it instead");
+                }
+            }
+        }
+        for id in deferred {
+            if let Some(task) = tasks.remove(&id)
+                && self.queued.insert(id)
+            {
+                self.fetch_queue.push_back((id, task));
+            }
+        }
+        match (network_error, decoded.error) {
+            (Some(error), _) => {
+                // What arrived whole is stored; the rest is the next pass's (the cursor has
+                // not passed it).
+                self.finish(
+                    PassStatus::Interrupted(format!("document fetch broke off: {error}")),
+                    out,
+                );
+            }
+            (None, Some(error)) => {
+                tracing::warn!(%error, "unreadable batch fetch answer; syncing the rest one at a time");
+                self.to_websocket(ordered(ids, &mut tasks));
+                self.stop_batch_fetches();
+            }
+            (None, None) => self.to_websocket(ordered(ids, &mut tasks)),
+        }
         Ok(())
     }
 
@@ -993,6 +1235,10 @@ impl SyncPass {
                 self.pending_local.push(id);
             }
         }
+        // Documents this device lacks are planned again from the new storage's feed; answers
+        // to fetches already sent find no task and are ignored.
+        self.fetch_queue.clear();
+        self.fetching.clear();
         self.queued.clear();
         self.stats.docs_total = self.stats.docs_done;
         self.pages.clear();
@@ -1171,6 +1417,16 @@ impl SyncPass {
         self.status = Some(status.clone());
         out.push(PassAction::Finished(status));
     }
+}
+
+/// The tasks left in `tasks`, in the order of `ids` (the order the feed listed them).
+fn ordered(
+    ids: &[DocumentId],
+    tasks: &mut HashMap<DocumentId, DocTask>,
+) -> Vec<(DocumentId, DocTask)> {
+    ids.iter()
+        .filter_map(|id| tasks.remove(id).map(|t| (*id, t)))
+        .collect()
 }
 
 /// Whether the epoch of the cursor we sent (`<epoch>_<seq>…`) differs from the epoch the relay

@@ -102,6 +102,19 @@ impl FakeRelay {
         .into_bytes()
     }
 
+    /// The answer to a batch fetch: stored bytes of what the device may see, `unavailable`
+    /// for the rest.
+    fn fetch(&self, ids: &[DocumentId]) -> Vec<u8> {
+        let mut answer = fetch::FetchResponseWriter::new();
+        for id in ids {
+            match self.docs.get(id) {
+                Some(stored) if stored.allowed => answer.ok(*id, &[&stored.doc.save()]),
+                _ => answer.unavailable(*id),
+            }
+        }
+        answer.finish()
+    }
+
     fn disconnect(&mut self) {
         for (id, state) in self.states.drain() {
             self.persisted.insert(id, state.encode());
@@ -257,6 +270,7 @@ fn chart(name: &str) -> (DocumentId, Automerge) {
 struct Run {
     status: Option<PassStatus>,
     fetches: usize,
+    batch_fetches: usize,
     connects: usize,
     sent: usize,
     received: usize,
@@ -279,6 +293,7 @@ fn run_with(
     let mut actions: VecDeque<PassAction> = first.into();
     let mut events: VecDeque<PassEvent> = VecDeque::new();
     let mut connected = false;
+    let mut fetch_cut = FETCH_CUT.with(|c| c.take());
     for _ in 0..1_000_000 {
         while let Some(action) = actions.pop_front() {
             match action {
@@ -287,6 +302,24 @@ fn run_with(
                     events.push_back(PassEvent::FeedResponse {
                         status: 200,
                         body: relay.feed(since.as_deref(), limit),
+                    });
+                }
+                PassAction::FetchDocuments { ids, body } => {
+                    run.batch_fetches += 1;
+                    let asked: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    assert_eq!(asked["documentIds"].as_array().unwrap().len(), ids.len());
+                    let answer = relay.fetch(&ids);
+                    events.push_back(match fetch_cut.take() {
+                        Some(keep) => PassEvent::DocumentsUnreachable {
+                            ids,
+                            partial: answer[..keep.min(answer.len())].to_vec(),
+                            error: "cut by the test".into(),
+                        },
+                        None => PassEvent::DocumentsResponse {
+                            ids,
+                            status: 200,
+                            body: answer,
+                        },
                     });
                 }
                 PassAction::Connect => {
@@ -342,6 +375,11 @@ fn run_with(
         actions.extend(pass.handle(store, event));
     }
     panic!("the pass did not finish");
+}
+
+thread_local! {
+    /// The next run's first batch fetch breaks off after this many bytes of its answer.
+    static FETCH_CUT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 fn config_is_live(pass: &SyncPass) -> bool {
@@ -751,4 +789,277 @@ fn more_feed_confirmations_than_the_cache_holds_settle_in_one_plan() {
     for note in &notes {
         assert!(d.store.receipt(*note).unwrap().unwrap().covers_current);
     }
+}
+
+/// A caseload the device has never seen, on the relay.
+fn caseload(relay: &mut FakeRelay, n: usize) -> Vec<DocumentId> {
+    let author = Actor {
+        user_id: "office".into(),
+        device_id: "desk".into(),
+    };
+    (0..n)
+        .map(|i| {
+            let patient = format!("patient-{i}");
+            let (id, mut doc) =
+                new_patient_chart("agency-1", &patient, &format!("Patient {i}"), &author, 1)
+                    .unwrap();
+            relay.put(id, Automerge::load(&doc.save()).unwrap());
+            id
+        })
+        .collect()
+}
+
+#[test]
+fn a_first_sync_fetches_the_caseload_in_batches_without_a_message_per_document() {
+    let d = device(Role::Clinician);
+    let mut relay = FakeRelay::new("relay-storage-1");
+    let ids = caseload(&mut relay, 30);
+    let config = PassConfig {
+        fetch_batch_docs: 8,
+        ..PassConfig::new(RELAY_URL)
+    };
+    let first = run_with(
+        &d.store,
+        &mut relay,
+        config.clone(),
+        None,
+        None,
+        &mut || None,
+    );
+    assert_eq!(first.status, Some(PassStatus::Complete));
+    // Four batches; the WebSocket carried only the handshake that names the relay's storage.
+    assert_eq!(first.batch_fetches, 4);
+    assert_eq!((first.connects, first.sent, first.received), (1, 1, 1));
+    assert_eq!(first.changed.len(), 30);
+    for id in &ids {
+        assert_eq!(heads(&d.store, *id), {
+            let mut h = relay.heads(*id).unwrap();
+            h.sort();
+            h
+        });
+        assert!(d.store.receipt(*id).unwrap().unwrap().covers_current);
+    }
+    assert_eq!(
+        d.store.patients().unwrap().len(),
+        30,
+        "indexed as they were stored"
+    );
+    assert_receipts_are_true(&d.store, &relay);
+
+    // The next pass asks nothing: one feed page, no fetch, no connection.
+    let again = run_with(
+        &d.store,
+        &mut relay,
+        config.clone(),
+        None,
+        None,
+        &mut || None,
+    );
+    assert_eq!(
+        (
+            again.fetches,
+            again.batch_fetches,
+            again.connects,
+            again.sent
+        ),
+        (1, 0, 0, 0)
+    );
+
+    // A change on the relay still arrives (over the WebSocket: the device holds the document).
+    relay.edit(ids[3], "note", "moved to Tuesday");
+    let after = run_with(
+        &d.store,
+        &mut relay,
+        config.clone(),
+        None,
+        None,
+        &mut || None,
+    );
+    assert_eq!(after.status, Some(PassStatus::Complete));
+    assert_eq!(after.batch_fetches, 0);
+    assert_eq!(after.changed, vec![ids[3]]);
+    assert_eq!(heads(&d.store, ids[3]), {
+        let mut h = relay.heads(ids[3]).unwrap();
+        h.sort();
+        h
+    });
+
+    // A local edit uploads.
+    let note = new_note(&d.store, "first visit");
+    let up = run_with(&d.store, &mut relay, config, None, None, &mut || None);
+    assert_eq!(up.status, Some(PassStatus::Complete));
+    assert_eq!(relay.heads(note).unwrap(), heads(&d.store, note));
+    assert!(d.store.unsynced_documents().unwrap().is_empty());
+}
+
+#[test]
+fn refused_and_invalid_documents_in_a_batch_take_the_websocket_path_or_settle_as_refused() {
+    let d = device(Role::Clinician);
+    let mut relay = FakeRelay::new("relay-storage-1");
+    let ids = caseload(&mut relay, 5);
+    // Listed by the feed, then access withdrawn before the fetch: `unavailable`.
+    let config = PassConfig::new(RELAY_URL);
+    let (mut pass, mut actions) = SyncPass::start(&d.store, config);
+    // Handshake.
+    assert_eq!(actions, vec![PassAction::Connect]);
+    actions = pass.handle(&d.store, PassEvent::Connected);
+    let PassAction::Send(join) = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    let peer = relay.handle(join).remove(0);
+    actions = pass.handle(&d.store, PassEvent::Frame(peer));
+    let PassAction::FetchFeed { since, limit } = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    let feed = relay.feed(since.as_deref(), *limit);
+    actions = pass.handle(
+        &d.store,
+        PassEvent::FeedResponse {
+            status: 200,
+            body: feed,
+        },
+    );
+    let PassAction::FetchDocuments { ids: asked, .. } = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(asked.len(), 5);
+    relay.docs.get_mut(&ids[0]).unwrap().allowed = false;
+    // Document 1 arrives as garbage: not stored, synced over the WebSocket instead.
+    let mut answer = fetch::FetchResponseWriter::new();
+    for id in asked {
+        match relay.docs.get(id) {
+            Some(s) if *id == ids[1] => answer.ok(*id, &[&s.doc.save()[..20]]),
+            Some(s) if s.allowed => answer.ok(*id, &[&s.doc.save()]),
+            _ => answer.unavailable(*id),
+        }
+    }
+    actions = pass.handle(
+        &d.store,
+        PassEvent::DocumentsResponse {
+            ids: asked.clone(),
+            status: 200,
+            body: answer.finish(),
+        },
+    );
+    // The three good ones are stored; document 1 goes out as a `request`.
+    for id in &ids[2..] {
+        assert!(d.store.receipt(*id).unwrap().is_some());
+    }
+    assert!(d.store.heads(ids[0]).is_err(), "refused: nothing stored");
+    let requests: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            PassAction::Send(f) => Some(Message::decode(f).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(&requests[..], [Message::Request { document_id, .. }] if *document_id == ids[1]),
+        "{requests:?}"
+    );
+    let mut queue: VecDeque<Vec<u8>> = actions
+        .into_iter()
+        .filter_map(|a| match a {
+            PassAction::Send(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    let mut finished = None;
+    for _ in 0..100 {
+        let Some(frame) = queue.pop_front() else {
+            break;
+        };
+        for reply in relay.handle(&frame) {
+            for action in pass.handle(&d.store, PassEvent::Frame(reply)) {
+                match action {
+                    PassAction::Send(f) => queue.push_back(f),
+                    PassAction::Finished(status) => finished = Some(status),
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(finished, Some(PassStatus::Complete));
+    assert_eq!(heads(&d.store, ids[1]), {
+        let mut h = relay.heads(ids[1]).unwrap();
+        h.sort();
+        h
+    });
+    assert!(
+        d.store.sync_failures().unwrap().is_empty(),
+        "nothing of ours was refused"
+    );
+}
+
+#[test]
+fn a_batch_cut_short_keeps_what_arrived_and_the_next_pass_completes() {
+    let d = device(Role::Clinician);
+    let mut relay = FakeRelay::new("relay-storage-1");
+    let ids = caseload(&mut relay, 6);
+    let config = PassConfig::new(RELAY_URL);
+    // Enough of the answer for the first document (and part of the second).
+    let first_len = relay.docs[&ids[0]].doc.save().len();
+    FETCH_CUT.with(|c| c.set(Some(4 + 21 + 4 + first_len + 30)));
+    let cut = run_with(
+        &d.store,
+        &mut relay,
+        config.clone(),
+        None,
+        None,
+        &mut || None,
+    );
+    assert!(
+        matches!(&cut.status, Some(PassStatus::Interrupted(e)) if e.contains("broke off")),
+        "{:?}",
+        cut.status
+    );
+    let held = d.store.document_ids().unwrap();
+    assert!(!held.is_empty() && held.len() < 6, "{held:?}");
+    let next = run_with(&d.store, &mut relay, config, None, None, &mut || None);
+    assert_eq!(next.status, Some(PassStatus::Complete));
+    assert_eq!(d.store.document_ids().unwrap().len(), 6);
+    assert_receipts_are_true(&d.store, &relay);
+    let last = run(&d.store, &mut relay);
+    assert_eq!((last.batch_fetches, last.connects, last.sent), (0, 0, 0));
+}
+
+#[test]
+fn a_relay_without_batch_fetches_is_synced_one_document_at_a_time() {
+    let d = device(Role::Clinician);
+    let mut relay = FakeRelay::new("relay-storage-1");
+    let ids = caseload(&mut relay, 4);
+    let (mut pass, mut actions) = SyncPass::start(&d.store, PassConfig::new(RELAY_URL));
+    let mut queue: VecDeque<PassAction> = actions.drain(..).collect();
+    let mut finished = None;
+    for _ in 0..10_000 {
+        let Some(action) = queue.pop_front() else {
+            break;
+        };
+        let events: Vec<PassEvent> = match action {
+            PassAction::Connect => vec![PassEvent::Connected],
+            PassAction::Send(f) => relay.handle(&f).into_iter().map(PassEvent::Frame).collect(),
+            PassAction::FetchFeed { since, limit } => vec![PassEvent::FeedResponse {
+                status: 200,
+                body: relay.feed(since.as_deref(), limit),
+            }],
+            // An older relay: no such route.
+            PassAction::FetchDocuments { ids, .. } => vec![PassEvent::DocumentsResponse {
+                ids,
+                status: 404,
+                body: Vec::new(),
+            }],
+            PassAction::Finished(status) => {
+                finished = Some(status);
+                break;
+            }
+            _ => Vec::new(),
+        };
+        for event in events {
+            queue.extend(pass.handle(&d.store, event));
+        }
+    }
+    assert_eq!(finished, Some(PassStatus::Complete));
+    assert_eq!(d.store.document_ids().unwrap().len(), ids.len());
+    assert_eq!(pass.stats().docs_batch_fetched, 0);
+    assert_eq!(pass.stats().docs_fetched, 4);
 }
