@@ -962,6 +962,19 @@ mod tests {
             Created::Exists(_)
         ));
         assert_eq!(storage.current_seq().await.expect("seq"), seq);
+        // Not in memory (another relay process's hub): the write itself refuses the id, and
+        // the caller gets its document back.
+        let other_hub = DocHub::new(storage.clone(), 10, 64);
+        let refused = other_hub
+            .create(id, other.clone(), other.save(), meta(), audit(id))
+            .await
+            .expect("create");
+        let Created::Exists(back) = refused else {
+            panic!("an existing id was stored again");
+        };
+        assert_eq!(back.get_heads(), other.get_heads());
+        assert_eq!(storage.current_seq().await.expect("seq"), seq);
+        assert!(!other_hub.is_loaded(id), "the refused copy is not kept");
     }
 
     #[test]
