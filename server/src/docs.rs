@@ -212,8 +212,10 @@ impl DocGuard {
 pub enum Created {
     /// Stored; the guard holds the new document.
     Stored(DocGuard),
-    /// The relay already holds a document with this id; nothing was written.
-    Exists,
+    /// The relay already holds a document with this id; nothing was written. The document
+    /// handed to [`DocHub::create`] comes back (the caller may resync it against the stored
+    /// one).
+    Exists(Box<Automerge>),
 }
 
 /// Changed-document notifications for one session.
@@ -418,15 +420,13 @@ impl DocHub {
         meta: DocMeta,
         audit: AuditEvent,
     ) -> Result<Created> {
-        // Existence from the row, never by loading the stored document.
-        if self.storage.document_row(id).await?.is_some() {
-            return Ok(Created::Exists);
-        }
+        // Existence is decided by the write itself (every backend refuses to create a stored
+        // id), never by loading the stored document; no separate read first.
         for _ in 0..OPEN_ATTEMPTS {
             let entry = self.entry(id);
             let mut guard = Arc::clone(&entry).lock_owned().await;
             match &*guard {
-                EntryState::Loaded(_) => return Ok(Created::Exists),
+                EntryState::Loaded(_) => return Ok(Created::Exists(Box::new(doc))),
                 EntryState::Gone => continue,
                 EntryState::Unloaded => {}
             }
@@ -462,7 +462,7 @@ impl DocHub {
                     // Stored first by another session or relay process; use theirs.
                     *guard = EntryState::Gone;
                     self.forget(id, &entry);
-                    Ok(Created::Exists)
+                    Ok(Created::Exists(Box::new(doc)))
                 }
                 Err(e) => {
                     *guard = EntryState::Gone;
@@ -959,9 +959,22 @@ mod tests {
             hub.create(id, other.clone(), other.save(), meta(), audit(id))
                 .await
                 .expect("create"),
-            Created::Exists
+            Created::Exists(_)
         ));
         assert_eq!(storage.current_seq().await.expect("seq"), seq);
+        // Not in memory (another relay process's hub): the write itself refuses the id, and
+        // the caller gets its document back.
+        let other_hub = DocHub::new(storage.clone(), 10, 64);
+        let refused = other_hub
+            .create(id, other.clone(), other.save(), meta(), audit(id))
+            .await
+            .expect("create");
+        let Created::Exists(back) = refused else {
+            panic!("an existing id was stored again");
+        };
+        assert_eq!(back.get_heads(), other.get_heads());
+        assert_eq!(storage.current_seq().await.expect("seq"), seq);
+        assert!(!other_hub.is_loaded(id), "the refused copy is not kept");
     }
 
     #[test]

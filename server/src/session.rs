@@ -744,8 +744,12 @@ impl Session {
             .docs()
             .blocking(guard, move |guard| {
                 let mut sync = sync;
-                // The ledger reads the stored history before anything new is applied.
-                guard.doc_and_ledger();
+                // The ledger reads the stored history before anything new is applied. A
+                // message without changes (acks, heads, requests: most of them) cannot apply
+                // anything, so it does not need the ledger, which costs a walk of the history.
+                if incoming > 0 {
+                    guard.doc_and_ledger();
+                }
                 let outcome = sync.receive(guard.doc_mut(), &data);
                 // Nothing new (the common case: acks, heads exchange): the copy is still what
                 // is stored, so dropping the guard need not discard it.
@@ -899,7 +903,12 @@ impl Session {
         }
         let (pending, received) = tokio::task::spawn_blocking(move || {
             let mut pending = pending;
-            let received = pending.sync.receive(&mut pending.doc, &data).map(|_| ());
+            // The changes applied to a document that was empty are all of its changes: kept
+            // for the signature scan below, which would otherwise rebuild them.
+            let received = pending
+                .sync
+                .receive(&mut pending.doc, &data)
+                .map(|o| o.heads_before.is_empty().then_some(o.new_changes));
             let empty = pending.doc.get_heads().is_empty();
             // A first announcement carries only heads: answer it (asking for everything)
             // without keeping any state, so announcing many new documents costs no memory and
@@ -909,11 +918,11 @@ impl Session {
             } else {
                 None
             };
-            (pending, received.map(|()| (empty, reply)))
+            (pending, received.map(|all| (empty, reply, all)))
         })
         .await
         .map_err(Error::from)?;
-        let (empty, reply) = match received {
+        let (empty, reply, all_changes) = match received {
             Ok(done) => done,
             Err(e) => {
                 return Err(End::error(
@@ -978,8 +987,9 @@ impl Session {
         // checked like any other write before anything of it is stored.
         let (doc, scanned) = tokio::task::spawn_blocking(move || {
             let mut ledger = fieldchart_core::model::NoteLedger::default();
-            let scanned = signatures::scan_new(&mut ledger, &doc, &doc.get_changes(&[]))
-                .map(|entries| (ledger, entries));
+            let all = all_changes.unwrap_or_else(|| doc.get_changes(&[]));
+            let scanned =
+                signatures::scan_new(&mut ledger, &doc, &all).map(|entries| (ledger, entries));
             (doc, scanned)
         })
         .await
@@ -1012,10 +1022,9 @@ impl Session {
             AuditAction::Write,
             heads,
         );
-        let (doc, snapshot, resync) = tokio::task::spawn_blocking(move || {
+        let (doc, snapshot) = tokio::task::spawn_blocking(move || {
             let snapshot = doc.save();
-            let resync = DocSync::new().generate(&doc).unwrap_or_default();
-            (doc, snapshot, resync)
+            (doc, snapshot)
         })
         .await
         .map_err(Error::from)?;
@@ -1047,11 +1056,13 @@ impl Session {
             }
             // Stored meanwhile by another session: sync against that copy if this device may
             // see it, from a fresh announcement of what it holds.
-            Created::Exists => match self.relay.storage().document_row(id).await? {
+            Created::Exists(doc) => match self.relay.storage().document_row(id).await? {
                 Some(row)
                     if access::may_access(self.relay.storage(), &self.principal, &row.meta)
                         .await? =>
                 {
+                    // Rare (a race with another session): the announcement is made only here.
+                    let resync = DocSync::new().generate(&doc).unwrap_or_default();
                     self.on_stored(id, &row, resync).await
                 }
                 _ => self.refuse(id).await,

@@ -793,10 +793,20 @@ impl NoteLedger {
         let hash = change.hash().to_string();
         let mut made_here: HashSet<String> = HashSet::new();
         let mut new_entries: Vec<String> = Vec::new();
+        // The last op that only named a body field: a burst of typing is hundreds of ops on one
+        // Text object, each naming the same field, so they are recognised without formatting
+        // ids. Exact: whether an object is the signature list or an entry is decided by ops
+        // that make it, which precede every op on it.
+        let mut last_body_field: Option<&automerge::legacy::ObjectId> = None;
         for (i, op) in expanded.operations.iter().enumerate() {
+            let made = matches!(op.action, automerge::legacy::OpType::Make(_));
+            let seq_key = matches!(op.key, automerge::legacy::Key::Seq(_));
+            if !made && seq_key && last_body_field == Some(&op.obj) {
+                continue;
+            }
+            last_body_field = None;
             let op_id = format!("{}@{}", start + i as u64, actor);
             let obj = op.obj.to_string();
-            let made = matches!(op.action, automerge::legacy::OpType::Make(_));
             let key = match &op.key {
                 automerge::legacy::Key::Map(k) => Some(k.to_string()),
                 automerge::legacy::Key::Seq(_) => None,
@@ -857,6 +867,9 @@ impl NoteLedger {
                 continue;
             }
             scan.fields.push(paths.field(doc, &obj, key.as_deref()));
+            if seq_key && !made {
+                last_body_field = Some(&op.obj);
+            }
         }
         for entry in new_entries {
             self.entries.insert(
