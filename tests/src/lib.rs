@@ -1,6 +1,7 @@
 //! Shared pieces of Fieldchart's end-to-end tests and of the benchmark binary.
 
 pub mod bootstrap;
+pub mod day_in_the_field;
 pub mod fault_proxy;
 pub mod plain_client;
 pub mod postgres;

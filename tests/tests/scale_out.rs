@@ -4,13 +4,32 @@
 //! Needs PostgreSQL (see `fieldchart_tests::postgres`): each test makes a database of its own
 //! and drops it at the end; an unreachable server fails the test and says so.
 
-use automerge::{Automerge, ChangeHash};
-use fieldchart_core::protocol::DocumentId;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use automerge::{Automerge, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue};
+use fieldchart_core::protocol::{DocumentId, encode_heads};
+use fieldchart_tests::day_in_the_field::day_in_the_field;
 use fieldchart_tests::postgres::TestDatabase;
 use fieldchart_tests::relay_process::{
     Admin, IssuedToken, RelayProcess, SyncOutcome, TestPeer, get, set, visit_note,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
+
+/// How long `npm ci` in `tests/js` may take on a cold cache.
+const NPM_CI_TIMEOUT: Duration = Duration::from_secs(300);
+/// The JS run's own bound on everything it waits for (`--timeout-ms`).
+const JS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the test waits for the JS run to exit: its own bound plus slack, so a run that
+/// times out reports why first.
+const JS_EXIT_TIMEOUT: Duration = Duration::from_secs(75);
+/// The JS packages `tests/js/package.json` pins; a missing or stale install is reinstalled.
+const JS_PINNED: [(&str, &str); 3] = [
+    ("@automerge/automerge-repo", "2.5.6"),
+    ("@automerge/automerge-repo-network-websocket", "2.5.6"),
+    ("@automerge/automerge", "3.5.0"),
+];
 
 /// An agency with a nurse on one patient's care team, and `devices` tokens of that nurse.
 struct Agency {
@@ -210,4 +229,225 @@ async fn killing_one_relay_mid_storm_moves_its_devices_and_loses_nothing() {
     for p in peers.iter_mut() {
         p.wait_for_heads(a.chart, &chart_heads).await;
     }
+}
+
+/// The day-in-the-field story of `device_sync.rs` ([`day_in_the_field`]) with two relay
+/// processes on one PostgreSQL database: no device meets the same relay on two passes in a row,
+/// as behind a load balancer without sticky sessions. Everyone still ends with identical
+/// documents, every concurrent edit, the draft a draft, signatures verifying and receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_in_the_field_split_across_two_relays_converges() {
+    let db = TestDatabase::create();
+    let admin = Admin::postgres(db.url());
+    let dir = tempfile::tempdir().expect("tempdir");
+    day_in_the_field(dir.path(), &admin, || {
+        let one = RelayProcess::start_postgres(dir.path(), db.url());
+        let two = RelayProcess::start_postgres(dir.path(), db.url());
+        assert_eq!(one.storage_id(), two.storage_id());
+        vec![one, two]
+    })
+    .await;
+}
+
+// --- the stock JS client across relays -----------------------------------------------------------
+
+fn js_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("js")
+}
+
+fn js_installed(package: &str) -> Option<String> {
+    let manifest = js_dir()
+        .join("node_modules")
+        .join(package)
+        .join("package.json");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(manifest).ok()?).ok()?;
+    json["version"].as_str().map(str::to_owned)
+}
+
+/// Run `command` to its end within `timeout`: `(success, stdout, stderr)`; panics with a clear
+/// message when it cannot start or does not finish (it is killed then).
+async fn run_bounded(
+    mut command: tokio::process::Command,
+    timeout: Duration,
+) -> (bool, String, String) {
+    let shown = format!("{:?}", command.as_std());
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {shown}: {e} (the JS tests need Node.js 20+ and npm on PATH)")
+        });
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{shown} did not finish within {timeout:?}"))
+        .unwrap_or_else(|e| panic!("{shown}: {e}"));
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `npm ci` in `tests/js` unless the pinned packages are installed.
+async fn ensure_js_packages() {
+    let current = JS_PINNED
+        .iter()
+        .all(|(package, version)| js_installed(package).as_deref() == Some(*version));
+    if !current {
+        let mut ci = tokio::process::Command::new("npm");
+        ci.args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(js_dir());
+        let (ok, out, err) = run_bounded(ci, NPM_CI_TIMEOUT).await;
+        assert!(ok, "`npm ci` in tests/js failed:\n{out}\n{err}");
+    }
+    for (package, version) in JS_PINNED {
+        assert_eq!(
+            js_installed(package).as_deref(),
+            Some(version),
+            "tests/js/node_modules holds another {package}"
+        );
+    }
+}
+
+/// A document as JSON, the way `two_relays.mjs` prints one: maps as objects, lists as
+/// arrays, Text and scalar strings as strings, numbers as numbers.
+fn json_of(doc: &Automerge, obj: &ObjId) -> Value {
+    let value = |v: automerge::Value<'_>, id: ObjId| match v {
+        automerge::Value::Object(_) => json_of(doc, &id),
+        automerge::Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Str(s) => Value::String(s.to_string()),
+            ScalarValue::Int(n) => json!(n),
+            ScalarValue::Uint(n) => json!(n),
+            ScalarValue::F64(n) => json!(n),
+            ScalarValue::Boolean(b) => json!(b),
+            ScalarValue::Null => Value::Null,
+            other => panic!("no JSON form for the scalar {other:?}"),
+        },
+    };
+    match doc.object_type(obj).expect("an object") {
+        ObjType::Map | ObjType::Table => Value::Object(
+            doc.keys(obj)
+                .map(|key| {
+                    let (v, id) = doc
+                        .get(obj, key.as_str())
+                        .expect("read")
+                        .expect("a listed key");
+                    (key, value(v, id))
+                })
+                .collect(),
+        ),
+        ObjType::List => Value::Array(
+            (0..doc.length(obj))
+                .map(|i| {
+                    let (v, id) = doc.get(obj, i).expect("read").expect("an element");
+                    value(v, id)
+                })
+                .collect(),
+        ),
+        ObjType::Text => Value::String(doc.text(obj).expect("text")),
+    }
+}
+
+/// Heads as the JS client prints them (bs58check strings), sorted.
+fn js_heads(heads: &Value) -> Vec<String> {
+    let mut heads: Vec<String> = heads
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list of heads: {heads}"))
+        .iter()
+        .map(|h| h.as_str().expect("a head").to_owned())
+        .collect();
+    heads.sort();
+    heads
+}
+
+/// The unmodified JS automerge-repo client writes a visit note through relay 1; a fresh JS
+/// client on relay 2 reads it back with the same heads and content, and then receives a later
+/// edit made through relay 1 live. A Rust device on relay 2 holds the same heads and content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_js_client_writing_through_one_relay_is_read_back_identical_through_the_other() {
+    ensure_js_packages().await;
+    let db = TestDatabase::create();
+    let admin = Admin::postgres(db.url());
+    let a = agency(&admin, 3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = RelayProcess::start_postgres(dir.path(), db.url());
+    let two = RelayProcess::start_postgres(dir.path(), db.url());
+
+    let mut node = tokio::process::Command::new("node");
+    node.arg("two_relays.mjs")
+        .args(["--relay1", &format!("ws://{}/v1/sync", one.addr())])
+        .args(["--relay2", &format!("ws://{}/v1/sync", two.addr())])
+        .args(["--agency", &a.agency_id, "--patient", &a.patient_id])
+        .args(["--created-by", &a.nurse])
+        .args(["--timeout-ms", &JS_TIMEOUT.as_millis().to_string()])
+        .env("FIELDCHART_WRITER_TOKEN", &a.tokens[0].token)
+        .env("FIELDCHART_READER_TOKEN", &a.tokens[1].token)
+        .current_dir(js_dir());
+    let (ok, stdout, stderr) = run_bounded(node, JS_EXIT_TIMEOUT).await;
+    let events: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| Value::String(line.into())))
+        .collect();
+    let event = |name: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no `{name}` from two_relays.mjs: {events:#?}\nstderr:\n{stderr}\n\
+                     relay 1:\n{}\nrelay 2:\n{}",
+                    one.logs(),
+                    two.logs()
+                )
+            })
+            .clone()
+    };
+    let (stored, read, live) = (event("stored"), event("read"), event("live"));
+    event("done");
+    assert!(ok, "two_relays.mjs failed: {events:#?}\n{stderr}");
+
+    // Both relays are one storage (the JS client keys what a relay holds by its storage id).
+    assert_eq!(stored["relayStorageId"], one.storage_id());
+    assert_eq!(read["relayStorageId"], two.storage_id());
+    // Read back through relay 2: the same document, heads and content as written.
+    assert_eq!(read["documentId"], stored["documentId"]);
+    assert_eq!(js_heads(&read["heads"]), js_heads(&stored["heads"]));
+    assert_eq!(read["doc"], stored["doc"]);
+    assert_eq!(
+        read["doc"]["assessment"], "Patient alert and oriented. Lungs clear.",
+        "{read}"
+    );
+    // The later edit through relay 1 reached the reader on relay 2 whole.
+    assert_eq!(js_heads(&live["heads"]), js_heads(&live["writerHeads"]));
+    assert_eq!(
+        live["doc"]["plan"], "Continue wound care; recheck Friday.",
+        "{live}"
+    );
+
+    // A Rust device on relay 2 reads the same note: the same heads, the same content.
+    let note = DocumentId::from_url(stored["documentId"].as_str().expect("documentId"))
+        .expect("a document id");
+    let mut device = peer(&two, &a.tokens[2], "rust-phone").await;
+    let heads = in_sync(device.fetch(note).await);
+    let mut heads = encode_heads(&heads);
+    heads.sort();
+    assert_eq!(
+        heads,
+        js_heads(&live["heads"]),
+        "the Rust device's heads on relay 2"
+    );
+    let doc = device.doc(note).expect("note");
+    assert_eq!(
+        json_of(doc, &ROOT),
+        live["doc"],
+        "the Rust device's note on relay 2"
+    );
+    // The schema's root strings arrived as scalars, as written (not turned into Text).
+    assert!(matches!(
+        doc.get(ROOT, "kind").expect("read"),
+        Some((automerge::Value::Scalar(_), _))
+    ));
 }
