@@ -416,7 +416,10 @@ impl SyncPass {
     }
 
     fn new(config: PassConfig, local_storage: StorageId) -> SyncPass {
-        let batch_fetch = config.fetch_batch_docs > 0;
+        // A live pass syncs every document over its socket: the relay forwards other
+        // devices' changes only for documents a session has synced, and a batch fetch would
+        // leave the fetched ones unforwarded until the next feed poll.
+        let batch_fetch = config.fetch_batch_docs > 0 && !config.live;
         SyncPass {
             // Stable per store: a second `join` with the same sender id replaces the old
             // socket on the relay, so a connection the phone lost track of is dropped promptly.
@@ -963,7 +966,7 @@ impl SyncPass {
     }
 
     /// Hand documents a batch fetch did not deliver to the WebSocket path.
-    fn to_websocket(&mut self, tasks: impl IntoIterator<Item = (DocumentId, DocTask)>) {
+    fn fall_back_to_websocket(&mut self, tasks: impl IntoIterator<Item = (DocumentId, DocTask)>) {
         for (id, task) in tasks {
             if self.queued.insert(id) {
                 self.queue.push_back((id, task));
@@ -979,7 +982,7 @@ impl SyncPass {
         for (id, _) in &waiting {
             self.queued.remove(id);
         }
-        self.to_websocket(waiting);
+        self.fall_back_to_websocket(waiting);
     }
 
     /// The answer to a batch fetch (`network_error`: it broke off; `body` is what arrived).
@@ -1019,7 +1022,7 @@ impl SyncPass {
                         status,
                         "the relay did not serve a batch fetch; syncing those documents one at a time"
                     );
-                    self.to_websocket(ordered(ids, &mut tasks));
+                    self.fall_back_to_websocket(ordered(ids, &mut tasks));
                     self.stop_batch_fetches();
                 }
             }
@@ -1080,10 +1083,10 @@ impl SyncPass {
             }
             (None, Some(error)) => {
                 tracing::warn!(%error, "unreadable batch fetch answer; syncing the rest one at a time");
-                self.to_websocket(ordered(ids, &mut tasks));
+                self.fall_back_to_websocket(ordered(ids, &mut tasks));
                 self.stop_batch_fetches();
             }
-            (None, None) => self.to_websocket(ordered(ids, &mut tasks)),
+            (None, None) => self.fall_back_to_websocket(ordered(ids, &mut tasks)),
         }
         Ok(())
     }
