@@ -3073,6 +3073,52 @@ async fn device_sync_failures_reach_the_review_queue_of_their_agency_only_on_pos
     device_sync_failures_reach_the_review_queue_of_their_agency_only_on(Backend::Postgres).await;
 }
 
+/// A phone whose report is sent twice at once (a retry racing the first send, or two relays
+/// behind a load balancer): every send is answered 204 and the stored list is the report, once
+/// — the first report of a device has no rows to lock, so the backend must serialise them.
+async fn concurrent_first_reports_of_one_device_all_succeed_on(backend: Backend) {
+    let relay = Relay::start_on(backend, ConsoleOptions::default()).await;
+    let a = relay.agency.clone();
+    let grace = relay.patient(&a, "Grace Hopper").await;
+    let user = admin::create_user(&*relay.storage, &cli(), &a, "Ana", Role::Clinician)
+        .await
+        .expect("nurse");
+    let (_, token) = admin::issue_token(
+        &*relay.storage,
+        &cli(),
+        &user.id,
+        "phone",
+        now_ms() + 86_400_000,
+    )
+    .await
+    .expect("token");
+    let notes: Vec<String> = (0..3).map(|_| DocumentId::random().to_string()).collect();
+    let body = serde_json::json!({ "failures": notes
+        .iter()
+        .map(|n| failure(n, grace.id.as_str(), "the relay refused the document"))
+        .collect::<Vec<_>>() });
+    let sends = (0..4).map(|_| report_failures(&relay, Some(&token), body.clone()));
+    for done in futures::future::join_all(sends).await {
+        assert_eq!(done.status, StatusCode::NO_CONTENT, "{}", done.body);
+    }
+    relay.console_user(&a, Role::Office, "olga").await;
+    let (mut olga, _) = relay.signed_in("olga").await;
+    let queue = relay.get(&mut olga, "/console/review").await;
+    for note in &notes {
+        assert_eq!(queue.body.matches(note.as_str()).count(), 1, "{note} once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_reports_of_one_device_all_succeed() {
+    concurrent_first_reports_of_one_device_all_succeed_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_reports_of_one_device_all_succeed_on_postgres() {
+    concurrent_first_reports_of_one_device_all_succeed_on(Backend::Postgres).await;
+}
+
 /// Two relays on one PostgreSQL schema, each with its own pool and `LISTEN` connection as two
 /// `serve --database` processes have: a device's failure report through relay 1 moves the
 /// review queue's live event stream open on relay 2 (the report's `NOTIFY`), and relay 2's

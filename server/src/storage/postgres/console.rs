@@ -384,8 +384,14 @@ impl ConsoleStore for PostgresStorage {
         let instance = self.instance().to_owned();
         self.tx(move |tx| {
             Box::pin(async move {
-                // The device's rows are locked by the DELETE below; concurrent reports of one
-                // device (two relays) serialise on them.
+                // Concurrent reports of one device (two relays) serialise on a lock taken
+                // first: row locks alone would let two reports of a device with no stored rows
+                // yet both insert, and one fail on the primary key.
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('sync-failures ' || $1, 0))",
+                    &[&device_id.as_str()],
+                )
+                .await?;
                 let before = failures_where(
                     tx,
                     "device_id = $1 ORDER BY document_id",
