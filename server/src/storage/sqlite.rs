@@ -915,6 +915,19 @@ fn query_audit_tx(
 
 type FeedRow = (Vec<u8>, String, String, String, Vec<u8>, i64);
 
+/// A clinician's feed: the documents of her care team's patients, by effective sequence.
+/// `CROSS JOIN` fixes the join order (SQLite's planner otherwise prefers scanning every
+/// document of the agency through `documents_agency_seq`, one table row per document: with
+/// 1,000 nurses in an agency each feed request read all 8,000 notes' rows, ~36 ms of relay
+/// CPU). Driven by her care-team rows, it reads her patients' documents only
+/// (`documents_patient`).
+const CARE_TEAM_FEED: &str =
+    "SELECT d.id, d.agency_id, d.patient_id, d.kind, d.heads, MAX(d.seq, c.seq) AS eff
+     FROM care_team c CROSS JOIN documents d ON d.patient_id = c.patient_id
+     WHERE c.user_id = ?1 AND d.agency_id = ?2
+       AND (MAX(d.seq, c.seq) > ?3 OR (MAX(d.seq, c.seq) = ?3 AND d.id > ?4))
+     ORDER BY eff, d.id LIMIT ?5";
+
 fn feed_entry((id, agency_id, patient_id, kind, heads, seq): FeedRow) -> Result<FeedEntry> {
     Ok(FeedEntry {
         document_id: doc_id_from(&id)?,
@@ -1381,7 +1394,14 @@ impl Storage for SqliteStorage {
             let after_doc = query.after.document_id.map(|d| d.as_bytes().to_vec());
             let fetch = i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX);
             let map_row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<FeedRow> {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             };
             // `d.id > NULL` is NULL: without a document in the cursor only larger seqs match.
             let rows: Vec<FeedRow> = match &query.scope {
@@ -1391,21 +1411,31 @@ impl Storage for SqliteStorage {
                          WHERE agency_id = ?1 AND (seq > ?2 OR (seq = ?2 AND id > ?3))
                          ORDER BY seq, id LIMIT ?4",
                     )?
-                    .query_map(params![agency_id.as_str(), after_seq, after_doc, fetch], map_row)?
+                    .query_map(
+                        params![agency_id.as_str(), after_seq, after_doc, fetch],
+                        map_row,
+                    )?
                     .collect::<rusqlite::Result<_>>()?,
                 FeedScope::CareTeam { agency_id, user_id } => tx
-                    .prepare_cached(
-                        "SELECT d.id, d.agency_id, d.patient_id, d.kind, d.heads, MAX(d.seq, c.seq) AS eff
-                         FROM care_team c JOIN documents d ON d.patient_id = c.patient_id
-                         WHERE c.user_id = ?1 AND d.agency_id = ?2
-                           AND (MAX(d.seq, c.seq) > ?3 OR (MAX(d.seq, c.seq) = ?3 AND d.id > ?4))
-                         ORDER BY eff, d.id LIMIT ?5",
+                    .prepare_cached(CARE_TEAM_FEED)?
+                    .query_map(
+                        params![
+                            user_id.as_str(),
+                            agency_id.as_str(),
+                            after_seq,
+                            after_doc,
+                            fetch
+                        ],
+                        map_row,
                     )?
-                    .query_map(params![user_id.as_str(), agency_id.as_str(), after_seq, after_doc, fetch], map_row)?
                     .collect::<rusqlite::Result<_>>()?,
             };
             let more = rows.len() > query.limit;
-            let entries = rows.into_iter().take(query.limit).map(feed_entry).collect::<Result<Vec<_>>>()?;
+            let entries = rows
+                .into_iter()
+                .take(query.limit)
+                .map(feed_entry)
+                .collect::<Result<Vec<_>>>()?;
             Ok(FeedPage { entries, more })
         })
     }
@@ -1474,6 +1504,36 @@ mod tests {
             .await
             .expect("the writer thread runs the holding write");
         release
+    }
+
+    /// The clinician feed reads her care team's patients' documents through
+    /// `documents_patient`, never every document of the agency: the planner's choice without
+    /// the fixed join order (`documents_agency_seq`) made each request O(agency).
+    #[tokio::test]
+    async fn the_care_team_feed_is_driven_by_her_care_team_not_the_agency() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = SqliteStorage::open(&dir.path().join("relay.sqlite3")).expect("open");
+        let plan: Vec<String> = storage
+            .read(|tx| {
+                let mut stmt = tx.prepare(&format!("EXPLAIN QUERY PLAN {CARE_TEAM_FEED}"))?;
+                let rows = stmt
+                    .query_map(params!["u", "a", 0, None::<Vec<u8>>, 10], |r| {
+                        r.get::<_, String>(3)
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await
+            .expect("plan");
+        assert!(plan[0].starts_with("SEARCH c USING"), "{plan:?}");
+        assert!(
+            plan[1].contains("USING INDEX documents_patient"),
+            "{plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|p| p.contains("documents_agency_seq")),
+            "{plan:?}"
+        );
     }
 
     #[tokio::test]
