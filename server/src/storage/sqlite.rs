@@ -39,7 +39,22 @@ mod console;
 mod group;
 
 /// Schema version this build writes; see `server/migrations/`.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
+
+/// Page size, in bytes, of a database this build creates. Every commit rewrites each page it
+/// dirtied in full to the WAL (and a checkpoint copies it once more), and a note's commit
+/// dirties a leaf in each of several indexes for a few dozen bytes of entries: at 1 KiB per
+/// page that costs a quarter of what SQLCipher's default 4 KiB did (`fieldchart-bench storm`
+/// in the README). SQLCipher reserves 80 bytes per page (IV and HMAC), 8% of 1 KiB.
+const PAGE_SIZE: u32 = 1024;
+
+/// Page size of the relay databases created before [`PAGE_SIZE`] (SQLCipher's default). They
+/// keep it: a page size is fixed when the file is created.
+const LEGACY_PAGE_SIZE: u32 = 4096;
+
+/// WAL size, in bytes, past which a commit checkpoints it into the database file (SQLite's
+/// default of 1,000 pages at 4 KiB; the same bytes whatever the page size).
+const WAL_AUTOCHECKPOINT_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Reader connections (besides the one writer).
 const READER_CONNECTIONS: usize = 4;
@@ -55,6 +70,7 @@ fn migrate_step(tx: &Transaction<'_>, from_version: u32) -> Result<()> {
         2 => tx.execute_batch(include_str!("../../migrations/003_audit_tamper.sql"))?,
         3 => tx.execute_batch(include_str!("../../migrations/004_console.sql"))?,
         4 => tx.execute_batch(include_str!("../../migrations/005_sync_failures.sql"))?,
+        5 => tx.execute_batch(include_str!("../../migrations/006_fewer_index_writes.sql"))?,
         other => {
             return Err(Error::Storage(format!(
                 "no migration from schema version {other}"
@@ -243,15 +259,54 @@ impl SqliteStorage {
 }
 
 fn open_connection(path: &Path, key: Option<&DatabaseKey>) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    if let Some(key) = key {
-        key_connection(&conn, key)?;
-    }
+    let conn = match key {
+        Some(key) => open_keyed(path, key)?,
+        None => {
+            let conn = Connection::open(path)?;
+            // Takes effect only when this creates the file; an existing file keeps its size.
+            conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+            conn
+        }
+    };
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     // Acknowledged data must survive power loss (DESIGN §4): fsync the WAL on every commit.
     conn.pragma_update(None, "synchronous", "FULL")?;
+    let page_size = page_size(&conn)?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        WAL_AUTOCHECKPOINT_BYTES / page_size.max(1),
+    )?;
     Ok(conn)
+}
+
+/// The page size of `conn`'s database (SQLCipher answers for a keyed connection, as text).
+fn page_size(conn: &Connection) -> Result<u32> {
+    let value: rusqlite::types::Value = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+    match value {
+        rusqlite::types::Value::Integer(n) => u32::try_from(n).ok(),
+        rusqlite::types::Value::Text(text) => text.trim().parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| Error::Storage("unreadable page size".into()))
+}
+
+/// Open `path` with `key`: at [`PAGE_SIZE`] (what a new file gets), else at
+/// [`LEGACY_PAGE_SIZE`] (a relay database created before schema version 6). SQLCipher stores
+/// no page size in the clear, so the only test is reading page 1: a page size that does not
+/// match fails its HMAC like a wrong key does, and writes nothing (SQLite refuses to
+/// checkpoint a WAL of another page size).
+fn open_keyed(path: &Path, key: &DatabaseKey) -> Result<Connection> {
+    for page_size in [PAGE_SIZE, LEGACY_PAGE_SIZE] {
+        let conn = Connection::open(path)?;
+        match key_connection(&conn, key, page_size) {
+            Ok(()) => return Ok(conn),
+            Err(Error::CannotDecrypt) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::CannotDecrypt)
 }
 
 /// Key a fresh connection and prove the key by reading page 1.
@@ -260,7 +315,7 @@ fn open_connection(path: &Path, key: Option<&DatabaseKey>) -> Result<Connection>
 /// the last closes; keying while another thread closes was seen to fail in the device store
 /// (see core's `store/db.rs`). So keying is serialised and one keyed in-memory connection is
 /// kept for the life of the process.
-fn key_connection(conn: &Connection, key: &DatabaseKey) -> Result<()> {
+fn key_connection(conn: &Connection, key: &DatabaseKey, page_size: u32) -> Result<()> {
     static KEYING: Mutex<Option<Connection>> = Mutex::new(None);
     let mut anchor = KEYING.lock().unwrap_or_else(PoisonError::into_inner);
     if anchor.is_none() {
@@ -274,6 +329,7 @@ fn key_connection(conn: &Connection, key: &DatabaseKey) -> Result<()> {
     }
     conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
     conn.execute_batch(&key.pragma("key"))?;
+    conn.execute_batch(&format!("PRAGMA cipher_page_size = {page_size};"))?;
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
         r.get::<_, i64>(0)
     })
@@ -844,19 +900,22 @@ const KEY_COLUMNS: &str =
     "SELECT d.id, d.user_id, u.agency_id, u.role, d.public_key, d.created_at, d.revoked_at
      FROM devices d JOIN users u ON u.id = d.user_id";
 
+/// The audit query: a time range, optionally one patient and/or one user, from a cursor. Planned
+/// on `audit_log_at` (see `006_fewer_index_writes.sql`; a test holds the plan).
+const AUDIT_QUERY: &str =
+    "SELECT id, at, agency_id, user_id, device_id, document_id, patient_id, action, heads
+     FROM audit_log
+     WHERE at >= ?1 AND at < ?2
+       AND (?3 IS NULL OR patient_id = ?3) AND (?4 IS NULL OR user_id = ?4)
+       AND (?6 IS NULL OR at > ?6 OR (at = ?6 AND id > ?7))
+     ORDER BY at, id LIMIT ?5";
+
 fn query_audit_tx(
     tx: &Transaction<'_>,
     query: &AuditQuery,
     after: Option<(i64, i64)>,
 ) -> Result<Vec<AuditRecord>> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT id, at, agency_id, user_id, device_id, document_id, patient_id, action, heads
-                 FROM audit_log
-                 WHERE at >= ?1 AND at < ?2
-                   AND (?3 IS NULL OR patient_id = ?3) AND (?4 IS NULL OR user_id = ?4)
-                   AND (?6 IS NULL OR at > ?6 OR (at = ?6 AND id > ?7))
-                 ORDER BY at, id LIMIT ?5",
-    )?;
+    let mut stmt = tx.prepare_cached(AUDIT_QUERY)?;
     type Row = (
         i64,
         i64,
@@ -1723,6 +1782,154 @@ mod tests {
             DatabaseKey::from_hex(&format!("{}\n", key.to_hex())).expect("hex"),
             key
         );
+    }
+
+    #[test]
+    fn a_new_database_gets_small_pages_and_an_old_one_keeps_its_own_and_its_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = DatabaseKey::random();
+        let fresh = dir.path().join("fresh.sqlite3");
+        drop(SqliteStorage::open_encrypted(&fresh, &key).expect("create"));
+        let conn = open_connection(&fresh, Some(&key)).expect("reopen");
+        assert_eq!(page_size(&conn).expect("page size"), PAGE_SIZE);
+        assert_eq!(
+            conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get::<_, u32>(0))
+                .expect("autocheckpoint"),
+            WAL_AUTOCHECKPOINT_BYTES / PAGE_SIZE
+        );
+        drop(conn);
+        let plain = dir.path().join("plain.sqlite3");
+        drop(SqliteStorage::open(&plain).expect("create plain"));
+        assert_eq!(
+            page_size(&Connection::open(&plain).expect("raw")).expect("page size"),
+            PAGE_SIZE
+        );
+
+        // A relay database as schema version 5 made it: SQLCipher's default 4 KiB pages, the
+        // audit indexes version 6 drops, rows in the audit log, a WAL left by a crash.
+        let old = dir.path().join("old.sqlite3");
+        let agency = new_agency("old");
+        let mut conn = Connection::open(&old).expect("raw open");
+        conn.execute_batch(&key.pragma("key")).expect("key");
+        conn.execute_batch("PRAGMA cipher_page_size = 4096;")
+            .expect("page size");
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .expect("wal");
+        assert_eq!(mode, "wal");
+        let tx = conn.transaction().expect("tx");
+        for version in 0..5 {
+            migrate_step(&tx, version).expect("old step");
+        }
+        tx.pragma_update(None, "user_version", 5).expect("version");
+        tx.execute(
+            "INSERT INTO agencies (id, name, created_at) VALUES (?1, ?2, ?3)",
+            params![agency.id.as_str(), agency.name, agency.created_at],
+        )
+        .expect("agency");
+        tx.execute(
+            "INSERT INTO audit_log (at, agency_id, user_id, device_id, document_id, patient_id, action, heads)
+             VALUES (5, ?1, 'usr_a', 'dev_a', zeroblob(16), 'pat_a', 'read', x'')",
+            [agency.id.as_str()],
+        )
+        .expect("audit row");
+        tx.commit().expect("commit");
+        assert_eq!(page_size(&conn).expect("page size"), LEGACY_PAGE_SIZE);
+        let untouched = std::fs::read(&old).expect("read");
+        assert!(matches!(
+            SqliteStorage::open_encrypted(&old, &DatabaseKey::random()),
+            Err(Error::CannotDecrypt)
+        ));
+        assert_eq!(
+            std::fs::read(&old).expect("read"),
+            untouched,
+            "a wrong key at either page size touches nothing"
+        );
+        // The WAL is still there: nobody checkpointed it.
+        std::mem::forget(conn);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let storage = SqliteStorage::open_encrypted(&old, &key).expect("upgrade");
+        assert_eq!(
+            rt.block_on(storage.agency(agency.id.clone()))
+                .expect("read"),
+            Some(agency.clone())
+        );
+        let rows = rt
+            .block_on(storage.query_audit(AuditQuery {
+                from_ms: 0,
+                to_ms: 10,
+                patient_id: Some(PatientId::new("pat_a")),
+                user_id: None,
+                limit: 10,
+            }))
+            .expect("audit");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].event.user_id, UserId::new("usr_a"));
+        let later = new_agency("later");
+        rt.block_on(storage.insert_agency(later.clone()))
+            .expect("write after the upgrade");
+        drop(storage);
+        let conn = open_connection(&old, Some(&key)).expect("reopen");
+        assert_eq!(page_size(&conn).expect("page size"), LEGACY_PAGE_SIZE);
+        assert_eq!(
+            conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get::<_, u32>(0))
+                .expect("autocheckpoint"),
+            WAL_AUTOCHECKPOINT_BYTES / LEGACY_PAGE_SIZE
+        );
+        assert_eq!(schema_version(&conn).expect("version"), SCHEMA_VERSION);
+        let names: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE tbl_name = 'audit_log' ORDER BY name")
+            .expect("names")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("names");
+        assert_eq!(
+            names,
+            [
+                "audit_log",
+                "audit_log_at",
+                "audit_log_no_delete",
+                "audit_log_no_update"
+            ]
+        );
+        let agencies: i64 = conn
+            .query_row("SELECT count(*) FROM agencies", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(agencies, 2);
+    }
+
+    #[test]
+    fn the_audit_query_is_planned_on_the_time_index_with_or_without_filters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.sqlite3");
+        drop(SqliteStorage::open(&path).expect("open"));
+        let conn = Connection::open(&path).expect("raw open");
+        for (patient, user, after) in [
+            (None, None, None),
+            (Some("pat_a"), None, None),
+            (None, Some("usr_a"), Some(3_i64)),
+            (Some("pat_a"), Some("usr_a"), Some(3)),
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {AUDIT_QUERY}"))
+                .expect("plan")
+                .query_map(params![0, 10, patient, user, 100, after, after], |r| {
+                    r.get(3)
+                })
+                .expect("rows")
+                .collect::<rusqlite::Result<_>>()
+                .expect("plan rows");
+            assert_eq!(
+                plan,
+                ["SEARCH audit_log USING INDEX audit_log_at (at>? AND at<?)"],
+                "{patient:?} {user:?} {after:?}"
+            );
+        }
     }
 
     #[test]
