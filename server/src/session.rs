@@ -984,7 +984,9 @@ impl Session {
             doc, sync, held, ..
         } = pending;
         // A new note may arrive signed (charted and signed offline): its signatures are
-        // checked like any other write before anything of it is stored.
+        // checked like any other write before anything of it is stored. The ledger the scan
+        // builds is the stored note's once every entry verifies (see `signatures::scan_new`):
+        // it is kept with the document, so the note's next message does not rebuild it.
         let (doc, scanned) = tokio::task::spawn_blocking(move || {
             let mut ledger = fieldchart_core::model::NoteLedger::default();
             let all = all_changes.unwrap_or_else(|| doc.get_changes(&[]));
@@ -994,27 +996,30 @@ impl Session {
         })
         .await
         .map_err(Error::from)?;
-        let (doc, refused) = match scanned {
-            Err(refusal) => (doc, Some(refusal)),
-            Ok((_, entries)) if entries.is_empty() => (doc, None),
+        let (doc, verdict) = match scanned {
+            Err(refusal) => (doc, Err(refusal)),
+            Ok((ledger, entries)) if entries.is_empty() => (doc, Ok(ledger)),
             Ok((mut ledger, entries)) => {
                 let signers = signatures::lookup(self.relay.storage(), &claimed, &entries).await?;
                 let now = now_ms();
                 tokio::task::spawn_blocking(move || {
                     let verdict =
                         signatures::verify_new(&mut ledger, &doc, id, &entries, &signers, now);
-                    (doc, verdict.err())
+                    (doc, verdict.map(|()| ledger))
                 })
                 .await
                 .map_err(Error::from)?
             }
         };
-        if let Some(refusal) = refused {
-            tracing::warn!(doc = %id, %refusal, "refused a new document");
-            self.record_tamper(id, &claimed, heads.clone()).await?;
-            drop(held);
-            return self.refuse(id).await;
-        }
+        let ledger = match verdict {
+            Ok(ledger) => ledger,
+            Err(refusal) => {
+                tracing::warn!(doc = %id, %refusal, "refused a new document");
+                self.record_tamper(id, &claimed, heads.clone()).await?;
+                drop(held);
+                return self.refuse(id).await;
+            }
+        };
         let audit = self.audit_event(
             id,
             claimed.agency_id.clone(),
@@ -1031,7 +1036,7 @@ impl Session {
         let created = self
             .relay
             .docs()
-            .create(id, doc, snapshot, claimed.clone(), audit)
+            .create_with_ledger(id, doc, snapshot, claimed.clone(), audit, Some(ledger))
             .await?;
         drop(held);
         match created {
