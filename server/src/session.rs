@@ -910,6 +910,12 @@ impl Session {
                 .receive(&mut pending.doc, &data)
                 .map(|o| o.heads_before.is_empty().then_some(o.new_changes));
             let empty = pending.doc.get_heads().is_empty();
+            // A document sent whole to a document that was empty: those bytes are what it now
+            // holds, and become its snapshot (no second encoding by `save`).
+            let saved = match &received {
+                Ok(Some(_)) if !empty => DocSync::sole_document_chunk(&data),
+                _ => None,
+            };
             // A first announcement carries only heads: answer it (asking for everything)
             // without keeping any state, so announcing many new documents costs no memory and
             // the answer claims nothing.
@@ -918,11 +924,11 @@ impl Session {
             } else {
                 None
             };
-            (pending, received.map(|all| (empty, reply, all)))
+            (pending, received.map(|all| (empty, reply, all, saved)))
         })
         .await
         .map_err(Error::from)?;
-        let (empty, reply, all_changes) = match received {
+        let (empty, reply, all_changes, saved) = match received {
             Ok(done) => done,
             Err(e) => {
                 return Err(End::error(
@@ -1027,12 +1033,15 @@ impl Session {
             AuditAction::Write,
             heads,
         );
-        let (doc, snapshot) = tokio::task::spawn_blocking(move || {
-            let snapshot = doc.save();
-            (doc, snapshot)
-        })
-        .await
-        .map_err(Error::from)?;
+        let (doc, snapshot) = match saved {
+            Some(snapshot) => (doc, snapshot),
+            None => tokio::task::spawn_blocking(move || {
+                let snapshot = doc.save();
+                (doc, snapshot)
+            })
+            .await
+            .map_err(Error::from)?,
+        };
         let created = self
             .relay
             .docs()

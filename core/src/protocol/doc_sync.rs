@@ -123,6 +123,25 @@ impl DocSync {
         })
     }
 
+    /// The bytes of the whole document a sync message (`data`) carries, if its changes are
+    /// exactly one whole-document chunk (how automerge sends a document the peer has nothing
+    /// of) and nothing else; `None` for anything else, including bytes that do not parse.
+    ///
+    /// A document that was empty before [`DocSync::receive`] applied such a message (and now
+    /// has content) holds exactly what these bytes load to: automerge loads a chunk into an
+    /// empty document as a whole document, verifying its heads. The relay stores them as the
+    /// new document's snapshot rather than encoding the document again.
+    pub fn sole_document_chunk(data: &[u8]) -> Option<Vec<u8>> {
+        const DOCUMENT: u8 = 0;
+        let message = sync::Message::decode(data).ok()?;
+        let mut chunks = message.changes.iter();
+        let (Some(bytes), None) = (chunks.next(), chunks.next()) else {
+            return None;
+        };
+        let (end, kind) = chunk_extent(bytes)?;
+        (end == bytes.len() && kind == DOCUMENT).then(|| bytes.to_vec())
+    }
+
     /// The next sync message to send, or `None` when there is nothing to say (in sync, or
     /// waiting for the peer to answer the message in flight).
     pub fn generate(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
@@ -181,28 +200,29 @@ fn new_changes(doc: &Automerge, heads_before: &[ChangeHash], offered: &ChunkList
     out
 }
 
+/// Length and type of the storage chunk at the start of `bytes` (see [`change_chunks`]).
+fn chunk_extent(bytes: &[u8]) -> Option<(usize, u8)> {
+    const HEADER: usize = 9;
+    let kind = *bytes.get(HEADER - 1)?;
+    let (body_len, len_bytes) = uleb128(bytes.get(HEADER..)?)?;
+    let end = usize::try_from(body_len)
+        .ok()?
+        .checked_add(HEADER + len_bytes)
+        .filter(|end| *end <= bytes.len())?;
+    Some((end, kind))
+}
+
 /// The change chunks (types 1 and 2, plain and deflated) in `bytes`, a sequence of automerge
 /// storage chunks: magic (4 bytes), checksum (4), type (1), body length (unsigned LEB128),
 /// body. Other chunks (whole documents) are skipped; bytes that do not split cleanly end the
 /// list. Only a shortcut for [`new_changes`], which checks what it finds against the document.
 fn change_chunks(mut bytes: &[u8]) -> Vec<&[u8]> {
-    const HEADER: usize = 9;
     const CHANGE: u8 = 1;
     const COMPRESSED_CHANGE: u8 = 2;
     let mut out = Vec::new();
-    while bytes.len() > HEADER {
-        let Some((body_len, len_bytes)) = uleb128(&bytes[HEADER..]) else {
-            break;
-        };
-        let Some(end) = usize::try_from(body_len)
-            .ok()
-            .and_then(|n| n.checked_add(HEADER + len_bytes))
-            .filter(|end| *end <= bytes.len())
-        else {
-            break;
-        };
+    while let Some((end, kind)) = chunk_extent(bytes) {
         let (chunk, rest) = bytes.split_at(end);
-        if matches!(chunk[HEADER - 1], CHANGE | COMPRESSED_CHANGE) {
+        if matches!(kind, CHANGE | COMPRESSED_CHANGE) {
             out.push(chunk);
         }
         bytes = rest;
@@ -563,6 +583,36 @@ mod tests {
         assert_eq!(uleb128(&[0xe5, 0x8e, 0x26]), Some((624_485, 3)));
         assert_eq!(uleb128(&[0x80]), None);
         assert_eq!(uleb128(&[0xff; 11]), None);
+    }
+
+    #[test]
+    fn a_message_carrying_only_a_whole_document_hands_its_bytes_back() {
+        let mut source = doc_with(&[("kind", "visit-note")]);
+        edit(&mut source, "x", "1");
+        let saved = source.save();
+        let data = message_with(vec![saved.clone()]);
+        assert_eq!(DocSync::sole_document_chunk(&data), Some(saved.clone()));
+        // What an empty document holds after receiving it is what the bytes load to.
+        let mut doc = Automerge::new();
+        DocSync::new().receive(&mut doc, &data).unwrap();
+        assert_eq!(
+            Automerge::load(&saved).unwrap().get_heads(),
+            doc.get_heads()
+        );
+
+        let changes = source.get_changes(&[]);
+        for other in [
+            message_with(raw(&changes.iter().collect::<Vec<_>>())),
+            message_with(vec![
+                [saved.clone(), changes[0].raw_bytes().to_vec()].concat(),
+            ]),
+            message_with(vec![saved.clone(), saved.clone()]),
+            message_with(vec![saved[..saved.len() - 1].to_vec()]),
+            message_with(vec![]),
+            b"garbage".to_vec(),
+        ] {
+            assert_eq!(DocSync::sole_document_chunk(&other), None);
+        }
     }
 
     #[test]
