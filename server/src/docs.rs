@@ -181,6 +181,12 @@ impl DocGuard {
         (doc, ledger)
     }
 
+    /// Whether the signature ledger is held (for tests: it must never outlive the copy).
+    #[cfg(test)]
+    fn has_ledger(&self) -> bool {
+        self.loaded().ledger.is_some()
+    }
+
     /// Who the document belongs to.
     pub fn meta(&self) -> &DocMeta {
         &self.loaded().meta
@@ -420,6 +426,25 @@ impl DocHub {
         meta: DocMeta,
         audit: AuditEvent,
     ) -> Result<Created> {
+        self.create_with_ledger(id, doc, snapshot, meta, audit, None)
+            .await
+    }
+
+    /// [`DocHub::create`], keeping `ledger` as the stored document's signature ledger, so the
+    /// first later message with changes does not rebuild it from the history.
+    ///
+    /// `ledger` must equal what `crate::signatures::trusted_ledger(&doc)` would build: it is
+    /// kept only if the write commits (a refused or failed create drops it with the copy), and
+    /// dropped by every later path that replaces the copy (rebase, reload).
+    pub async fn create_with_ledger(
+        &self,
+        id: DocumentId,
+        doc: Automerge,
+        snapshot: Vec<u8>,
+        meta: DocMeta,
+        audit: AuditEvent,
+        ledger: Option<NoteLedger>,
+    ) -> Result<Created> {
         // Existence is decided by the write itself (every backend refuses to create a stored
         // id), never by loading the stored document; no separate read first.
         for _ in 0..OPEN_ATTEMPTS {
@@ -449,7 +474,7 @@ impl DocHub {
                         meta,
                         chunks: 0,
                         stored_heads,
-                        ledger: None,
+                        ledger,
                     }));
                     Ok(Created::Stored(DocGuard {
                         id,
@@ -945,6 +970,57 @@ mod tests {
             .await
             .expect("commit");
         assert!(theirs.take().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_ledger_built_while_creating_is_kept_until_the_copy_is_replaced() {
+        let storage = Arc::new(MemoryStorage::new());
+        let hub = DocHub::new(storage.clone(), 10, 64);
+        let id = DocumentId::random();
+        let mut doc = Automerge::new();
+        edit(&mut doc, 0);
+        let ledger = crate::signatures::trusted_ledger(&doc);
+        let created = hub
+            .create_with_ledger(id, doc.clone(), doc.save(), meta(), audit(id), Some(ledger))
+            .await
+            .expect("create");
+        let Created::Stored(guard) = created else {
+            panic!("a new id was not stored");
+        };
+        assert!(guard.has_ledger(), "kept with the stored copy");
+        drop(guard);
+        let mut guard = hub.open(id).await.expect("open").expect("stored");
+        assert!(guard.has_ledger(), "still there for the next message");
+
+        // A failed commit discards the copy, ledger included; the reload builds it anew.
+        storage.set_fail_writes(true);
+        let changes = edit(guard.doc_mut(), 1);
+        assert!(hub.commit(guard, &changes, audit(id), 0).await.is_err());
+        storage.set_fail_writes(false);
+        let mut guard = hub.open(id).await.expect("open").expect("stored");
+        assert!(!guard.has_ledger());
+        guard.doc_and_ledger();
+        assert!(guard.has_ledger());
+        drop(guard);
+
+        // A create that fails keeps nothing.
+        let other = DocumentId::random();
+        storage.set_fail_writes(true);
+        let ledger = crate::signatures::trusted_ledger(&doc);
+        assert!(
+            hub.create_with_ledger(
+                other,
+                doc.clone(),
+                doc.save(),
+                meta(),
+                audit(other),
+                Some(ledger)
+            )
+            .await
+            .is_err()
+        );
+        storage.set_fail_writes(false);
+        assert!(!hub.is_loaded(other));
     }
 
     #[tokio::test]

@@ -910,6 +910,12 @@ impl Session {
                 .receive(&mut pending.doc, &data)
                 .map(|o| o.heads_before.is_empty().then_some(o.new_changes));
             let empty = pending.doc.get_heads().is_empty();
+            // A document sent whole to a document that was empty: those bytes are what it now
+            // holds, and become its snapshot (no second encoding by `save`).
+            let saved = match &received {
+                Ok(Some(_)) if !empty => DocSync::sole_document_chunk(&data),
+                _ => None,
+            };
             // A first announcement carries only heads: answer it (asking for everything)
             // without keeping any state, so announcing many new documents costs no memory and
             // the answer claims nothing.
@@ -918,11 +924,11 @@ impl Session {
             } else {
                 None
             };
-            (pending, received.map(|all| (empty, reply, all)))
+            (pending, received.map(|all| (empty, reply, all, saved)))
         })
         .await
         .map_err(Error::from)?;
-        let (empty, reply, all_changes) = match received {
+        let (empty, reply, all_changes, saved) = match received {
             Ok(done) => done,
             Err(e) => {
                 return Err(End::error(
@@ -984,7 +990,9 @@ impl Session {
             doc, sync, held, ..
         } = pending;
         // A new note may arrive signed (charted and signed offline): its signatures are
-        // checked like any other write before anything of it is stored.
+        // checked like any other write before anything of it is stored. The ledger the scan
+        // builds is the stored note's once every entry verifies (see `signatures::scan_new`):
+        // it is kept with the document, so the note's next message does not rebuild it.
         let (doc, scanned) = tokio::task::spawn_blocking(move || {
             let mut ledger = fieldchart_core::model::NoteLedger::default();
             let all = all_changes.unwrap_or_else(|| doc.get_changes(&[]));
@@ -994,27 +1002,30 @@ impl Session {
         })
         .await
         .map_err(Error::from)?;
-        let (doc, refused) = match scanned {
-            Err(refusal) => (doc, Some(refusal)),
-            Ok((_, entries)) if entries.is_empty() => (doc, None),
+        let (doc, verdict) = match scanned {
+            Err(refusal) => (doc, Err(refusal)),
+            Ok((ledger, entries)) if entries.is_empty() => (doc, Ok(ledger)),
             Ok((mut ledger, entries)) => {
                 let signers = signatures::lookup(self.relay.storage(), &claimed, &entries).await?;
                 let now = now_ms();
                 tokio::task::spawn_blocking(move || {
                     let verdict =
                         signatures::verify_new(&mut ledger, &doc, id, &entries, &signers, now);
-                    (doc, verdict.err())
+                    (doc, verdict.map(|()| ledger))
                 })
                 .await
                 .map_err(Error::from)?
             }
         };
-        if let Some(refusal) = refused {
-            tracing::warn!(doc = %id, %refusal, "refused a new document");
-            self.record_tamper(id, &claimed, heads.clone()).await?;
-            drop(held);
-            return self.refuse(id).await;
-        }
+        let ledger = match verdict {
+            Ok(ledger) => ledger,
+            Err(refusal) => {
+                tracing::warn!(doc = %id, %refusal, "refused a new document");
+                self.record_tamper(id, &claimed, heads.clone()).await?;
+                drop(held);
+                return self.refuse(id).await;
+            }
+        };
         let audit = self.audit_event(
             id,
             claimed.agency_id.clone(),
@@ -1022,16 +1033,19 @@ impl Session {
             AuditAction::Write,
             heads,
         );
-        let (doc, snapshot) = tokio::task::spawn_blocking(move || {
-            let snapshot = doc.save();
-            (doc, snapshot)
-        })
-        .await
-        .map_err(Error::from)?;
+        let (doc, snapshot) = match saved {
+            Some(snapshot) => (doc, snapshot),
+            None => tokio::task::spawn_blocking(move || {
+                let snapshot = doc.save();
+                (doc, snapshot)
+            })
+            .await
+            .map_err(Error::from)?,
+        };
         let created = self
             .relay
             .docs()
-            .create(id, doc, snapshot, claimed.clone(), audit)
+            .create_with_ledger(id, doc, snapshot, claimed.clone(), audit, Some(ledger))
             .await?;
         drop(held);
         match created {

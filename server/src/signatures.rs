@@ -79,6 +79,14 @@ pub fn scan(
 /// Step 1 for a document the relay has never stored: its own history may set an identity
 /// field more than once (a client filling in a new document), as long as one value remains —
 /// a concurrent second value is still refused.
+///
+/// `changes` must be all of `doc`'s changes in the order `doc.get_changes(&[])` gives them,
+/// and `ledger` empty. The ledger counts the entries it finds as valid while it scans
+/// ([`Verification::Trust`]), so once [`verify_new`] has accepted every returned entry it
+/// equals [`trusted_ledger`] of the stored document and can be kept with it. The refusals are
+/// the same as with deferred verification: trusting an entry early changes only the review
+/// items, and a body edit after a signature inside a new note's own history is not refused
+/// (as before: only a stored signature locks the body).
 pub fn scan_new(
     ledger: &mut NoteLedger,
     doc: &Automerge,
@@ -94,7 +102,12 @@ fn scan_with(
     new_document: bool,
 ) -> std::result::Result<Vec<SignatureEntry>, Refusal> {
     use automerge::ReadDoc;
-    let observed = ledger.observe_with(doc, changes, Verification::Defer);
+    let verification = if new_document {
+        Verification::Trust
+    } else {
+        Verification::Defer
+    };
+    let observed = ledger.observe_with(doc, changes, verification);
     let refused = observed
         .tampers
         .into_iter()
@@ -111,7 +124,7 @@ fn scan_with(
             }
         }
     }
-    if observed.body_after_signature {
+    if observed.body_after_signature && !new_document {
         return Err(Refusal::BodyEditAfterSignature);
     }
     Ok(observed.new_signatures)
@@ -200,4 +213,132 @@ pub fn verify_new(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ObjType, ROOT, ReadDoc};
+    use fieldchart_core::model::signing::ReviewReason;
+    use fieldchart_core::model::{Actor, DeviceKey, Role};
+
+    fn nurse() -> Actor {
+        Actor {
+            user_id: "usr_n".into(),
+            device_id: "dev_n".into(),
+        }
+    }
+
+    fn signers(key: &DeviceKey) -> Signers {
+        Signers {
+            keys: KeyDirectory {
+                agency_id: "agc_1".into(),
+                keys: vec![DirectoryKey {
+                    user_id: "usr_n".into(),
+                    role: "clinician".into(),
+                    device_id: "dev_n".into(),
+                    public_key: hex::encode(key.public_key()),
+                    enrolled_at_ms: 0,
+                    revoked_at_ms: None,
+                }],
+            },
+            on_care_team: HashSet::from(["usr_n".to_owned()]),
+        }
+    }
+
+    /// A new note as a device uploads it: charted, signed, edited on a second copy
+    /// concurrently with the signature, and (if `edit_after`) its body edited after signing.
+    fn signed_note(key: &DeviceKey, id: DocumentId, edit_after: bool) -> Automerge {
+        let mut doc = AutoCommit::new();
+        doc.put(ROOT, "kind", "visit-note").unwrap();
+        doc.put(ROOT, "agencyId", "agc_1").unwrap();
+        doc.put(ROOT, "patientId", "pat_1").unwrap();
+        let text = doc.put_object(ROOT, "assessment", ObjType::Text).unwrap();
+        doc.splice_text(&text, 0, 0, "Alert and oriented").unwrap();
+        doc.commit();
+        let before_signing = doc.get_heads();
+        signing::sign(&mut doc, id, key, &nurse(), Role::Clinician, 2_000).unwrap();
+        doc.commit();
+        let mut other = doc.fork_at(&before_signing).unwrap();
+        other.put(ROOT, "plan", "weekly visits").unwrap();
+        other.commit();
+        doc.merge(&mut other).unwrap();
+        if edit_after {
+            doc.splice_text(&text, 0, 0, "Late: ").unwrap();
+            doc.commit();
+        }
+        Automerge::load(&doc.save()).unwrap()
+    }
+
+    /// A ledger as JSON with its hash sets sorted (their serialized order is arbitrary).
+    fn comparable(ledger: &NoteLedger) -> serde_json::Value {
+        let mut value = serde_json::to_value(ledger).unwrap();
+        for set in ["seen", "after"] {
+            if let Some(serde_json::Value::Array(items)) = value.get_mut(set) {
+                items.sort_by_key(ToString::to_string);
+            }
+        }
+        value
+    }
+
+    /// The ledger a new note's scan leaves behind, once its signatures verify, is exactly the
+    /// one the relay would rebuild from the stored note: so it can be kept with the note.
+    #[test]
+    fn a_verified_new_note_leaves_the_ledger_its_stored_history_would_build() {
+        let key = DeviceKey::generate();
+        for edit_after in [false, true] {
+            let id = DocumentId::random();
+            let doc = signed_note(&key, id, edit_after);
+            let mut ledger = NoteLedger::default();
+            let entries = scan_new(&mut ledger, &doc, &doc.get_changes(&[])).unwrap();
+            assert_eq!(entries.len(), 1);
+            verify_new(&mut ledger, &doc, id, &entries, &signers(&key), 10_000).unwrap();
+
+            let trusted = trusted_ledger(&doc);
+            assert_eq!(
+                comparable(&ledger),
+                comparable(&trusted),
+                "edit_after={edit_after}"
+            );
+            assert!(ledger.is_signed());
+            let reasons: Vec<_> = ledger.review_items().iter().map(|i| &i.reason).collect();
+            assert!(reasons.contains(&&ReviewReason::ConcurrentWithSignature));
+            assert_eq!(
+                reasons.contains(&&ReviewReason::BodyEditAfterSignature),
+                edit_after
+            );
+        }
+    }
+
+    /// Scanning a new note with its entries trusted early changes no decision: a signature by
+    /// an unknown key is still refused at verification, tampering still at the scan.
+    #[test]
+    fn a_new_note_with_a_forged_or_tampered_signature_is_still_refused() {
+        let key = DeviceKey::generate();
+        let id = DocumentId::random();
+        let doc = signed_note(&key, id, false);
+        let mut ledger = NoteLedger::default();
+        let entries = scan_new(&mut ledger, &doc, &doc.get_changes(&[])).unwrap();
+        let forger = signers(&DeviceKey::generate());
+        assert!(matches!(
+            verify_new(&mut ledger, &doc, id, &entries, &forger, 10_000),
+            Err(Refusal::Tampered(Tamper::InvalidSignature { .. }))
+        ));
+
+        let mut copy = AutoCommit::load(&doc.save()).unwrap();
+        let list = match copy.get(ROOT, signing::SIGNATURES_KEY).unwrap() {
+            Some((_, list)) => list,
+            None => panic!("the note has a signature list"),
+        };
+        copy.delete(&list, 0).unwrap();
+        copy.commit();
+        let tampered = Automerge::load(&copy.save()).unwrap();
+        let mut ledger = NoteLedger::default();
+        assert_eq!(
+            scan_new(&mut ledger, &tampered, &tampered.get_changes(&[])),
+            Err(Refusal::Tampered(Tamper::SignatureDeleted))
+        );
+    }
 }

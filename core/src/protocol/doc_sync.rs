@@ -10,7 +10,9 @@
 //! [`DocSync::in_sync`], and uses [`DocSync::receive_autocommit`] (`AutoCommit` lends out only
 //! `&Automerge`, and its own sync wrapper keeps its patch log up to date).
 
-use automerge::sync::{self, SyncDoc};
+use std::collections::HashMap;
+
+use automerge::sync::{self, ChunkList, SyncDoc};
 use automerge::{AutoCommit, Automerge, Change, ChangeHash, ObjType, ROOT, ReadDoc, Value};
 
 use super::message::ProtocolError;
@@ -72,6 +74,7 @@ impl DocSync {
         data: &[u8],
     ) -> Result<ReceiveOutcome, ProtocolError> {
         let message = decode_sync_message(data)?;
+        let offered = message.changes.clone();
         let heads_before = doc.get_heads();
         // Work on a copy so a rejected message cannot leave the state half-updated.
         let mut state = self.state.clone();
@@ -84,7 +87,7 @@ impl DocSync {
         let new_changes = if heads_after == heads_before {
             Vec::new()
         } else {
-            doc.get_changes(&heads_before)
+            new_changes(doc, &heads_before, &offered)
         };
         Ok(ReceiveOutcome {
             heads_before,
@@ -100,6 +103,7 @@ impl DocSync {
         data: &[u8],
     ) -> Result<ReceiveOutcome, ProtocolError> {
         let message = decode_sync_message(data)?;
+        let offered = message.changes.clone();
         let heads_before = doc.get_heads();
         let mut state = self.state.clone();
         doc.sync()
@@ -110,13 +114,32 @@ impl DocSync {
         let new_changes = if heads_after == heads_before {
             Vec::new()
         } else {
-            doc.get_changes(&heads_before)
+            new_changes(doc.document(), &heads_before, &offered)
         };
         Ok(ReceiveOutcome {
             heads_before,
             heads_after,
             new_changes,
         })
+    }
+
+    /// The bytes of the whole document a sync message (`data`) carries, if its changes are
+    /// exactly one whole-document chunk (how automerge sends a document the peer has nothing
+    /// of) and nothing else; `None` for anything else, including bytes that do not parse.
+    ///
+    /// A document that was empty before [`DocSync::receive`] applied such a message (and now
+    /// has content) holds exactly what these bytes load to: automerge loads a chunk into an
+    /// empty document as a whole document, verifying its heads. The relay stores them as the
+    /// new document's snapshot rather than encoding the document again.
+    pub fn sole_document_chunk(data: &[u8]) -> Option<Vec<u8>> {
+        const DOCUMENT: u8 = 0;
+        let message = sync::Message::decode(data).ok()?;
+        let mut chunks = message.changes.iter();
+        let (Some(bytes), None) = (chunks.next(), chunks.next()) else {
+            return None;
+        };
+        let (end, kind) = chunk_extent(bytes)?;
+        (end == bytes.len() && kind == DOCUMENT).then(|| bytes.to_vec())
     }
 
     /// The next sync message to send, or `None` when there is nothing to say (in sync, or
@@ -146,6 +169,83 @@ impl DocSync {
             .is_some_and(|theirs| sorted(theirs.clone()) == ours)
             && sorted(self.state.shared_heads.clone()) == ours
     }
+}
+
+/// The changes `doc` gained since `heads_before`: exactly `doc.get_changes(heads_before)`, same
+/// changes in the same (causal) order, but taken from the message that brought them when it
+/// can be. automerge 0.12 rebuilds a change from its op set, which costs in proportion to the
+/// document rather than to the change; listing which changes are new (`get_changes_meta`)
+/// does not. Every new change must be among the message's own change chunks, matched by hash
+/// (which is computed from the change's bytes, so equal hashes are the same change). A message
+/// whose changes came as a whole-document chunk, or changes that an earlier message left
+/// waiting for their dependencies and this one released, fall back to `get_changes`.
+fn new_changes(doc: &Automerge, heads_before: &[ChangeHash], offered: &ChunkList) -> Vec<Change> {
+    let mut by_hash: HashMap<ChangeHash, Change> = offered
+        .iter()
+        .flat_map(change_chunks)
+        .filter_map(|chunk| Change::try_from(chunk).ok())
+        .map(|change| (change.hash(), change))
+        .collect();
+    let wanted = doc.get_changes_meta(heads_before);
+    if wanted.len() > by_hash.len() {
+        return doc.get_changes(heads_before);
+    }
+    let mut out = Vec::with_capacity(wanted.len());
+    for meta in &wanted {
+        match by_hash.remove(&meta.hash) {
+            Some(change) => out.push(change),
+            None => return doc.get_changes(heads_before),
+        }
+    }
+    out
+}
+
+/// Length and type of the storage chunk at the start of `bytes` (see [`change_chunks`]).
+fn chunk_extent(bytes: &[u8]) -> Option<(usize, u8)> {
+    const HEADER: usize = 9;
+    let kind = *bytes.get(HEADER - 1)?;
+    let (body_len, len_bytes) = uleb128(bytes.get(HEADER..)?)?;
+    let end = usize::try_from(body_len)
+        .ok()?
+        .checked_add(HEADER + len_bytes)
+        .filter(|end| *end <= bytes.len())?;
+    Some((end, kind))
+}
+
+/// The change chunks (types 1 and 2, plain and deflated) in `bytes`, a sequence of automerge
+/// storage chunks: magic (4 bytes), checksum (4), type (1), body length (unsigned LEB128),
+/// body. Other chunks (whole documents) are skipped; bytes that do not split cleanly end the
+/// list. Only a shortcut for [`new_changes`], which checks what it finds against the document.
+fn change_chunks(mut bytes: &[u8]) -> Vec<&[u8]> {
+    const CHANGE: u8 = 1;
+    const COMPRESSED_CHANGE: u8 = 2;
+    let mut out = Vec::new();
+    while let Some((end, kind)) = chunk_extent(bytes) {
+        let (chunk, rest) = bytes.split_at(end);
+        if matches!(kind, CHANGE | COMPRESSED_CHANGE) {
+            out.push(chunk);
+        }
+        bytes = rest;
+    }
+    out
+}
+
+/// An unsigned LEB128 number at the start of `bytes` and how many bytes it took; `None` if it
+/// is cut off or does not fit in 64 bits.
+fn uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value: u64 = 0;
+    for (i, byte) in bytes.iter().take(10).enumerate() {
+        let low = u64::from(byte & 0x7f);
+        let shift = 7 * u32::try_from(i).ok()?;
+        if shift == 63 && low > 1 {
+            return None;
+        }
+        value |= low << shift;
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
 }
 
 /// Parses a peer's sync message and puts its hash lists in canonical (sorted, deduplicated)
@@ -379,6 +479,140 @@ mod tests {
         assert_eq!(third.heads_before, second.heads_after);
         assert_eq!(third.new_changes.len(), 1);
         assert_eq!(classify(&relay.doc).patient_id.as_deref(), Some("p-1"));
+    }
+
+    /// A sync message carrying `chunks` as its changes, as a peer may send them (any order,
+    /// already known ones, several changes in one chunk, a whole document).
+    fn message_with(chunks: Vec<Vec<u8>>) -> Vec<u8> {
+        sync::Message {
+            heads: Vec::new(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: ChunkList::from(chunks),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        }
+        .encode()
+    }
+
+    fn raw(changes: &[&Change]) -> Vec<Vec<u8>> {
+        changes.iter().map(|c| c.raw_bytes().to_vec()).collect()
+    }
+
+    /// Receives `data` on a copy of `doc` and checks that the reported new changes are exactly
+    /// what `get_changes` rebuilds: same changes, same bytes, same (causal) order.
+    fn assert_reports_like_get_changes(doc: &Automerge, data: &[u8]) -> Vec<ChangeHash> {
+        let mut doc = doc.clone();
+        let outcome = DocSync::new().receive(&mut doc, data).unwrap();
+        let expected = doc.get_changes(&outcome.heads_before);
+        let got: Vec<(ChangeHash, &[u8])> = outcome
+            .new_changes
+            .iter()
+            .map(|c| (c.hash(), c.raw_bytes()))
+            .collect();
+        let want: Vec<(ChangeHash, &[u8])> =
+            expected.iter().map(|c| (c.hash(), c.raw_bytes())).collect();
+        assert_eq!(got, want);
+        outcome.new_changes.iter().map(Change::hash).collect()
+    }
+
+    #[test]
+    fn new_changes_taken_from_the_message_equal_what_get_changes_rebuilds() {
+        // c1 <- c2 <- c3, and b1 concurrent with c2.
+        let mut source = doc_with(&[("kind", "visit-note")]);
+        let c1 = source.get_changes(&[]).remove(0);
+        edit(&mut source, "x", "1");
+        let c2 = source.get_changes(&[c1.hash()]).remove(0);
+        edit(&mut source, "y", "2");
+        let c3 = source.get_changes(&[c2.hash()]).remove(0);
+        let mut branch = Automerge::new();
+        branch.apply_changes([c1.clone()]).unwrap();
+        edit(&mut branch, "z", "3");
+        let b1 = branch.get_changes(&[c1.hash()]).remove(0);
+
+        let mut has_c1 = Automerge::new();
+        has_c1.apply_changes([c1.clone()]).unwrap();
+        let mut has_c1_c2 = has_c1.clone();
+        has_c1_c2.apply_changes([c2.clone()]).unwrap();
+
+        // Out of causal order inside one message: reported in causal order.
+        let got = assert_reports_like_get_changes(&has_c1, &message_with(raw(&[&c3, &b1, &c2])));
+        assert_eq!(got.len(), 3);
+        assert!(
+            got.iter().position(|h| *h == c2.hash()) < got.iter().position(|h| *h == c3.hash())
+        );
+        // Re-sending changes the document has: only the new one is reported.
+        let got = assert_reports_like_get_changes(&has_c1_c2, &message_with(raw(&[&c1, &c2, &c3])));
+        assert_eq!(got, vec![c3.hash()]);
+        // Several changes in one chunk (how automerge writes a v2 message).
+        let joined: Vec<u8> = raw(&[&c2, &c3]).concat();
+        let got = assert_reports_like_get_changes(&has_c1, &message_with(vec![joined]));
+        assert_eq!(got, vec![c2.hash(), c3.hash()]);
+        // A whole document instead of changes.
+        let got =
+            assert_reports_like_get_changes(&Automerge::new(), &message_with(vec![source.save()]));
+        assert_eq!(got.len(), 3);
+
+        // Changes that arrive before their dependencies wait; the message that completes them
+        // reports them all, the waiting ones included, in causal order.
+        let mut doc = has_c1.clone();
+        let mut sync = DocSync::new();
+        let first = sync.receive(&mut doc, &message_with(raw(&[&c3]))).unwrap();
+        assert!(first.new_changes.is_empty() && !first.changed());
+        let got = assert_reports_like_get_changes(&doc, &message_with(raw(&[&c2])));
+        assert_eq!(got, vec![c2.hash(), c3.hash()]);
+    }
+
+    #[test]
+    fn change_chunks_splits_concatenated_chunks_and_skips_documents_and_garbage() {
+        let mut doc = doc_with(&[("kind", "visit-note")]);
+        edit(&mut doc, "x", "1");
+        let changes = doc.get_changes(&[]);
+        let joined: Vec<u8> = raw(&changes.iter().collect::<Vec<_>>()).concat();
+        let found = change_chunks(&joined);
+        assert_eq!(found.len(), 2);
+        for (chunk, change) in found.iter().zip(&changes) {
+            assert_eq!(Change::try_from(*chunk).unwrap().hash(), change.hash());
+        }
+        assert!(
+            change_chunks(&doc.save()).is_empty(),
+            "a document is not a change"
+        );
+        assert!(change_chunks(&joined[..joined.len() - 1]).len() == 1);
+        assert!(change_chunks(&[0xff; 12]).is_empty());
+        assert_eq!(uleb128(&[0xe5, 0x8e, 0x26]), Some((624_485, 3)));
+        assert_eq!(uleb128(&[0x80]), None);
+        assert_eq!(uleb128(&[0xff; 11]), None);
+    }
+
+    #[test]
+    fn a_message_carrying_only_a_whole_document_hands_its_bytes_back() {
+        let mut source = doc_with(&[("kind", "visit-note")]);
+        edit(&mut source, "x", "1");
+        let saved = source.save();
+        let data = message_with(vec![saved.clone()]);
+        assert_eq!(DocSync::sole_document_chunk(&data), Some(saved.clone()));
+        // What an empty document holds after receiving it is what the bytes load to.
+        let mut doc = Automerge::new();
+        DocSync::new().receive(&mut doc, &data).unwrap();
+        assert_eq!(
+            Automerge::load(&saved).unwrap().get_heads(),
+            doc.get_heads()
+        );
+
+        let changes = source.get_changes(&[]);
+        for other in [
+            message_with(raw(&changes.iter().collect::<Vec<_>>())),
+            message_with(vec![
+                [saved.clone(), changes[0].raw_bytes().to_vec()].concat(),
+            ]),
+            message_with(vec![saved.clone(), saved.clone()]),
+            message_with(vec![saved[..saved.len() - 1].to_vec()]),
+            message_with(vec![]),
+            b"garbage".to_vec(),
+        ] {
+            assert_eq!(DocSync::sole_document_chunk(&other), None);
+        }
     }
 
     #[test]

@@ -648,6 +648,16 @@ async fn a_new_document_is_stored_with_a_write_row_before_it_is_acknowledged() {
             kind: "visit-note".into()
         }
     );
+    // Sent whole (the relay had nothing of it), it is stored as the bytes that were sent, and
+    // those load to exactly the document.
+    let snapshot = stored
+        .snapshot
+        .expect("a new document is stored as a snapshot");
+    assert_eq!(snapshot, doc.save());
+    assert_eq!(
+        Automerge::load(&snapshot).expect("loads").get_heads(),
+        doc.get_heads()
+    );
     let writes = rows_for(&w.storage, id, AuditAction::Write).await;
     assert_eq!(writes.len(), 1);
     assert_eq!(
