@@ -201,6 +201,16 @@ pub(crate) fn insert_new(
     unsynced: bool,
 ) -> Result<()> {
     let snapshot = doc.save();
+    insert_row(tx, id, &snapshot, now_ms, unsynced)
+}
+
+fn insert_row(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    snapshot: &[u8],
+    now_ms: i64,
+    unsynced: bool,
+) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO documents (doc_id, snapshot, updated_at, unsynced) VALUES (?1, ?2, ?3, ?4)",
     )?
@@ -217,7 +227,24 @@ pub(crate) fn store_new(
     unsynced: bool,
 ) -> Result<()> {
     insert_new(tx, id, &mut loaded.doc, now_ms, unsynced)?;
-    super::index::refresh(tx, id, loaded, None, now_ms)
+    super::index::index_new(tx, id, loaded, now_ms)
+}
+
+/// [`store_new`] for a document that arrived whole as `bytes` and loaded from exactly those
+/// bytes (strictly: nothing partial, nothing missing): the bytes are stored as they came, as
+/// its snapshot. [`load`] reads any sequence of automerge chunks, so a relay's snapshot plus
+/// the chunks after it is as good a snapshot as `save()`'s, and re-encoding the document
+/// would cost about as much as loading it.
+pub(crate) fn store_new_as_received(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+    bytes: &[u8],
+    now_ms: i64,
+) -> Result<()> {
+    insert_row(tx, id, bytes, now_ms, false)?;
+    loaded.snapshot_bytes = bytes.len() as u64;
+    super::index::index_new(tx, id, loaded, now_ms)
 }
 
 /// Persist changes merged into a loaded document from elsewhere (an import, a sync message):
