@@ -12,7 +12,7 @@ use automerge::{AutoCommit, ChangeHash};
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::model::signing::RoleOnly;
-use crate::model::{DocKind, KeyDirectory, NoteLedger, load_document, root_info};
+use crate::model::{DocKind, KeyDirectory, NoteLedger, get_string, load_document};
 use crate::protocol::DocumentId;
 use crate::{Error, Result};
 
@@ -113,7 +113,11 @@ impl LoadedDoc {
     pub fn refresh_cache(&mut self) {
         self.update_ledger();
         self.cache = DocCache {
-            kind: root_info(&self.doc).kind,
+            // Only `kind` (not all of `root_info`): each root field read is a lookup in the
+            // document, and this runs for every document imported.
+            kind: get_string(&self.doc, &automerge::ROOT, "kind")
+                .as_deref()
+                .and_then(DocKind::parse),
             signed: self.ledger.is_signed(),
             ..DocCache::default()
         };

@@ -10,7 +10,7 @@ use crate::Result;
 use crate::model::conflicts::{
     Conflict, conflicts_inside, conflicts_under_field, touched_fields, visible_path,
 };
-use crate::model::{DocKind, NoteStatus, find_conflicts, get_obj, get_string, root_info};
+use crate::model::{DocKind, NoteStatus, find_conflicts, get_obj, get_string};
 use crate::protocol::DocumentId;
 
 /// Rewrite every index row of document `id` from its current state. Conflict rows are
@@ -54,7 +54,7 @@ fn write_rows(
     let signed = loaded.ledger.is_signed();
     write_review_items(tx, id, loaded)?;
     let doc = &mut loaded.doc;
-    let info = root_info(doc);
+    let info = IndexedRoot::read(doc);
     tx.prepare_cached("UPDATE documents SET kind = ?2, patient_id = ?3, agency_id = ?4, updated_at = ?5 WHERE doc_id = ?1")?
         .execute(params![key, info.kind.map(DocKind::as_str), info.patient_id, info.agency_id, now_ms])?;
     if indexed.is_some() {
@@ -105,6 +105,26 @@ fn write_rows(
         None => insert_conflicts(tx, id, &find_conflicts(doc))?,
     }
     Ok(())
+}
+
+/// The root fields the index keeps: [`crate::model::root_info`]'s, less the two it does not
+/// (each field read is a lookup in the document; on a first sync, thousands of them).
+struct IndexedRoot {
+    kind: Option<DocKind>,
+    patient_id: Option<String>,
+    agency_id: Option<String>,
+}
+
+impl IndexedRoot {
+    fn read(doc: &AutoCommit) -> IndexedRoot {
+        IndexedRoot {
+            kind: get_string(doc, &ROOT, "kind")
+                .as_deref()
+                .and_then(DocKind::parse),
+            patient_id: get_string(doc, &ROOT, "patientId"),
+            agency_id: get_string(doc, &ROOT, "agencyId"),
+        }
+    }
 }
 
 /// Write the review items the ledger created or extended since the last write: a burst of
