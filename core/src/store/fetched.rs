@@ -48,6 +48,15 @@ fn parse_whole_document(bytes: &[u8]) -> std::result::Result<AutoCommit, String>
     Ok(doc)
 }
 
+/// A fetched document after parsing: its place in the batch, id, bytes as received, and the
+/// loaded document or why it is invalid.
+type Parsed = (
+    usize,
+    DocumentId,
+    Vec<u8>,
+    std::result::Result<AutoCommit, String>,
+);
+
 impl Store {
     /// Store documents fetched whole from relay storage `peer` (see the module docs), in one
     /// transaction ([`Durability::ProcessCrash`]: everything here can be fetched again).
@@ -63,12 +72,7 @@ impl Store {
         docs: Vec<(DocumentId, Vec<u8>)>,
     ) -> Result<Vec<(DocumentId, FetchedImport)>> {
         let now = model::now_ms();
-        let mut parsed: Vec<(
-            usize,
-            DocumentId,
-            Vec<u8>,
-            std::result::Result<AutoCommit, String>,
-        )> = docs
+        let mut parsed: Vec<Parsed> = docs
             .into_iter()
             .enumerate()
             .map(|(i, (id, bytes))| {
