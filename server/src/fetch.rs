@@ -55,6 +55,8 @@ struct FetchRequest {
 
 /// What goes into the answer for one id.
 enum Planned {
+    /// Its bytes are to be read (it may be seen, and fits the budget by its row).
+    Load(DocumentId),
     Ok(DocumentId, StoredDocument),
     Unavailable(DocumentId),
     Deferred(DocumentId),
@@ -98,25 +100,42 @@ fn stored_bytes(doc: &StoredDocument) -> usize {
     doc.snapshot.as_ref().map_or(0, Vec::len) + doc.chunks.iter().map(Vec::len).sum::<usize>()
 }
 
+/// Documents whose stored row, then whose bytes, are read at once while answering: each read
+/// is a round trip to the storage's blocking pool (or the database), and one at a time they
+/// left the relay mostly waiting.
+const FETCH_READS_IN_FLIGHT: usize = 8;
+
 /// The handler.
 pub async fn fetch_documents(
     principal: Principal,
     State(relay): State<AppState>,
     body: Bytes,
 ) -> Result<Response> {
+    use futures::{StreamExt, TryStreamExt};
+
     let ids = parse_request(&body)?;
     let storage = relay.storage();
+    // 1. Every row (who the document belongs to, its size; no bytes).
+    // (The futures are made first: a stream mapping ids to them trips a known limitation of
+    // the compiler with `Send` and higher-ranked lifetimes in axum handlers.)
+    let reads: Vec<_> = ids.iter().map(|id| storage.document_row(*id)).collect();
+    let rows: Vec<_> = futures::stream::iter(reads)
+        .buffered(FETCH_READS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    // 2. In the order asked: access, then the byte budget by the rows' sizes. Only documents
+    // the caller may see are read.
     let mut care_team: HashMap<PatientId, bool> = HashMap::new();
     let mut planned = Vec::with_capacity(ids.len());
-    let mut rows = Vec::new();
+    let mut rows_out: Vec<(usize, AuditEvent)> = Vec::new();
     let mut budget_used = 0usize;
-    let mut sent_any = false;
-    for id in ids {
-        if sent_any && budget_used >= FETCH_RESPONSE_BUDGET_BYTES {
+    let mut to_load = Vec::new();
+    for (i, (id, row)) in ids.iter().copied().zip(rows).enumerate() {
+        if !to_load.is_empty() && budget_used >= FETCH_RESPONSE_BUDGET_BYTES {
             planned.push(Planned::Deferred(id));
             continue;
         }
-        let Some(row) = storage.document_row(id).await? else {
+        let Some(row) = row else {
             planned.push(Planned::Unavailable(id));
             continue;
         };
@@ -127,41 +146,74 @@ pub async fn fetch_documents(
                 (row.meta.agency_id == *principal.agency_id()).then(|| row.meta.patient_id.clone());
             let mut heads = row.heads;
             heads.truncate(MAX_AUDIT_HEADS);
-            rows.push(event(
-                &principal,
-                id,
-                principal.agency_id().clone(),
-                patient,
-                AuditAction::Deny,
-                heads,
+            rows_out.push((
+                i,
+                event(
+                    &principal,
+                    id,
+                    principal.agency_id().clone(),
+                    patient,
+                    AuditAction::Deny,
+                    heads,
+                ),
             ));
             planned.push(Planned::Unavailable(id));
             continue;
         }
-        // Gone since its row was read (another relay process, an offboarding): unknown now.
-        let Some(doc) = storage.load_document(id).await? else {
-            planned.push(Planned::Unavailable(id));
-            continue;
-        };
-        let size = stored_bytes(&doc);
+        let size = usize::try_from(row.stored_bytes).unwrap_or(usize::MAX);
         if size > MAX_FETCH_DOC_BYTES {
             // Larger than a batch may carry: the device syncs it over the WebSocket.
             planned.push(Planned::Deferred(id));
             continue;
         }
+        budget_used = budget_used.saturating_add(size);
+        to_load.push(i);
+        planned.push(Planned::Load(id));
+    }
+    // 3. The bytes of those documents.
+    let reads: Vec<_> = to_load
+        .iter()
+        .map(|&i| storage.load_document(ids[i]))
+        .collect();
+    let loaded: Vec<Option<StoredDocument>> = futures::stream::iter(reads)
+        .buffered(FETCH_READS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    // 4. The answer, by the sizes read (a document may have grown since its row was read):
+    // the budget again, and a `read` row for each document sent.
+    let mut budget_used = 0usize;
+    let mut sent_any = false;
+    for (i, doc) in to_load.into_iter().zip(loaded) {
+        let id = ids[i];
+        // Gone since its row was read (another relay process, an offboarding): unknown now.
+        let Some(doc) = doc else {
+            planned[i] = Planned::Unavailable(id);
+            continue;
+        };
+        let size = stored_bytes(&doc);
+        if size > MAX_FETCH_DOC_BYTES || (sent_any && budget_used >= FETCH_RESPONSE_BUDGET_BYTES) {
+            planned[i] = Planned::Deferred(id);
+            continue;
+        }
         budget_used += size;
         sent_any = true;
-        rows.push(event(
-            &principal,
-            id,
-            doc.meta.agency_id.clone(),
-            Some(doc.meta.patient_id.clone()),
-            AuditAction::Read,
-            doc.heads.clone(),
+        rows_out.push((
+            i,
+            event(
+                &principal,
+                id,
+                doc.meta.agency_id.clone(),
+                Some(doc.meta.patient_id.clone()),
+                AuditAction::Read,
+                doc.heads.clone(),
+            ),
         ));
-        planned.push(Planned::Ok(id, doc));
+        planned[i] = Planned::Ok(id, doc);
     }
-    if !rows.is_empty() {
+    if !rows_out.is_empty() {
+        // In the order asked, as when they were decided one at a time.
+        rows_out.sort_by_key(|(i, _)| *i);
+        let rows = rows_out.into_iter().map(|(_, row)| row).collect();
         // Durable before anything is sent; if this fails, the caller gets a 500 and no data.
         storage.append_audit(rows).await?;
     }
@@ -177,7 +229,8 @@ pub async fn fetch_documents(
                 answer.ok(*id, &parts);
             }
             Planned::Unavailable(id) => answer.unavailable(*id),
-            Planned::Deferred(id) => answer.deferred(*id),
+            // (`Load` does not remain: every one was read above.)
+            Planned::Deferred(id) | Planned::Load(id) => answer.deferred(*id),
         }
     }
     Ok((

@@ -17,7 +17,7 @@ use fieldchart_mobile::{PassOptions, PassReport, PassStatus, RelayConfig, SyncCl
 use serde_json::{Value, json};
 
 use crate::relay_process::{SyncOutcome, TestPeer, set, visit_note};
-use crate::relay_stats::BenchRelay;
+use crate::relay_stats::{BenchRelay, ProcSample};
 
 /// How long a live session may take to report it is up to date.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -202,6 +202,11 @@ pub struct ReconnectRun {
     pub bootstrap_wire_bytes: u64,
     /// Sum of the documents' `save()` sizes on the device after the first pass.
     pub save_bytes: u64,
+    /// CPU seconds the relay process spent during the first pass.
+    pub bootstrap_relay_cpu_s: Option<f64>,
+    /// CPU seconds this process (the device: pass, store, HTTP client, and the byte-counting
+    /// proxy) spent during the first pass.
+    pub bootstrap_device_cpu_s: Option<f64>,
     /// Documents per batch fetch in the first pass (0: none, WebSocket only).
     pub fetch_batch_docs: usize,
     /// Reconnect with nothing changed (a one-off pass).
@@ -268,6 +273,9 @@ impl ReconnectRun {
             "save_bytes": self.save_bytes,
             "bootstrap_wire_over_save": self.bootstrap_wire_bytes as f64 / self.save_bytes.max(1) as f64,
             "bootstrap_round_trips": self.bootstrap.round_trips,
+            "bootstrap_relay_cpu_s": self.bootstrap_relay_cpu_s,
+            "bootstrap_device_cpu_s": self.bootstrap_device_cpu_s,
+            "bootstrap_device_cpu_note": "this process: the device's pass and store, its HTTP client, and the proxy counting bytes",
             "fetch_batch_docs": self.fetch_batch_docs,
         });
         if let Some(r) = &self.after_change {
@@ -413,6 +421,8 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
     );
     let fetch_batch_docs = fetch_batch_docs();
     let _ = wire.take();
+    let relay_before = ProcSample::read(relay.pid()).ok();
+    let device_before = ProcSample::read(std::process::id()).ok();
     let bootstrap = client
         .run_pass(PassOptions {
             fetch_batch_docs,
@@ -420,6 +430,12 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         })
         .await;
     let (bootstrap_wire_bytes, _) = wire.take();
+    let cpu = |pid: u32, before: Option<ProcSample>| {
+        let after = ProcSample::read(pid).ok()?;
+        Some(after.since(&before?).cpu_s)
+    };
+    let bootstrap_relay_cpu_s = cpu(relay.pid(), relay_before);
+    let bootstrap_device_cpu_s = cpu(std::process::id(), device_before);
     let held_ids = store.document_ids().map_err(|e| e.to_string())?;
     let held = held_ids.len();
     let mut save_bytes = 0u64;
@@ -488,6 +504,8 @@ pub async fn measure(docs: usize, changed: usize) -> Result<ReconnectRun, String
         bootstrap,
         bootstrap_wire_bytes,
         save_bytes,
+        bootstrap_relay_cpu_s,
+        bootstrap_device_cpu_s,
         fetch_batch_docs,
         idle,
         idle_live,

@@ -12,7 +12,7 @@ use automerge::{AutoCommit, ChangeHash};
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::model::signing::RoleOnly;
-use crate::model::{DocKind, KeyDirectory, NoteLedger, load_document, root_info};
+use crate::model::{DocKind, KeyDirectory, NoteLedger, get_string, load_document};
 use crate::protocol::DocumentId;
 use crate::{Error, Result};
 
@@ -113,7 +113,11 @@ impl LoadedDoc {
     pub fn refresh_cache(&mut self) {
         self.update_ledger();
         self.cache = DocCache {
-            kind: root_info(&self.doc).kind,
+            // Only `kind` (not all of `root_info`): each root field read is a lookup in the
+            // document, and this runs for every document imported.
+            kind: get_string(&self.doc, &automerge::ROOT, "kind")
+                .as_deref()
+                .and_then(DocKind::parse),
             signed: self.ledger.is_signed(),
             ..DocCache::default()
         };
@@ -201,6 +205,16 @@ pub(crate) fn insert_new(
     unsynced: bool,
 ) -> Result<()> {
     let snapshot = doc.save();
+    insert_row(tx, id, &snapshot, now_ms, unsynced)
+}
+
+fn insert_row(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    snapshot: &[u8],
+    now_ms: i64,
+    unsynced: bool,
+) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO documents (doc_id, snapshot, updated_at, unsynced) VALUES (?1, ?2, ?3, ?4)",
     )?
@@ -217,7 +231,24 @@ pub(crate) fn store_new(
     unsynced: bool,
 ) -> Result<()> {
     insert_new(tx, id, &mut loaded.doc, now_ms, unsynced)?;
-    super::index::refresh(tx, id, loaded, None, now_ms)
+    super::index::index_new(tx, id, loaded, now_ms)
+}
+
+/// [`store_new`] for a document that arrived whole as `bytes` and loaded from exactly those
+/// bytes (strictly: nothing partial, nothing missing): the bytes are stored as they came, as
+/// its snapshot. [`load`] reads any sequence of automerge chunks, so a relay's snapshot plus
+/// the chunks after it is as good a snapshot as `save()`'s, and re-encoding the document
+/// would cost about as much as loading it.
+pub(crate) fn store_new_as_received(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+    bytes: &[u8],
+    now_ms: i64,
+) -> Result<()> {
+    insert_row(tx, id, bytes, now_ms, false)?;
+    loaded.snapshot_bytes = bytes.len() as u64;
+    super::index::index_new(tx, id, loaded, now_ms)
 }
 
 /// Persist changes merged into a loaded document from elsewhere (an import, a sync message):

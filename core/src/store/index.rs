@@ -10,7 +10,7 @@ use crate::Result;
 use crate::model::conflicts::{
     Conflict, conflicts_inside, conflicts_under_field, touched_fields, visible_path,
 };
-use crate::model::{DocKind, NoteStatus, find_conflicts, get_obj, get_string, root_info};
+use crate::model::{DocKind, NoteStatus, find_conflicts, get_obj, get_string};
 use crate::protocol::DocumentId;
 
 /// Rewrite every index row of document `id` from its current state. Conflict rows are
@@ -23,6 +23,28 @@ pub(crate) fn refresh(
     indexed: Option<&[ChangeHash]>,
     now_ms: i64,
 ) -> Result<()> {
+    write_rows(tx, id, loaded, Some(indexed), now_ms)
+}
+
+/// Write the index rows of a document just inserted, in the same transaction: it has none
+/// yet, so nothing is deleted first (on a first sync that is thousands of statements).
+pub(crate) fn index_new(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+    now_ms: i64,
+) -> Result<()> {
+    write_rows(tx, id, loaded, None, now_ms)
+}
+
+/// `indexed`: as [`refresh`]'s; `None`: a new document, without rows to replace.
+fn write_rows(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+    indexed: Option<Option<&[ChangeHash]>>,
+    now_ms: i64,
+) -> Result<()> {
     let key = id.as_bytes();
     let signed_at = loaded
         .ledger
@@ -32,13 +54,15 @@ pub(crate) fn refresh(
     let signed = loaded.ledger.is_signed();
     write_review_items(tx, id, loaded)?;
     let doc = &mut loaded.doc;
-    let info = root_info(doc);
+    let info = IndexedRoot::read(doc);
     tx.prepare_cached("UPDATE documents SET kind = ?2, patient_id = ?3, agency_id = ?4, updated_at = ?5 WHERE doc_id = ?1")?
         .execute(params![key, info.kind.map(DocKind::as_str), info.patient_id, info.agency_id, now_ms])?;
-    tx.prepare_cached("DELETE FROM patients WHERE doc_id = ?1")?
-        .execute([key])?;
-    tx.prepare_cached("DELETE FROM notes WHERE doc_id = ?1")?
-        .execute([key])?;
+    if indexed.is_some() {
+        tx.prepare_cached("DELETE FROM patients WHERE doc_id = ?1")?
+            .execute([key])?;
+        tx.prepare_cached("DELETE FROM notes WHERE doc_id = ?1")?
+            .execute([key])?;
+    }
     match (info.kind, &info.patient_id) {
         (Some(DocKind::Patient), Some(patient)) => {
             let name =
@@ -72,14 +96,35 @@ pub(crate) fn refresh(
         _ => {}
     }
     match indexed {
-        Some(before) if !has_object_conflicts(tx, id)? => {
+        Some(Some(before)) if !has_object_conflicts(tx, id)? => {
             if !refresh_conflicts_incrementally(tx, id, doc, before)? {
                 refresh_all_conflicts(tx, id, doc)?;
             }
         }
-        _ => refresh_all_conflicts(tx, id, doc)?,
+        Some(_) => refresh_all_conflicts(tx, id, doc)?,
+        None => insert_conflicts(tx, id, &find_conflicts(doc))?,
     }
     Ok(())
+}
+
+/// The root fields the index keeps: [`crate::model::root_info`]'s, less the two it does not
+/// (each field read is a lookup in the document; on a first sync, thousands of them).
+struct IndexedRoot {
+    kind: Option<DocKind>,
+    patient_id: Option<String>,
+    agency_id: Option<String>,
+}
+
+impl IndexedRoot {
+    fn read(doc: &AutoCommit) -> IndexedRoot {
+        IndexedRoot {
+            kind: get_string(doc, &ROOT, "kind")
+                .as_deref()
+                .and_then(DocKind::parse),
+            patient_id: get_string(doc, &ROOT, "patientId"),
+            agency_id: get_string(doc, &ROOT, "agencyId"),
+        }
+    }
 }
 
 /// Write the review items the ledger created or extended since the last write: a burst of
