@@ -189,6 +189,8 @@ struct Sample {
     throttling: Vec<Option<Throttling>>,
     /// The PostgreSQL backends of the run's database.
     postgres: Option<PgBackends>,
+    /// The machine's count of connections dropped because a listening socket's queue was full.
+    listen_overflows: Option<u64>,
 }
 
 impl Relay {
@@ -232,8 +234,27 @@ impl Relay {
             each,
             throttling: self.processes.iter().map(BenchRelay::throttling).collect(),
             postgres: self.database.as_ref().map(|db| PgBackends::read(db.name())),
+            listen_overflows: listen_overflows(),
         }
     }
+}
+
+/// `TcpExt: ListenOverflows` of `/proc/net/netstat`: handshakes the kernel dropped, machine-wide,
+/// because a listening socket's accept queue was full (each costs the client a one-second
+/// retransmission). `None` where it cannot be read.
+fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows")?;
+        return values.split_whitespace().nth(at)?.parse().ok();
+    }
+    None
 }
 
 fn progress_bar(progress: bool, len: usize, what: &str) -> ProgressBar {
@@ -884,6 +905,10 @@ fn relay_figures(before: &Sample, after: &Sample) -> Value {
     }
     if !throttling.is_empty() {
         out["relay_throttling"] = json!(throttling);
+    }
+    if let (Some(b), Some(a)) = (before.listen_overflows, after.listen_overflows) {
+        // Machine-wide: on the bench's machine the relays are the only busy listeners.
+        out["listen_overflows"] = json!(a.saturating_sub(b));
     }
     if let (Some(b), Some(a)) = (&before.postgres, &after.postgres) {
         out["postgres_backends"] = json!(a.count());
