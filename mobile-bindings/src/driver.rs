@@ -307,6 +307,8 @@ pub struct SyncClient {
     http_base: String,
     ws_url: String,
     http: reqwest::Client,
+    /// For retries of reads: a fresh connection each time (see `tls::http_client_unpooled`).
+    http_retry: reqwest::Client,
     tls: Arc<rustls::ClientConfig>,
     local_tx: mpsc::UnboundedSender<DocumentId>,
     /// Held by the running pass: one pass at a time, and only it hears local edits.
@@ -390,6 +392,7 @@ impl SyncClient {
         };
         let tls = crate::tls::client_config_with(tls)?;
         let http = crate::tls::http_client(&tls)?;
+        let http_retry = crate::tls::http_client_unpooled(&tls)?;
         let (local_tx, local_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(SyncClient {
@@ -401,6 +404,7 @@ impl SyncClient {
             ws_url: format!("{ws_base}/v1/sync"),
             http_base,
             http,
+            http_retry,
             tls,
             local_tx,
             local_rx: Mutex::new(local_rx),
@@ -522,7 +526,7 @@ impl SyncClient {
                         io.fetch_requests += 1;
                         io.round_trips += 1;
                         fetches.spawn(fetch_documents(
-                            self.http.clone(),
+                            [self.http.clone(), self.http_retry.clone()],
                             format!("{}{FETCH_PATH}", self.http_base),
                             self.relay.token.clone(),
                             ids,
@@ -726,11 +730,16 @@ impl SyncClient {
         // The feed request is a read, so it is sent once more when the first attempt failed
         // before any response: a pooled keep-alive connection the network (or the relay) has
         // already closed fails that way, as after a phone changes networks, and the second
-        // attempt opens a fresh connection.
+        // attempt goes out on a fresh connection (not the next pooled one, which may be dead
+        // too).
         let mut retried = false;
         let mut response = loop {
-            let sent = self
-                .http
+            let http = if retried {
+                &self.http_retry
+            } else {
+                &self.http
+            };
+            let sent = http
                 .get(format!("{}/v1/changes", self.http_base))
                 .bearer_auth(&self.relay.token)
                 .query(&query)
@@ -809,7 +818,7 @@ impl SyncClient {
 /// breaks off is [`PassEvent::DocumentsUnreachable`] with what arrived (whole records in it
 /// are kept by the pass).
 async fn fetch_documents(
-    http: reqwest::Client,
+    [http, http_retry]: [reqwest::Client; 2],
     url: String,
     token: String,
     ids: Vec<DocumentId>,
@@ -820,10 +829,11 @@ async fn fetch_documents(
     let mut received = Vec::new();
     let outcome = async {
         // A read, so sent once more when a pooled keep-alive connection fails before any
-        // response (as the feed read is; see `fetch_feed_inner`).
+        // response, on a fresh connection (as the feed read is; see `fetch_feed_inner`).
         let mut retried = false;
         let mut response = loop {
-            let sent = http
+            let client = if retried { &http_retry } else { &http };
+            let sent = client
                 .post(&url)
                 .bearer_auth(&token)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")

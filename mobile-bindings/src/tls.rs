@@ -79,12 +79,26 @@ pub fn client_config_with(tls: &TlsConfig) -> Result<Arc<ClientConfig>, DriverEr
 
 /// An HTTP client over `tls`, with the driver's timeouts.
 pub(crate) fn http_client(tls: &ClientConfig) -> Result<reqwest::Client, DriverError> {
+    http_client_builder(tls)
+        .build()
+        .map_err(|e| DriverError::Http(e.to_string()))
+}
+
+/// [`http_client`] that never reuses a connection: every request opens its own. For the
+/// second attempt of a read whose first failed on a pooled connection — after a network
+/// change every pooled connection may be dead, and a pooled retry can pick the next dead one.
+pub(crate) fn http_client_unpooled(tls: &ClientConfig) -> Result<reqwest::Client, DriverError> {
+    http_client_builder(tls)
+        .pool_max_idle_per_host(0)
+        .build()
+        .map_err(|e| DriverError::Http(e.to_string()))
+}
+
+fn http_client_builder(tls: &ClientConfig) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .use_preconfigured_tls(tls.clone())
         .timeout(crate::driver::HTTP_TIMEOUT)
         .connect_timeout(crate::driver::CONNECT_TIMEOUT)
-        .build()
-        .map_err(|e| DriverError::Http(e.to_string()))
 }
 
 /// An error and its causes, `: `-joined: reqwest's own text ("error sending request") hides
@@ -112,6 +126,58 @@ mod tests {
         let config = client_config().expect("TLS configuration");
         assert!(config.alpn_protocols.is_empty());
         assert!(!webpki_roots::TLS_SERVER_ROOTS.is_empty());
+    }
+
+    /// Connections a plain HTTP/1.1 server on 127.0.0.1 accepts while `client` sends
+    /// `requests` GETs one after another (every answer keeps its connection alive).
+    async fn connections_for(client: &reqwest::Client, requests: usize) -> usize {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("address"));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = tokio::spawn({
+            let accepted = Arc::clone(&accepted);
+            async move {
+                loop {
+                    let Ok((mut socket, _)) = listener.accept().await else {
+                        return;
+                    };
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let mut buffer = [0u8; 4096];
+                        // Each read holds one whole request here (small GETs on loopback).
+                        while let Ok(n) = socket.read(&mut buffer).await {
+                            if n == 0 {
+                                return;
+                            }
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if socket.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        for _ in 0..requests {
+            let response = client.get(&url).send().await.expect("request");
+            assert_eq!(response.text().await.expect("body"), "ok");
+        }
+        server.abort();
+        accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The retry of a read after a dead pooled connection must not take the next pooled one:
+    /// the unpooled client opens a connection per request, the pooled one reuses it.
+    #[tokio::test]
+    async fn the_retry_client_opens_a_fresh_connection_for_every_request() {
+        let tls = client_config().expect("TLS configuration");
+        let pooled = http_client(&tls).expect("client");
+        let unpooled = http_client_unpooled(&tls).expect("client");
+        assert_eq!(connections_for(&pooled, 3).await, 1);
+        assert_eq!(connections_for(&unpooled, 3).await, 3);
     }
 
     #[test]
