@@ -870,6 +870,9 @@ impl Session {
         mut pending: PendingDoc,
         data: Vec<u8>,
     ) -> Result<(), End> {
+        // Changes an earlier message brought may still wait in automerge's queue for their
+        // dependencies (the document's heads stay empty until they arrive).
+        let earlier_changes = pending.bytes() > 0;
         // Bounds first, on the decoded size of the changes, before anything is applied.
         let incoming = change_bytes(id, &data)?;
         if incoming > 0 {
@@ -910,10 +913,12 @@ impl Session {
                 .receive(&mut pending.doc, &data)
                 .map(|o| o.heads_before.is_empty().then_some(o.new_changes));
             let empty = pending.doc.get_heads().is_empty();
-            // A document sent whole to a document that was empty: those bytes are what it now
-            // holds, and become its snapshot (no second encoding by `save`).
+            // A document sent whole to a document that was empty and had been sent nothing
+            // before: those bytes are what it now holds, and become its snapshot (no second
+            // encoding by `save`). After earlier changes it may hold more than the bytes —
+            // queued changes the whole document released — so it is saved.
             let saved = match &received {
-                Ok(Some(_)) if !empty => DocSync::sole_document_chunk(&data),
+                Ok(Some(_)) if !empty && !earlier_changes => DocSync::sole_document_chunk(&data),
                 _ => None,
             };
             // A first announcement carries only heads: answer it (asking for everything)

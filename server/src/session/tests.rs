@@ -669,6 +669,77 @@ async fn a_new_document_is_stored_with_a_write_row_before_it_is_acknowledged() {
     );
 }
 
+/// A sync message whose changes are exactly `chunks` (any automerge storage chunks).
+fn sync_message_with(chunks: Vec<Vec<u8>>) -> Vec<u8> {
+    automerge::sync::Message {
+        heads: Vec::new(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: automerge::sync::ChunkList::from(chunks),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    }
+    .encode()
+}
+
+/// A change sent before its dependency (the new document stays empty), then the whole document
+/// without it: the relay's stored heads must always be what its stored bytes load to — a
+/// snapshot kept as the bytes sent must not claim a change those bytes lack — and a sync then
+/// brings the rest.
+#[tokio::test]
+async fn a_whole_document_after_a_dangling_change_stores_what_its_bytes_hold() {
+    let w = world().await;
+    let mut nurse = Client::connect(&w, &w.nurse);
+    nurse.join().await;
+    let id = DocumentId::random();
+    let mut doc = note_doc(w.agency.as_str(), w.patient.as_str());
+    let whole = doc.save();
+    let before = doc.get_heads();
+    edit(&mut doc, "narrative", "written after the first save");
+    let later: Vec<Vec<u8>> = doc
+        .get_changes(&before)
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    nurse.sync(id, sync_message_with(later));
+    nurse.sync(id, sync_message_with(vec![whole]));
+    // The relay stores the note before it acknowledges it: wait for that answer.
+    let mut stored = None;
+    for _ in 0..5 {
+        nurse.message().await;
+        stored = w.storage.load_document(id).await.expect("load");
+        if stored.is_some() {
+            break;
+        }
+    }
+    let stored = stored.expect("the note is stored once it is whole");
+    let mut reloaded =
+        Automerge::load(stored.snapshot.as_deref().expect("a snapshot")).expect("loads");
+    for chunk in &stored.chunks {
+        reloaded.load_incremental(chunk).expect("chunk loads");
+    }
+    // What the relay says it holds is what its stored bytes load to (here the first change
+    // only: a document that stays empty is answered without keeping what it was sent).
+    assert_eq!(reloaded.get_heads(), stored.heads);
+    // A sync then completes it.
+    nurse
+        .sync_until_in_sync(id, &mut doc, &mut DocSync::new())
+        .await;
+    let stored = w
+        .storage
+        .load_document(id)
+        .await
+        .expect("load")
+        .expect("stored");
+    let mut reloaded =
+        Automerge::load(stored.snapshot.as_deref().expect("a snapshot")).expect("loads");
+    for chunk in &stored.chunks {
+        reloaded.load_incremental(chunk).expect("chunk loads");
+    }
+    assert_eq!(reloaded.get_heads(), doc.get_heads());
+    assert_eq!(stored.heads, doc.get_heads());
+}
+
 #[tokio::test]
 async fn a_new_document_for_a_patient_off_the_care_team_is_refused_and_nothing_stored() {
     let w = world().await;
