@@ -44,14 +44,23 @@ impl AuditLog {
 
     /// Store one event; returns once it is durable.
     pub async fn record(&self, event: AuditEvent) -> Result<()> {
+        self.submit(event)
+            .await?
+            .await
+            .map_err(|_| Error::Storage("the audit writer has stopped".into()))?
+    }
+
+    /// Queue one event and return at once (after waiting for room in the queue); the receiver
+    /// answers when the event is durable, or with the error that kept it from being stored.
+    /// Events queued while a batch commits go into the next batch together, so a session
+    /// that queues several before waiting shares one commit among them.
+    pub async fn submit(&self, event: AuditEvent) -> Result<oneshot::Receiver<Result<()>>> {
         let (done, result) = oneshot::channel();
         self.queue
             .send((event, done))
             .await
             .map_err(|_| Error::Storage("the audit writer has stopped".into()))?;
-        result
-            .await
-            .map_err(|_| Error::Storage("the audit writer has stopped".into()))?
+        Ok(result)
     }
 }
 

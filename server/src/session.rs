@@ -445,6 +445,16 @@ impl Session {
     }
 
     async fn send(&mut self, message: Message) -> Result<(), End> {
+        self.send_after(None, message).await
+    }
+
+    /// [`Session::send`], the frame held by the outbox until `durable` (a `read` row's commit)
+    /// succeeded.
+    async fn send_after(
+        &mut self,
+        durable: Option<tokio::sync::oneshot::Receiver<crate::error::Result<()>>>,
+        message: Message,
+    ) -> Result<(), End> {
         let bytes = message.encode();
         metrics::counter!(MESSAGES_SENT, "type" => message.type_name()).increment(1);
         metrics::counter!(BYTES_SENT).increment(bytes.len() as u64);
@@ -453,7 +463,7 @@ impl Session {
         tokio::select! {
             biased;
             reason = ticket.closed() => Err(End::from_close(reason)),
-            sent = outbox.send(Frame::Binary(bytes)) => match sent {
+            sent = outbox.send_after(durable, Frame::Binary(bytes)) => match sent {
                 Ok(()) => Ok(()),
                 Err(OutboxError::Closed) => Err(End::Disconnected("send_failed")),
                 Err(OutboxError::SlowReader) => Err(End::Disconnected("slow_reader")),
@@ -1310,19 +1320,35 @@ impl Session {
                 AuditAction::Read,
                 heads,
             );
-            self.relay.audit().record(event).await?;
+            // Queued, not awaited: the outbox holds this message (and everything after it)
+            // until the row is durable, and the session goes on to its next frames, whose rows
+            // share the next commit.
+            let durable = self.relay.audit().submit(event).await?;
+            return self.send_sync_after(id, data, Some(durable)).await;
         }
         self.send_sync_unaudited(id, data).await
     }
 
     async fn send_sync_unaudited(&mut self, id: DocumentId, data: Vec<u8>) -> Result<(), End> {
+        self.send_sync_after(id, data, None).await
+    }
+
+    async fn send_sync_after(
+        &mut self,
+        id: DocumentId,
+        data: Vec<u8>,
+        durable: Option<tokio::sync::oneshot::Receiver<crate::error::Result<()>>>,
+    ) -> Result<(), End> {
         let target_id = self.peer_id()?;
-        self.send(Message::Sync {
-            sender_id: self.relay.peer_id().clone(),
-            target_id,
-            document_id: id,
-            data,
-        })
+        self.send_after(
+            durable,
+            Message::Sync {
+                sender_id: self.relay.peer_id().clone(),
+                target_id,
+                document_id: id,
+                data,
+            },
+        )
         .await
     }
 }

@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use futures::{Sink, SinkExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::Frame;
+use super::{Frame, close_code};
 use crate::config::CLOSE_GRACE;
 use crate::metrics::LIMIT_HITS;
 
@@ -24,10 +24,20 @@ pub(super) enum OutboxError {
     SlowReader,
 }
 
+/// A frame to send and, for one that discloses a document, the commit of its `read` audit row:
+/// the writer sends nothing past it until that commit succeeded, so frames keep their order and
+/// no document data leaves before its row is durable, while the session goes on to its next
+/// frames (their rows share the audit log's next commit).
+#[derive(Debug)]
+struct Outgoing {
+    after: Option<oneshot::Receiver<crate::error::Result<()>>>,
+    frame: Frame,
+}
+
 /// The sending half of a session's socket. See the module docs.
 #[derive(Debug)]
 pub(super) struct Outbox {
-    queue: Option<mpsc::Sender<Frame>>,
+    queue: Option<mpsc::Sender<Outgoing>>,
     writer: JoinHandle<()>,
     send_timeout: Duration,
 }
@@ -49,12 +59,26 @@ impl Outbox {
 
     /// Queue a frame, waiting at most the send timeout for room.
     pub(super) async fn send(&self, frame: Frame) -> Result<(), OutboxError> {
+        self.send_after(None, frame).await
+    }
+
+    /// [`Outbox::send`] of a frame the writer sends only once `durable` answered `Ok` (see
+    /// [`Outgoing`]); if it answers otherwise, the writer closes the socket with 1011 and sends
+    /// nothing more.
+    pub(super) async fn send_after(
+        &self,
+        durable: Option<oneshot::Receiver<crate::error::Result<()>>>,
+        frame: Frame,
+    ) -> Result<(), OutboxError> {
         let Some(queue) = &self.queue else {
             return Err(OutboxError::Closed);
         };
         match tokio::time::timeout(self.send_timeout, queue.reserve()).await {
             Ok(Ok(permit)) => {
-                permit.send(frame);
+                permit.send(Outgoing {
+                    after: durable,
+                    frame,
+                });
                 Ok(())
             }
             Ok(Err(_)) => Err(OutboxError::Closed),
@@ -69,7 +93,7 @@ impl Outbox {
     pub(super) fn try_send(&self, frame: Frame) -> bool {
         self.queue
             .as_ref()
-            .is_some_and(|queue| queue.try_send(frame).is_ok())
+            .is_some_and(|queue| queue.try_send(Outgoing { after: None, frame }).is_ok())
     }
 
     /// Resolves when the writer has stopped (the socket failed or a send timed out).
@@ -98,11 +122,23 @@ impl Drop for Outbox {
     }
 }
 
-async fn write_frames<K>(mut sink: K, mut rx: mpsc::Receiver<Frame>, send_timeout: Duration)
+async fn write_frames<K>(mut sink: K, mut rx: mpsc::Receiver<Outgoing>, send_timeout: Duration)
 where
     K: Sink<Frame> + Unpin,
 {
-    while let Some(frame) = rx.recv().await {
+    while let Some(Outgoing { after, frame }) = rx.recv().await {
+        if let Some(durable) = after {
+            if !matches!(durable.await, Ok(Ok(()))) {
+                tracing::error!("a read audit row could not be stored; nothing more is sent");
+                rx.close();
+                let close = Frame::Close(Some((
+                    close_code::INTERNAL_ERROR,
+                    "the relay could not record this access".into(),
+                )));
+                let _ = tokio::time::timeout(send_timeout, sink.send(close)).await;
+                return;
+            }
+        }
         let last = matches!(frame, Frame::Close(_));
         match tokio::time::timeout(send_timeout, sink.send(frame)).await {
             Ok(Ok(())) if !last => {}

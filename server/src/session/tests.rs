@@ -1761,6 +1761,61 @@ async fn faulty_world() -> (World, Arc<Faults>) {
     )
 }
 
+/// A document is sent only after its `read` row is durable: when the row cannot be stored the
+/// document never leaves, and the socket closes with 1011.
+#[tokio::test]
+async fn a_document_whose_read_row_cannot_be_stored_is_not_sent() {
+    let (w, faults) = faulty_world().await;
+    let (id, _) = stored_note(&w).await;
+    let mut office = Client::connect(&w, &w.office);
+    office.join().await;
+    faults.set(WriteFault::DiskFull);
+    office.request(
+        id,
+        DocSync::new().generate(&Automerge::new()).expect("first"),
+    );
+    match office.frame().await {
+        Some(Frame::Close(Some((code, _)))) => assert_eq!(code, close_code::INTERNAL_ERROR),
+        other => panic!("expected the socket closed, got {other:?}"),
+    }
+    assert!(faults.refused() >= 1, "the read row's write was refused");
+    faults.set(WriteFault::None);
+    let reads = rows_for(&w.storage, id, AuditAction::Read).await;
+    assert!(reads.is_empty(), "{reads:?}");
+}
+
+/// Requests sent back to back on one socket are answered in order, each document after its
+/// own `read` row (the rows of requests waiting together share a commit).
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_each_after_its_read_row() {
+    let w = world().await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(stored_note(&w).await.0);
+    }
+    let mut office = Client::connect(&w, &w.office);
+    office.join().await;
+    for id in &ids {
+        office.request(
+            *id,
+            DocSync::new().generate(&Automerge::new()).expect("first"),
+        );
+    }
+    for id in &ids {
+        match office.message().await {
+            Message::Sync { document_id, .. } => {
+                assert_eq!(document_id, *id, "answers keep the order of the requests");
+                let reads = rows_for(&w.storage, *id, AuditAction::Read).await;
+                assert!(
+                    reads.iter().any(|r| r.event.user_id == *w.office.user_id()),
+                    "the read row is durable before the document arrives"
+                );
+            }
+            other => panic!("expected a sync message, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_panic_while_committing_ends_that_session_only_and_nothing_unstored_is_served() {
     let (w, faults) = faulty_world().await;
