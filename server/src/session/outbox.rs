@@ -127,17 +127,17 @@ where
     K: Sink<Frame> + Unpin,
 {
     while let Some(Outgoing { after, frame }) = rx.recv().await {
-        if let Some(durable) = after {
-            if !matches!(durable.await, Ok(Ok(()))) {
-                tracing::error!("a read audit row could not be stored; nothing more is sent");
-                rx.close();
-                let close = Frame::Close(Some((
-                    close_code::INTERNAL_ERROR,
-                    "the relay could not record this access".into(),
-                )));
-                let _ = tokio::time::timeout(send_timeout, sink.send(close)).await;
-                return;
-            }
+        if let Some(durable) = after
+            && !matches!(durable.await, Ok(Ok(())))
+        {
+            tracing::error!("a read audit row could not be stored; nothing more is sent");
+            rx.close();
+            let close = Frame::Close(Some((
+                close_code::INTERNAL_ERROR,
+                "the relay could not record this access".into(),
+            )));
+            let _ = tokio::time::timeout(send_timeout, sink.send(close)).await;
+            return;
         }
         let last = matches!(frame, Frame::Close(_));
         match tokio::time::timeout(send_timeout, sink.send(frame)).await {
