@@ -682,6 +682,15 @@ fn sync_message_with(chunks: Vec<Vec<u8>>) -> Vec<u8> {
     .encode()
 }
 
+/// The document a stored row's bytes load to: its snapshot, then its chunks.
+fn reload(stored: &crate::storage::StoredDocument) -> Automerge {
+    let mut doc = Automerge::load(stored.snapshot.as_deref().expect("a snapshot")).expect("loads");
+    for chunk in &stored.chunks {
+        doc.load_incremental(chunk).expect("chunk loads");
+    }
+    doc
+}
+
 /// A change sent before its dependency (the new document stays empty), then the whole document
 /// without it: the relay's stored heads must always be what its stored bytes load to — a
 /// snapshot kept as the bytes sent must not claim a change those bytes lack — and a sync then
@@ -713,11 +722,7 @@ async fn a_whole_document_after_a_dangling_change_stores_what_its_bytes_hold() {
         }
     }
     let stored = stored.expect("the note is stored once it is whole");
-    let mut reloaded =
-        Automerge::load(stored.snapshot.as_deref().expect("a snapshot")).expect("loads");
-    for chunk in &stored.chunks {
-        reloaded.load_incremental(chunk).expect("chunk loads");
-    }
+    let reloaded = reload(&stored);
     // What the relay says it holds is what its stored bytes load to (here the first change
     // only: a document that stays empty is answered without keeping what it was sent).
     assert_eq!(reloaded.get_heads(), stored.heads);
@@ -731,12 +736,7 @@ async fn a_whole_document_after_a_dangling_change_stores_what_its_bytes_hold() {
         .await
         .expect("load")
         .expect("stored");
-    let mut reloaded =
-        Automerge::load(stored.snapshot.as_deref().expect("a snapshot")).expect("loads");
-    for chunk in &stored.chunks {
-        reloaded.load_incremental(chunk).expect("chunk loads");
-    }
-    assert_eq!(reloaded.get_heads(), doc.get_heads());
+    assert_eq!(reload(&stored).get_heads(), doc.get_heads());
     assert_eq!(stored.heads, doc.get_heads());
 }
 
