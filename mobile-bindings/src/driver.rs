@@ -727,35 +727,20 @@ impl SyncClient {
         if let Some(since) = since {
             query.push(("since", since.to_owned()));
         }
-        // The feed request is a read, so it is sent once more when the first attempt failed
-        // before any response: a pooled keep-alive connection the network (or the relay) has
-        // already closed fails that way, as after a phone changes networks, and the second
-        // attempt goes out on a fresh connection (not the next pooled one, which may be dead
-        // too).
-        let mut retried = false;
-        let mut response = loop {
-            let http = if retried {
-                &self.http_retry
-            } else {
-                &self.http
-            };
-            let sent = http
-                .get(format!("{}/v1/changes", self.http_base))
-                .bearer_auth(&self.relay.token)
-                .query(&query)
-                .send()
-                .await;
-            match sent {
-                Ok(response) => break response,
-                Err(e) if !retried && !e.is_timeout() && e.is_request() && !e.is_connect() => {
-                    retried = true;
-                    io.http_requests += 1;
-                }
-                Err(e) => {
-                    return PassEvent::FeedUnreachable {
-                        error: crate::tls::error_chain(&e.without_url()),
-                    };
-                }
+        let url = format!("{}/v1/changes", self.http_base);
+        let (sent, retried) = send_read(&self.http, &self.http_retry, |http| {
+            http.get(&url).bearer_auth(&self.relay.token).query(&query)
+        })
+        .await;
+        if retried {
+            io.http_requests += 1;
+        }
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                return PassEvent::FeedUnreachable {
+                    error: crate::tls::error_chain(&e.without_url()),
+                };
             }
         };
         let status = response.status().as_u16();
@@ -814,6 +799,25 @@ impl SyncClient {
     }
 }
 
+/// Send a read (`request` builds it on the client given) and return its response and whether
+/// it was sent twice. A read is sent once more when the first attempt failed before any
+/// response: a pooled keep-alive connection the network (or the relay) has already closed fails
+/// that way, as after a phone changes networks. The second attempt goes out on `fresh` (a
+/// client that never reuses a connection), not on the next pooled connection, which may be dead
+/// too. Connect errors and timeouts are not retried (the pass's backoff handles those).
+async fn send_read(
+    pooled: &reqwest::Client,
+    fresh: &reqwest::Client,
+    request: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+) -> (reqwest::Result<reqwest::Response>, bool) {
+    match request(pooled).send().await {
+        Err(e) if !e.is_timeout() && e.is_request() && !e.is_connect() => {
+            (request(fresh).send().await, true)
+        }
+        first => (first, false),
+    }
+}
+
 /// One batch fetch: `POST` the request, read the answer with a size limit. A `200` whose body
 /// breaks off is [`PassEvent::DocumentsUnreachable`] with what arrived (whole records in it
 /// are kept by the pass).
@@ -828,27 +832,16 @@ async fn fetch_documents(
     let bytes_sent = body.len() as u64;
     let mut received = Vec::new();
     let outcome = async {
-        // A read, so sent once more when a pooled keep-alive connection fails before any
-        // response, on a fresh connection (as the feed read is; see `fetch_feed_inner`).
-        let mut retried = false;
-        let mut response = loop {
-            let client = if retried { &http_retry } else { &http };
-            let sent = client
+        let (sent, _) = send_read(&http, &http_retry, |client| {
+            client
                 .post(&url)
                 .bearer_auth(&token)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .timeout(FETCH_TIMEOUT)
                 .body(body.clone())
-                .send()
-                .await;
-            match sent {
-                Ok(response) => break response,
-                Err(e) if !retried && !e.is_timeout() && e.is_request() && !e.is_connect() => {
-                    retried = true;
-                }
-                Err(e) => return Err(crate::tls::error_chain(&e.without_url())),
-            }
-        };
+        })
+        .await;
+        let mut response = sent.map_err(|e| crate::tls::error_chain(&e.without_url()))?;
         let status = response.status().as_u16();
         loop {
             match response.chunk().await {
