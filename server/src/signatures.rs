@@ -84,9 +84,10 @@ pub fn scan(
 /// and `ledger` empty. The ledger counts the entries it finds as valid while it scans
 /// ([`Verification::Trust`]), so once [`verify_new`] has accepted every returned entry it
 /// equals [`trusted_ledger`] of the stored document and can be kept with it. The refusals are
-/// the same as with deferred verification: trusting an entry early changes only the review
-/// items, and a body edit after a signature inside a new note's own history is not refused
-/// (as before: only a stored signature locks the body).
+/// those of a stored note: a body edit causally after a signature inside the new note's own
+/// history is refused as it would be one message later (a device's store never makes one:
+/// it refuses to edit a signed note's body, so such history is forged or from a broken
+/// client). Edits concurrent with the signature stay accepted, for review.
 pub fn scan_new(
     ledger: &mut NoteLedger,
     doc: &Automerge,
@@ -124,7 +125,7 @@ fn scan_with(
             }
         }
     }
-    if observed.body_after_signature && !new_document {
+    if observed.body_after_signature {
         return Err(Refusal::BodyEditAfterSignature);
     }
     Ok(observed.new_signatures)
@@ -288,28 +289,47 @@ mod tests {
     #[test]
     fn a_verified_new_note_leaves_the_ledger_its_stored_history_would_build() {
         let key = DeviceKey::generate();
-        for edit_after in [false, true] {
-            let id = DocumentId::random();
-            let doc = signed_note(&key, id, edit_after);
-            let mut ledger = NoteLedger::default();
-            let entries = scan_new(&mut ledger, &doc, &doc.get_changes(&[])).unwrap();
-            assert_eq!(entries.len(), 1);
-            verify_new(&mut ledger, &doc, id, &entries, &signers(&key), 10_000).unwrap();
+        let id = DocumentId::random();
+        let doc = signed_note(&key, id, false);
+        let mut ledger = NoteLedger::default();
+        let entries = scan_new(&mut ledger, &doc, &doc.get_changes(&[])).unwrap();
+        assert_eq!(entries.len(), 1);
+        verify_new(&mut ledger, &doc, id, &entries, &signers(&key), 10_000).unwrap();
 
-            let trusted = trusted_ledger(&doc);
-            assert_eq!(
-                comparable(&ledger),
-                comparable(&trusted),
-                "edit_after={edit_after}"
-            );
-            assert!(ledger.is_signed());
-            let reasons: Vec<_> = ledger.review_items().iter().map(|i| &i.reason).collect();
-            assert!(reasons.contains(&&ReviewReason::ConcurrentWithSignature));
-            assert_eq!(
-                reasons.contains(&&ReviewReason::BodyEditAfterSignature),
-                edit_after
-            );
-        }
+        assert_eq!(comparable(&ledger), comparable(&trusted_ledger(&doc)));
+        assert!(ledger.is_signed());
+        let reasons: Vec<_> = ledger.review_items().iter().map(|i| &i.reason).collect();
+        assert_eq!(reasons, [&ReviewReason::ConcurrentWithSignature]);
+    }
+
+    /// A new note whose own history edits the body after its signature is refused on its
+    /// first upload, exactly as the same edit sent one message after the signature is: the
+    /// signed version is a legal record from the moment it is signed, not from the moment the
+    /// relay first stores it.
+    #[test]
+    fn a_new_note_edited_after_its_signature_is_refused_as_a_stored_one_is() {
+        let key = DeviceKey::generate();
+        let id = DocumentId::random();
+        let doc = signed_note(&key, id, true);
+        let mut ledger = NoteLedger::default();
+        assert_eq!(
+            scan_new(&mut ledger, &doc, &doc.get_changes(&[])),
+            Err(Refusal::BodyEditAfterSignature)
+        );
+
+        // The same history in two messages: the signed note stored first, then the edit.
+        let all = doc.get_changes(&[]);
+        let (edit, signed) = all.split_last().unwrap();
+        let mut stored = Automerge::new();
+        stored.apply_changes(signed.iter().cloned()).unwrap();
+        let mut ledger = NoteLedger::default();
+        let entries = scan_new(&mut ledger, &stored, &stored.get_changes(&[])).unwrap();
+        verify_new(&mut ledger, &stored, id, &entries, &signers(&key), 10_000).unwrap();
+        stored.apply_changes([edit.clone()]).unwrap();
+        assert_eq!(
+            scan(&mut ledger, &stored, std::slice::from_ref(edit)),
+            Err(Refusal::BodyEditAfterSignature)
+        );
     }
 
     /// Scanning a new note with its entries trusted early changes no decision: a signature by

@@ -4,7 +4,8 @@
 //! `doc-unavailable`), writes a `tamper` audit row naming the sender, and keeps serving the
 //! unchanged note to everyone else; a second device fetching the note sees it signed and Valid.
 //! A legitimate late edit (made offline, concurrent with the signing) is accepted and listed
-//! for review on the second device.
+//! for review on the second device. A new note whose first upload already edits its body after
+//! the signature is refused whole.
 
 #![allow(clippy::unwrap_used)]
 
@@ -413,4 +414,54 @@ async fn a_legitimate_concurrent_edit_is_accepted_and_listed_for_review() {
     assert_eq!(review[0].reason, ReviewReason::ConcurrentWithSignature);
     assert_eq!(review[0].author.as_ref().unwrap().user_id, s.ben.user);
     assert_eq!(review[0].fields, vec!["plan".to_string()]);
+}
+
+/// A note charted, signed and then edited in its body before it ever reached the relay — a
+/// device's store refuses such an edit, so only a modified client makes one — is refused on
+/// its first upload, exactly as the same edit is one message after the signature: nothing of
+/// it is stored, and the sender's attempt is on record.
+#[tokio::test]
+async fn a_new_note_edited_after_its_signature_is_refused_on_its_first_upload() {
+    let s = scene().await;
+    let note = DocumentId::random();
+    // The same charted draft, as a new note of Ana's (its own id; never sent before).
+    let mut doc = AutoCommit::load(&s.signed.save())
+        .unwrap()
+        .fork_at(&s.before_signing)
+        .unwrap()
+        .with_actor(automerge::ActorId::random());
+    doc.set_author(Some(actor(&s.ana).author()));
+    let now = fieldchart_tests::relay_process::now_ms();
+    signing::sign(
+        &mut doc,
+        note,
+        &s.ana.key,
+        &actor(&s.ana),
+        Role::Clinician,
+        now,
+    )
+    .unwrap();
+    doc.commit();
+    let assessment = doc.get(ROOT, "assessment").unwrap().unwrap().1;
+    doc.splice_text(&assessment, 0, 0, "Amended: ").unwrap();
+    doc.commit();
+    let edited = Automerge::load(&doc.save()).unwrap();
+
+    let mut peer = TestPeer::connect(&s.relay.ws_url(&s.ana.token), None)
+        .await
+        .unwrap();
+    peer.create_with_id(note, edited);
+    assert_eq!(peer.sync(note).await, SyncOutcome::Unavailable);
+    peer.close().await;
+    let rows = s.tamper_rows();
+    assert_eq!(rows.len(), 1, "one tamper row: {rows:#?}");
+    assert_eq!(rows[0]["documentId"], note.to_string());
+    assert_eq!(rows[0]["userId"], s.ana.user.as_str());
+
+    // Nothing of it was stored: the office cannot fetch it.
+    let mut office = TestPeer::connect(&s.relay.ws_url(&s.office.token), None)
+        .await
+        .unwrap();
+    assert_eq!(office.fetch(note).await, SyncOutcome::Unavailable);
+    office.close().await;
 }
