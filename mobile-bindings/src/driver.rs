@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use fieldchart_core::protocol::{DocumentId, MAX_FRAME_BYTES};
 use fieldchart_core::store::Store;
-use fieldchart_core::sync::fetch::{FETCH_PATH, MAX_FETCH_RESPONSE_BYTES};
+use fieldchart_core::sync::fetch::{
+    FETCH_PATH, FETCH_REQUEST_CONTENT_TYPE, MAX_FETCH_RESPONSE_BYTES,
+};
 use fieldchart_core::sync::{PassAction, PassConfig, PassEvent, PassStats, PassStatus, SyncPass};
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Serialize;
@@ -836,7 +838,7 @@ async fn fetch_documents(
             client
                 .post(&url)
                 .bearer_auth(&token)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::CONTENT_TYPE, FETCH_REQUEST_CONTENT_TYPE)
                 .timeout(FETCH_TIMEOUT)
                 .body(body.clone())
         })

@@ -2,7 +2,10 @@
 //! hold them — a first sync, or new documents on a caseload — instead of one protocol
 //! `request` exchange per document over the WebSocket.
 //!
-//! The body is `{"documentIds": [...]}` (at most [`MAX_FETCH_IDS`], each once); the answer is
+//! The body is the binary id list of `fieldchart_core::sync::fetch` (content type
+//! [`FETCH_REQUEST_CONTENT_TYPE`]), or, with any other content type, the JSON form
+//! `{"documentIds": [...]}` earlier devices send (either way at most [`MAX_FETCH_IDS`] ids,
+//! each once); the answer is
 //! the binary batch of `fieldchart_core::sync::fetch` (that module documents the framing): per
 //! id, in the order asked, the relay's stored bytes (its last snapshot and the chunks after
 //! it, as stored: nothing is re-encoded), `unavailable`, or `deferred` once the answer holds
@@ -22,13 +25,15 @@ use std::collections::{HashMap, HashSet};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, post};
 use fieldchart_core::protocol::DocumentId;
 use fieldchart_core::sync::fetch::{
-    FETCH_CONTENT_TYPE, FETCH_RESPONSE_BUDGET_BYTES, FetchResponseWriter, MAX_FETCH_DOC_BYTES,
-    MAX_FETCH_IDS, MAX_FETCH_REQUEST_BYTES,
+    FETCH_CONTENT_TYPE, FETCH_REQUEST_CONTENT_TYPE, FETCH_RESPONSE_BUDGET_BYTES,
+    FetchResponseWriter, MAX_FETCH_DOC_BYTES, MAX_FETCH_IDS, MAX_FETCH_REQUEST_BYTES,
+    decode_fetch_request,
 };
 use serde::Deserialize;
 
@@ -62,8 +67,20 @@ enum Planned {
     Deferred(DocumentId),
 }
 
-/// The ids of a request body, or a 400 saying what is wrong (never echoing much of it).
-fn parse_request(body: &[u8]) -> Result<Vec<DocumentId>> {
+/// The ids of a request body, binary or JSON by its content type, or a 400 saying what is
+/// wrong (never echoing much of it).
+fn parse_request(content_type: Option<&str>, body: &[u8]) -> Result<Vec<DocumentId>> {
+    let binary = content_type
+        .and_then(|t| t.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case(FETCH_REQUEST_CONTENT_TYPE));
+    if binary {
+        return decode_fetch_request(body).map_err(|e| Error::BadRequest(e.to_string()));
+    }
+    parse_json_request(body)
+}
+
+/// The JSON form of a request.
+fn parse_json_request(body: &[u8]) -> Result<Vec<DocumentId>> {
     let request: FetchRequest = serde_json::from_slice(body).map_err(|e| {
         let mut detail = e.to_string();
         detail.truncate(120);
@@ -109,11 +126,13 @@ const FETCH_READS_IN_FLIGHT: usize = 8;
 pub async fn fetch_documents(
     principal: Principal,
     State(relay): State<AppState>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
     use futures::{StreamExt, TryStreamExt};
 
-    let ids = parse_request(&body)?;
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let ids = parse_request(content_type, &body)?;
     let storage = relay.storage();
     // 1. Every row (who the document belongs to, its size; no bytes).
     // (The futures are made first: a stream mapping ids to them trips a known limitation of
@@ -452,12 +471,22 @@ mod tests {
         }
     }
 
+    /// A request as devices send it (the binary id list).
     async fn post(w: &World, token: Option<&str>, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+        post_as(w, token, FETCH_REQUEST_CONTENT_TYPE, body).await
+    }
+
+    async fn post_as(
+        w: &World,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Vec<u8>) {
         let state = crate::AppState::new(w.storage.clone(), Limits::default())
             .await
             .expect("state");
         let mut request = Request::post(fieldchart_core::sync::fetch::FETCH_PATH)
-            .header(CONTENT_TYPE, "application/json");
+            .header(CONTENT_TYPE, content_type);
         if let Some(token) = token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
@@ -474,6 +503,31 @@ mod tests {
 
     fn ids_body(ids: &[DocumentId]) -> Vec<u8> {
         fieldchart_core::sync::fetch::fetch_request_body(ids)
+    }
+
+    /// The JSON form earlier devices send.
+    fn json_body(ids: &[DocumentId]) -> Vec<u8> {
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        serde_json::json!({ "documentIds": ids })
+            .to_string()
+            .into_bytes()
+    }
+
+    /// A device that still sends JSON gets the same answer as one sending the binary list.
+    #[tokio::test]
+    async fn the_json_form_of_a_request_is_still_answered_alike() {
+        let w = world().await;
+        let asked = vec![w.mine[1], w.other_patient, w.mine[0]];
+        let (status, binary) = post(&w, Some(&w.token), ids_body(&asked)).await;
+        assert_eq!(status, StatusCode::OK);
+        for content_type in ["application/json", "application/json; charset=utf-8"] {
+            let (status, json) = post_as(&w, Some(&w.token), content_type, json_body(&asked)).await;
+            assert_eq!(status, StatusCode::OK, "{content_type}");
+            assert_eq!(json, binary, "{content_type}");
+        }
+        let decoded = decode_fetch_response(&binary, &asked);
+        assert_eq!(decoded.error, None);
+        assert!(matches!(decoded.records[1], FetchRecord::Unavailable(_)));
     }
 
     async fn audit(w: &World, patient: &PatientId) -> Vec<(AuditAction, DocumentId)> {
@@ -552,6 +606,58 @@ mod tests {
     async fn bad_requests_get_clear_errors_and_send_nothing() {
         let w = world().await;
         let many: Vec<DocumentId> = (0..=MAX_FETCH_IDS).map(|_| DocumentId::random()).collect();
+        let mut cut = ids_body(&w.mine);
+        cut.pop();
+        let binary: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
+            (
+                "binary garbage",
+                b"\x00\xffnot ids".to_vec(),
+                StatusCode::BAD_REQUEST,
+                "wrong magic",
+            ),
+            (
+                "binary sent as JSON's body",
+                json_body(&w.mine),
+                StatusCode::BAD_REQUEST,
+                "wrong magic",
+            ),
+            (
+                "binary truncated",
+                cut,
+                StatusCode::BAD_REQUEST,
+                "whole number of 16-byte ids",
+            ),
+            (
+                "binary empty",
+                ids_body(&[]),
+                StatusCode::BAD_REQUEST,
+                "empty",
+            ),
+            (
+                "binary repeated",
+                ids_body(&[w.mine[0], w.mine[1], w.mine[0]]),
+                StatusCode::BAD_REQUEST,
+                "named twice",
+            ),
+            (
+                "binary too many",
+                ids_body(&many),
+                StatusCode::BAD_REQUEST,
+                "at most 500",
+            ),
+            (
+                "binary oversize",
+                vec![0; MAX_FETCH_REQUEST_BYTES + 1],
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "",
+            ),
+        ];
+        for (name, body, want, says) in binary {
+            let (status, answer) = post(&w, Some(&w.token), body).await;
+            assert_eq!(status, want, "{name}");
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.contains(says), "{name}: {text}");
+        }
         let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
             (
                 "garbage",
@@ -585,13 +691,13 @@ mod tests {
             ),
             (
                 "repeated",
-                ids_body(&[w.mine[0], w.mine[0]]),
+                json_body(&[w.mine[0], w.mine[0]]),
                 StatusCode::BAD_REQUEST,
                 "repeats",
             ),
             (
                 "too many",
-                ids_body(&many),
+                json_body(&many),
                 StatusCode::BAD_REQUEST,
                 "at most 500",
             ),
@@ -603,7 +709,7 @@ mod tests {
             ),
         ];
         for (name, body, want, says) in cases {
-            let (status, answer) = post(&w, Some(&w.token), body).await;
+            let (status, answer) = post_as(&w, Some(&w.token), "application/json", body).await;
             assert_eq!(status, want, "{name}");
             let text = String::from_utf8_lossy(&answer);
             assert!(text.contains(says), "{name}: {text}");

@@ -306,8 +306,8 @@ fn run_with(
                 }
                 PassAction::FetchDocuments { ids, body } => {
                     run.batch_fetches += 1;
-                    let asked: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                    assert_eq!(asked["documentIds"].as_array().unwrap().len(), ids.len());
+                    let asked = crate::sync::fetch::decode_fetch_request(&body).unwrap();
+                    assert_eq!(asked, ids);
                     let answer = relay.fetch(&ids);
                     events.push_back(match fetch_cut.take() {
                         Some(keep) => PassEvent::DocumentsUnreachable {
