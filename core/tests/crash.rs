@@ -112,6 +112,9 @@ fn killed_writers_lose_no_acknowledged_edit() {
         .unwrap();
     let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let mut acknowledged: Vec<String> = Vec::new();
+    // The child's stderr, shown if it stops before acknowledging anything (a failed reopen
+    // after the previous kill would be a finding, not noise).
+    let child_err = dir.path().join("child.err");
     for round in 0..ROUNDS {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
@@ -124,7 +127,7 @@ fn killed_writers_lose_no_acknowledged_edit() {
                 ),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&child_err).unwrap())
             .spawn()
             .unwrap();
         // Kill after a random number of acknowledged edits: the child is then somewhere inside
@@ -150,7 +153,8 @@ fn killed_writers_lose_no_acknowledged_edit() {
         child.wait().unwrap();
         assert!(
             seen > 0,
-            "round {round}: the child never acknowledged an edit"
+            "round {round}: the child never acknowledged an edit; its stderr:\n{}",
+            std::fs::read_to_string(&child_err).unwrap_or_default()
         );
 
         let store = open(&path, key, round % 3 != 2);
