@@ -49,18 +49,70 @@ fn parse_whole_document(bytes: &[u8]) -> std::result::Result<AutoCommit, String>
 }
 
 /// A fetched document after parsing: its place in the batch, id, bytes as received, and the
-/// loaded document or why it is invalid.
+/// loaded document (its signature ledger and cached facts built) or why it is invalid.
 type Parsed = (
     usize,
     DocumentId,
     Vec<u8>,
-    std::result::Result<AutoCommit, String>,
+    std::result::Result<LoadedDoc, String>,
 );
+
+/// Threads that parse a batch at once, at most: the per-document work (the strict load and
+/// the signature ledger, which reads the whole history) is independent and CPU-bound, and a
+/// phone has several cores.
+const MAX_PARSE_THREADS: usize = 4;
+
+/// Parse and load every document of a batch, in order, on up to [`MAX_PARSE_THREADS`]
+/// threads (one for a small batch or a single core).
+fn parse_batch(
+    docs: Vec<(DocumentId, Vec<u8>)>,
+    author: &automerge::Author<'static>,
+    keys: &Arc<KeyDirectory>,
+) -> Vec<Parsed> {
+    let parse_one = |(i, (id, bytes)): (usize, (DocumentId, Vec<u8>))| -> Parsed {
+        let loaded = parse_whole_document(&bytes).map(|mut doc| {
+            doc.set_author(Some(author.clone()));
+            LoadedDoc::new(doc, false, Arc::clone(keys))
+        });
+        (i, id, bytes, loaded)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_PARSE_THREADS)
+        .min(docs.len() / 4)
+        .max(1);
+    let docs: Vec<_> = docs.into_iter().enumerate().collect();
+    if threads == 1 {
+        return docs.into_iter().map(parse_one).collect();
+    }
+    // Interleaved shares (document sizes vary along a batch), put back in order after.
+    let mut shares: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+    for (n, doc) in docs.into_iter().enumerate() {
+        shares[n % threads].push(doc);
+    }
+    let mut parsed: Vec<Parsed> = std::thread::scope(|scope| {
+        let workers: Vec<_> = shares
+            .into_iter()
+            .map(|share| scope.spawn(move || share.into_iter().map(parse_one).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| match w.join() {
+                Ok(parsed) => parsed,
+                // The load itself is behind catch_unwind; anything else is a bug to surface.
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    });
+    parsed.sort_by_key(|(i, ..)| *i);
+    parsed
+}
 
 impl Store {
     /// Store documents fetched whole from relay storage `peer` (see the module docs), in one
     /// transaction ([`Durability::ProcessCrash`]: everything here can be fetched again).
-    /// Returns one outcome per input, in order. Parsing runs before the store is locked.
+    /// Returns one outcome per input, in order. Parsing, and building each document's
+    /// signature ledger, runs before the store is locked, on several threads.
     ///
     /// A document is stored as the bytes it arrived in, once they loaded strictly (see
     /// [`documents::store_new_as_received`]). Documents are written in id order: ids are
@@ -72,23 +124,18 @@ impl Store {
         docs: Vec<(DocumentId, Vec<u8>)>,
     ) -> Result<Vec<(DocumentId, FetchedImport)>> {
         let now = model::now_ms();
-        let mut parsed: Vec<Parsed> = docs
-            .into_iter()
-            .enumerate()
-            .map(|(i, (id, bytes))| {
-                let doc = parse_whole_document(&bytes);
-                (i, id, bytes, doc)
-            })
-            .collect();
+        let (author, keys) = self.with(|inner| Ok((inner.author.clone(), inner.keys.clone())))?;
+        let mut parsed = parse_batch(docs, &author, &keys);
         parsed.sort_by_key(|(_, id, _, _)| *id.as_bytes());
         let mut out = self.with(|inner| {
-            let author = inner.author.clone();
-            let keys = inner.keys.clone();
+            // The agency's keys changed while the batch was parsed: its ledgers were built
+            // with the old ones and are built again (the same as every cached document's).
+            let stale_keys = (!Arc::ptr_eq(&keys, &inner.keys)).then(|| inner.keys.clone());
             inner.write(Durability::ProcessCrash, |tx, cached| {
                 let mut out = Vec::with_capacity(parsed.len());
-                for (i, id, bytes, doc) in parsed {
-                    let mut doc = match doc {
-                        Ok(doc) => doc,
+                for (i, id, bytes, loaded) in parsed {
+                    let mut loaded = match loaded {
+                        Ok(loaded) => loaded,
                         Err(reason) => {
                             out.push((i, id, FetchedImport::Invalid(reason)));
                             continue;
@@ -98,8 +145,9 @@ impl Store {
                         out.push((i, id, FetchedImport::AlreadyHeld));
                         continue;
                     }
-                    doc.set_author(Some(author.clone()));
-                    let mut loaded = LoadedDoc::new(doc, false, keys.clone());
+                    if let Some(keys) = &stale_keys {
+                        loaded.rebuild_ledger(keys.clone());
+                    }
                     documents::store_new_as_received(tx, id, &mut loaded, &bytes, now)?;
                     let heads = loaded.doc.get_heads();
                     // Not cached: a caseload is far larger than the cache, and each document
@@ -174,6 +222,45 @@ mod tests {
                     .optional()?)
             })
             .expect("receipt")
+    }
+
+    /// A batch large enough to be parsed on several threads comes back in the order given,
+    /// each document with the outcome (and, loaded, the heads and kind) it has parsed alone.
+    #[test]
+    fn a_batch_parsed_on_several_threads_keeps_its_order_and_outcomes() {
+        let keys = Arc::new(KeyDirectory::default());
+        let author = automerge::Author::from(b"test-author".to_vec());
+        let docs: Vec<(DocumentId, Vec<u8>)> = (0..37)
+            .map(|n| {
+                let (id, mut doc) = chart(&format!("pat_{n}"), &format!("Patient {n}"));
+                let bytes = doc.save();
+                let bytes = match n % 7 {
+                    3 => bytes[..bytes.len() / 2].to_vec(),
+                    5 => b"not automerge".to_vec(),
+                    _ => bytes,
+                };
+                (id, bytes)
+            })
+            .collect();
+        let alone: Vec<_> = docs
+            .iter()
+            .map(|(id, bytes)| (*id, parse_whole_document(bytes).map(|mut d| d.get_heads())))
+            .collect();
+        let mut parsed = parse_batch(docs.clone(), &author, &keys);
+        assert_eq!(parsed.len(), docs.len());
+        for (n, ((i, id, bytes, loaded), (want_id, want))) in
+            parsed.iter_mut().zip(&alone).enumerate()
+        {
+            assert_eq!((*i, &*id, &*bytes), (n, want_id, &docs[n].1));
+            match (loaded, want) {
+                (Ok(loaded), Ok(heads)) => {
+                    assert_eq!(&loaded.doc.get_heads(), heads);
+                    assert_eq!(loaded.cache.kind, Some(DocKind::Patient));
+                }
+                (Err(a), Err(b)) => assert_eq!(a, b),
+                _ => panic!("document {n}: outcome differs from parsing it alone"),
+            }
+        }
     }
 
     #[test]
