@@ -117,11 +117,6 @@ fn stored_bytes(doc: &StoredDocument) -> usize {
     doc.snapshot.as_ref().map_or(0, Vec::len) + doc.chunks.iter().map(Vec::len).sum::<usize>()
 }
 
-/// Documents whose stored row, then whose bytes, are read at once while answering: each read
-/// is a round trip to the storage's blocking pool (or the database), and one at a time they
-/// left the relay mostly waiting.
-const FETCH_READS_IN_FLIGHT: usize = 8;
-
 /// The handler.
 pub async fn fetch_documents(
     principal: Principal,
@@ -129,19 +124,11 @@ pub async fn fetch_documents(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
-    use futures::{StreamExt, TryStreamExt};
-
     let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let ids = parse_request(content_type, &body)?;
     let storage = relay.storage();
     // 1. Every row (who the document belongs to, its size; no bytes).
-    // (The futures are made first: a stream mapping ids to them trips a known limitation of
-    // the compiler with `Send` and higher-ranked lifetimes in axum handlers.)
-    let reads: Vec<_> = ids.iter().map(|id| storage.document_row(*id)).collect();
-    let rows: Vec<_> = futures::stream::iter(reads)
-        .buffered(FETCH_READS_IN_FLIGHT)
-        .try_collect()
-        .await?;
+    let rows = storage.document_rows(ids.clone()).await?;
     // 2. In the order asked: access, then the byte budget by the rows' sizes. Only documents
     // the caller may see are read.
     let mut care_team: HashMap<PatientId, bool> = HashMap::new();
@@ -190,13 +177,8 @@ pub async fn fetch_documents(
         planned.push(Planned::Load(id));
     }
     // 3. The bytes of those documents.
-    let reads: Vec<_> = to_load
-        .iter()
-        .map(|&i| storage.load_document(ids[i]))
-        .collect();
-    let loaded: Vec<Option<StoredDocument>> = futures::stream::iter(reads)
-        .buffered(FETCH_READS_IN_FLIGHT)
-        .try_collect()
+    let loaded = storage
+        .load_documents(to_load.iter().map(|&i| ids[i]).collect())
         .await?;
     // 4. The answer, by the sizes read (a document may have grown since its row was read):
     // the budget again, and a `read` row for each document sent.

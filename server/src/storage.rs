@@ -616,7 +616,40 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// bytes: what the relay authorizes from before it loads anything. `None` if the relay
     /// does not hold it.
     fn document_row(&self, id: DocumentId) -> StorageFuture<'_, Option<DocumentRow>>;
+
+    /// [`Storage::document_row`] of many documents, in the order given (a batch fetch). By
+    /// default [`BATCH_READS_IN_FLIGHT`] single reads at a time; a backend that can read them
+    /// in one round trip does.
+    fn document_rows(&self, ids: Vec<DocumentId>) -> StorageFuture<'_, Vec<Option<DocumentRow>>> {
+        use futures::{StreamExt, TryStreamExt};
+        Box::pin(
+            futures::stream::iter(ids)
+                .map(move |id| self.document_row(id))
+                .buffered(BATCH_READS_IN_FLIGHT)
+                .try_collect(),
+        )
+    }
+
+    /// [`Storage::load_document`] of many documents, in the order given; as
+    /// [`Storage::document_rows`].
+    fn load_documents(
+        &self,
+        ids: Vec<DocumentId>,
+    ) -> StorageFuture<'_, Vec<Option<StoredDocument>>> {
+        use futures::{StreamExt, TryStreamExt};
+        Box::pin(
+            futures::stream::iter(ids)
+                .map(move |id| self.load_document(id))
+                .buffered(BATCH_READS_IN_FLIGHT)
+                .try_collect(),
+        )
+    }
 }
+
+/// Single reads in flight at once in the default [`Storage::document_rows`] and
+/// [`Storage::load_documents`]: each is a round trip to the database (or a blocking pool), and
+/// one at a time they leave the relay mostly waiting.
+pub const BATCH_READS_IN_FLIGHT: usize = 8;
 
 /// A stored document's row, without its contents ([`Storage::document_row`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -158,6 +158,7 @@ conformance_suite!(
     care_team_feed_shows_a_new_assignment_after_the_cursor_and_pages_within_one_seq,
     audit_rows_are_appended_with_writes_and_queried_by_patient_user_and_time,
     a_document_row_names_its_owner_and_stored_size_without_loading,
+    batch_reads_answer_in_the_order_asked_as_single_reads_do,
     admin_changes_and_their_log_rows_commit_together,
     enrollment_codes_are_consumed_once_and_bind_a_key,
     disabling_a_user_revokes_every_device_at_a_sequence_position,
@@ -888,6 +889,34 @@ async fn a_document_row_names_its_owner_and_stored_size_without_loading(s: &dyn 
     assert_eq!(row.stored_bytes, expected as u64);
     assert_eq!(row.heads, doc.get_heads());
     assert!(!stored.chunks.is_empty(), "the size counts chunks too");
+}
+
+/// `document_rows` and `load_documents` (a batch fetch's reads): one answer per id, in the
+/// order asked, each what the single read gives; unknown ids are `None` in their place.
+async fn batch_reads_answer_in_the_order_asked_as_single_reads_do(s: &dyn Storage) {
+    let w = world(s).await;
+    let (pid, chart) = patient(s, &w.agency).await;
+    let (a, mut doc) = store_doc(s, &w.agency, &pid).await;
+    edit(s, a, &mut doc, &meta(&w.agency, &pid, "visit-note"), None).await;
+    let (b, _) = store_doc(s, &w.agency, &pid).await;
+    let ghost = DocumentId::random();
+    let asked = vec![b, ghost, chart, a, DocumentId::random()];
+
+    let rows = s.document_rows(asked.clone()).await.expect("rows");
+    let docs = s.load_documents(asked.clone()).await.expect("docs");
+    assert_eq!(rows.len(), asked.len());
+    assert_eq!(docs.len(), asked.len());
+    for (i, id) in asked.iter().enumerate() {
+        assert_eq!(rows[i], s.document_row(*id).await.expect("row"), "row {i}");
+        assert_eq!(docs[i], s.load_document(*id).await.expect("doc"), "doc {i}");
+    }
+    assert!(
+        rows[1].is_none() && docs[4].is_none(),
+        "unknown ids in their place"
+    );
+    assert!(docs[3].as_ref().is_some_and(|d| !d.chunks.is_empty()));
+    assert!(s.document_rows(Vec::new()).await.expect("none").is_empty());
+    assert!(s.load_documents(Vec::new()).await.expect("none").is_empty());
 }
 
 // --- administration, enrollment, offboarding ------------------------------------------------

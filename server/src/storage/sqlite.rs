@@ -1348,33 +1348,15 @@ impl Storage for SqliteStorage {
     }
 
     fn load_document(&self, id: DocumentId) -> StorageFuture<'_, Option<StoredDocument>> {
-        self.read(move |tx| {
-            let key = id.as_bytes().as_slice();
-            type Row = (String, String, String, Vec<u8>, i64, Option<Vec<u8>>);
-            let row: Option<Row> = tx
-                .prepare_cached(
-                    "SELECT agency_id, patient_id, kind, heads, seq, snapshot FROM documents WHERE id = ?1",
-                )?
-                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
-                .optional()?;
-            let Some((agency_id, patient_id, kind, heads, seq, snapshot)) = row else {
-                return Ok(None);
-            };
-            let mut stmt =
-                tx.prepare_cached("SELECT bytes FROM document_chunks WHERE document_id = ?1 ORDER BY id")?;
-            let chunks = stmt.query_map([key], |r| r.get(0))?.collect::<rusqlite::Result<Vec<Vec<u8>>>>()?;
-            Ok(Some(StoredDocument {
-                meta: DocMeta {
-                    agency_id: AgencyId::new(agency_id),
-                    patient_id: PatientId::new(patient_id),
-                    kind,
-                },
-                snapshot,
-                chunks,
-                heads: heads_from_bytes(&heads)?,
-                seq: to_seq(seq)?,
-            }))
-        })
+        self.read(move |tx| load_document_tx(tx, id))
+    }
+
+    fn load_documents(
+        &self,
+        ids: Vec<DocumentId>,
+    ) -> StorageFuture<'_, Vec<Option<StoredDocument>>> {
+        // One read transaction (one trip to the blocking pool) for the whole batch.
+        self.read(move |tx| ids.into_iter().map(|id| load_document_tx(tx, id)).collect())
     }
 
     fn write_document(&self, write: DocumentWrite) -> StorageFuture<'_, Seq> {
@@ -1508,33 +1490,80 @@ impl Storage for SqliteStorage {
     }
 
     fn document_row(&self, id: DocumentId) -> StorageFuture<'_, Option<DocumentRow>> {
-        self.read(move |tx| {
-            let key = id.as_bytes().as_slice();
-            type Row = (String, String, String, i64, Vec<u8>);
-            let row: Option<Row> = tx
-                .prepare_cached(
-                    "SELECT agency_id, patient_id, kind,
-                            COALESCE(length(snapshot), 0)
-                            + (SELECT COALESCE(SUM(length(bytes)), 0) FROM document_chunks WHERE document_id = ?1),
-                            heads
-                     FROM documents WHERE id = ?1",
-                )?
-                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
-                .optional()?;
-            let Some((agency_id, patient_id, kind, bytes, heads)) = row else {
-                return Ok(None);
-            };
-            Ok(Some(DocumentRow {
-                meta: DocMeta {
-                    agency_id: AgencyId::new(agency_id),
-                    patient_id: PatientId::new(patient_id),
-                    kind,
-                },
-                stored_bytes: u64::try_from(bytes).unwrap_or(0),
-                heads: heads_from_bytes(&heads)?,
-            }))
-        })
+        self.read(move |tx| document_row_tx(tx, id))
     }
+
+    fn document_rows(&self, ids: Vec<DocumentId>) -> StorageFuture<'_, Vec<Option<DocumentRow>>> {
+        self.read(move |tx| ids.into_iter().map(|id| document_row_tx(tx, id)).collect())
+    }
+}
+
+/// [`Storage::load_document`] in a read transaction.
+fn load_document_tx(tx: &Transaction<'_>, id: DocumentId) -> Result<Option<StoredDocument>> {
+    let key = id.as_bytes().as_slice();
+    type Row = (String, String, String, Vec<u8>, i64, Option<Vec<u8>>);
+    let row: Option<Row> = tx
+        .prepare_cached(
+            "SELECT agency_id, patient_id, kind, heads, seq, snapshot FROM documents WHERE id = ?1",
+        )?
+        .query_row([key], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .optional()?;
+    let Some((agency_id, patient_id, kind, heads, seq, snapshot)) = row else {
+        return Ok(None);
+    };
+    let mut stmt =
+        tx.prepare_cached("SELECT bytes FROM document_chunks WHERE document_id = ?1 ORDER BY id")?;
+    let chunks = stmt
+        .query_map([key], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<Vec<u8>>>>()?;
+    Ok(Some(StoredDocument {
+        meta: DocMeta {
+            agency_id: AgencyId::new(agency_id),
+            patient_id: PatientId::new(patient_id),
+            kind,
+        },
+        snapshot,
+        chunks,
+        heads: heads_from_bytes(&heads)?,
+        seq: to_seq(seq)?,
+    }))
+}
+
+/// [`Storage::document_row`] in a read transaction.
+fn document_row_tx(tx: &Transaction<'_>, id: DocumentId) -> Result<Option<DocumentRow>> {
+    let key = id.as_bytes().as_slice();
+    type Row = (String, String, String, i64, Vec<u8>);
+    let row: Option<Row> = tx
+        .prepare_cached(
+            "SELECT agency_id, patient_id, kind,
+                    COALESCE(length(snapshot), 0)
+                    + (SELECT COALESCE(SUM(length(bytes)), 0) FROM document_chunks WHERE document_id = ?1),
+                    heads
+             FROM documents WHERE id = ?1",
+        )?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .optional()?;
+    let Some((agency_id, patient_id, kind, bytes, heads)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(DocumentRow {
+        meta: DocMeta {
+            agency_id: AgencyId::new(agency_id),
+            patient_id: PatientId::new(patient_id),
+            kind,
+        },
+        stored_bytes: u64::try_from(bytes).unwrap_or(0),
+        heads: heads_from_bytes(&heads)?,
+    }))
 }
 
 #[cfg(test)]
