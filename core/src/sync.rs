@@ -174,6 +174,11 @@ pub struct PlannedDoc {
     pub mode: PlanMode,
     /// Whether this device has changes the relay has not confirmed.
     pub local_changes: bool,
+    /// The relay is presumed not to hold it: it has unconfirmed changes, no receipt, sync
+    /// state or failure for this relay, and the feed did not list it (a note charted here and
+    /// never offered). Its first message carries the whole document instead of announcing
+    /// heads and waiting to be asked (see [`crate::protocol::DocSync::presume_peer_has_nothing`]).
+    pub relay_lacks: bool,
 }
 
 /// What [`crate::store::Store::plan_sync`] decided.

@@ -149,6 +149,30 @@ impl DocSync {
             .map(sync::Message::encode)
     }
 
+    /// Start as if the peer had already said it holds nothing of the document: the next
+    /// [`DocSync::generate`] then carries the whole document at once, where a fresh state would
+    /// first announce our heads and wait to be asked (a round trip and two messages more).
+    ///
+    /// For a document the caller has good reason to believe the peer lacks (a device's note
+    /// never offered to this relay). If the belief is wrong nothing breaks: the peer applies
+    /// changes it already has as a no-op and answers with its heads, so the exchange still
+    /// converges; only the document's bytes were sent for nothing. Does nothing once the peer
+    /// has spoken or heads are known to be shared (the state is then no longer fresh).
+    pub fn presume_peer_has_nothing(&mut self) {
+        if self.state.their_heads.is_some() || !self.state.shared_heads.is_empty() {
+            return;
+        }
+        self.state.their_heads = Some(Vec::new());
+        self.state.their_need = Some(Vec::new());
+        self.state.their_have = Some(vec![sync::Have::default()]);
+        // automerge sends a whole document (one compressed chunk) only to a peer that reads
+        // v2 messages; every peer on automerge 0.12 and automerge-repo 2 does.
+        self.state.their_capabilities = Some(vec![
+            sync::Capability::MessageV1,
+            sync::Capability::MessageV2,
+        ]);
+    }
+
     /// The heads the peer last told us it has, if it has spoken in this session.
     pub fn their_heads(&self) -> Option<Vec<ChangeHash>> {
         self.state.their_heads.clone()
@@ -613,6 +637,63 @@ mod tests {
         ] {
             assert_eq!(DocSync::sole_document_chunk(&other), None);
         }
+    }
+
+    /// Messages until both sides are quiet, counting them; `device` starts presuming.
+    fn exchange(device: &Automerge, relay: &mut Automerge, presume: bool) -> (usize, DocSync) {
+        let mut device = device.clone();
+        let mut device_sync = DocSync::new();
+        if presume {
+            device_sync.presume_peer_has_nothing();
+        }
+        let mut relay_sync = DocSync::new();
+        let mut messages = 0;
+        for _ in 0..10 {
+            let up = device_sync.generate(&device);
+            if let Some(data) = &up {
+                messages += 1;
+                relay_sync.receive(relay, data).unwrap();
+            }
+            let down = relay_sync.generate(relay);
+            if let Some(data) = &down {
+                messages += 1;
+                device_sync.receive(&mut device, data).unwrap();
+            }
+            if up.is_none() && down.is_none() {
+                break;
+            }
+        }
+        (messages, device_sync)
+    }
+
+    #[test]
+    fn presuming_the_peer_empty_sends_the_whole_document_first_and_halves_the_exchange() {
+        let mut note = doc_with(&[("kind", "visit-note"), ("patientId", "p1")]);
+        edit(&mut note, "narrative", "pain 3/10");
+        // The usual exchange: heads, request, document, acknowledgement.
+        let mut relay = Automerge::new();
+        let (usual, _) = exchange(&note, &mut relay, false);
+        assert_eq!(relay.get_heads(), note.get_heads());
+        // Presumed: the first message is the whole document, the second its acknowledgement.
+        let mut first = DocSync::new();
+        first.presume_peer_has_nothing();
+        let data = first.generate(&note).expect("a first message");
+        assert_eq!(DocSync::sole_document_chunk(&data), Some(note.save()));
+        let mut relay = Automerge::new();
+        let (presumed, device_sync) = exchange(&note, &mut relay, true);
+        assert_eq!(relay.get_heads(), note.get_heads());
+        assert!(device_sync.in_sync(&note));
+        assert_eq!((usual, presumed), (4, 2));
+        // Wrong presumption: the peer already holds it (and more). Still converges.
+        let mut relay = note.clone();
+        edit(&mut relay, "office", "seen");
+        let (_, device_sync) = exchange(&note, &mut relay, true);
+        assert!(device_sync.shared_heads() == relay.get_heads());
+        // A state that is not fresh is left alone.
+        let mut spoken = device_sync.clone();
+        spoken.presume_peer_has_nothing();
+        assert_eq!(spoken.encode(), device_sync.encode());
+        assert_eq!(spoken.their_heads(), device_sync.their_heads());
     }
 
     #[test]

@@ -201,6 +201,21 @@ impl Store {
                 let rows = stmt.query_map([], |r| doc_id_from_sql(r.get(0)?))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
+            // Of those, the ones never offered to this relay: no receipt, no sync state, no
+            // failure. Unless the feed lists them, the relay is presumed not to hold them.
+            let never_offered: HashSet<DocumentId> = {
+                let mut stmt = inner.conn.prepare_cached(
+                    "SELECT d.doc_id FROM documents d WHERE d.unsynced = 1
+                     AND NOT EXISTS (SELECT 1 FROM receipts r
+                                     WHERE r.doc_id = d.doc_id AND r.peer_id = ?1)
+                     AND NOT EXISTS (SELECT 1 FROM sync_states s
+                                     WHERE s.peer_id = ?1 AND s.doc_id = d.doc_id)
+                     AND NOT EXISTS (SELECT 1 FROM sync_failures f
+                                     WHERE f.doc_id = d.doc_id AND f.peer_id = ?1)",
+                )?;
+                let rows = stmt.query_map([peer], |r| doc_id_from_sql(r.get(0)?))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
             let never_confirmed: Vec<DocumentId> = if first_contact {
                 let mut stmt = inner.conn.prepare_cached(
                     "SELECT doc_id FROM documents WHERE unsynced = 0 AND doc_id NOT IN
@@ -262,6 +277,7 @@ impl Store {
                         document_id: id,
                         mode: PlanMode::Request,
                         local_changes: false,
+                        relay_lacks: false,
                     });
                     continue;
                 };
@@ -285,6 +301,7 @@ impl Store {
                     document_id: id,
                     mode: PlanMode::Sync,
                     local_changes: *unsynced,
+                    relay_lacks: false,
                 });
             }
             for id in unsynced.into_iter().chain(never_confirmed) {
@@ -293,6 +310,7 @@ impl Store {
                         document_id: id,
                         mode: PlanMode::Sync,
                         local_changes: true,
+                        relay_lacks: never_offered.contains(&id),
                     });
                 }
             }
@@ -302,6 +320,7 @@ impl Store {
                         document_id: id,
                         mode: PlanMode::Sync,
                         local_changes: true,
+                        relay_lacks: false,
                     });
                 }
             }

@@ -30,6 +30,10 @@ pub const MAX_MESSAGES_PER_DOC: u32 = 64;
 /// through with bounded memory on both sides.
 pub const DEFAULT_MAX_DOCS_IN_FLIGHT: usize = 32;
 
+/// Largest first message that carries a whole document the relay is presumed to lack
+/// ([`crate::sync::PlannedDoc::relay_lacks`]); a larger document announces its heads first.
+pub const MAX_PRESUMED_UPLOAD_BYTES: usize = 64 * 1024;
+
 /// Entries asked per feed page (the relay's maximum).
 pub const FEED_PAGE_LIMIT: usize = 1_000;
 
@@ -330,6 +334,7 @@ struct DocTask {
     /// Feed page that listed it, if any (the cursor may not pass that page before it settles).
     page: Option<usize>,
     local_changes: bool,
+    relay_lacks: bool,
     messages: u32,
 }
 
@@ -799,6 +804,7 @@ impl SyncPass {
             mode: doc.mode,
             page,
             local_changes: doc.local_changes,
+            relay_lacks: doc.relay_lacks,
             messages: 0,
         };
         if doc.mode == PlanMode::Request && self.batch_fetch {
@@ -814,6 +820,7 @@ impl SyncPass {
                 document_id: id,
                 mode: PlanMode::Sync,
                 local_changes: true,
+                relay_lacks: false,
             },
             None,
         );
@@ -899,7 +906,26 @@ impl SyncPass {
             None if task.mode == PlanMode::Request => DocSync::new(),
             None => store.doc_sync_state(&peer, id)?,
         };
-        let data = store.generate_sync_message(id, &mut sync)?;
+        // A note the relay has never been offered goes whole in the first message, unless it
+        // is large: if the presumption were wrong (a receipt lost to a crash), a large resend
+        // could push the relay's copy over its per-document quota.
+        let presumed = if task.relay_lacks {
+            let mut presumed = sync.clone();
+            presumed.presume_peer_has_nothing();
+            store
+                .generate_sync_message(id, &mut presumed)?
+                .filter(|data| data.len() <= MAX_PRESUMED_UPLOAD_BYTES)
+                .map(|data| (presumed, data))
+        } else {
+            None
+        };
+        let data = match presumed {
+            Some((presumed, data)) => {
+                sync = presumed;
+                Some(data)
+            }
+            None => store.generate_sync_message(id, &mut sync)?,
+        };
         self.states.insert(id, sync);
         match data {
             Some(data) => {
