@@ -344,39 +344,57 @@ pub(crate) fn value_to_json(
             None => doc.text(id).unwrap_or_default(),
         }),
         Value::Object(ObjType::Map) | Value::Object(ObjType::Table) => {
-            let mut map = serde_json::Map::new();
-            let keys: Vec<String> = match heads {
-                Some(h) => doc.keys_at(id, h).collect(),
-                None => doc.keys(id).collect(),
-            };
-            for key in keys {
-                let got = match heads {
-                    Some(h) => doc.get_at(id, key.as_str(), h),
-                    None => doc.get(id, key.as_str()),
-                };
-                if let Ok(Some((v, child))) = got {
-                    map.insert(key, value_to_json(doc, &v, &child, heads));
-                }
-            }
-            J::Object(map)
+            J::Object(map_to_json(doc, id, heads, &[]))
         }
         Value::Object(ObjType::List) => {
-            let len = match heads {
-                Some(h) => doc.length_at(id, h),
-                None => doc.length(id),
+            // One pass over the list (indexing each element would seek from the start).
+            let items = match heads {
+                Some(h) => doc.list_range_at(id, .., h),
+                None => doc.list_range(id, ..),
             };
-            let mut out = Vec::with_capacity(len);
-            for i in 0..len {
-                let got = match heads {
-                    Some(h) => doc.get_at(id, i, h),
-                    None => doc.get(id, i),
-                };
-                if let Ok(Some((v, child))) = got {
-                    out.push(value_to_json(doc, &v, &child, heads));
-                }
-            }
-            J::Array(out)
+            J::Array(
+                items
+                    .map(|item| child_to_json(doc, item.value.clone(), || item.id(), heads))
+                    .collect(),
+            )
         }
+    }
+}
+
+/// A map's entries as JSON (current state, or at `heads`), leaving out the keys in `skip`
+/// (whose values are never rendered). One pass over the map, keys in automerge's (sorted)
+/// order; each value is the one `get` would return.
+pub(crate) fn map_to_json(
+    doc: &impl ReadDoc,
+    id: &ObjId,
+    heads: Option<&[automerge::ChangeHash]>,
+    skip: &[&str],
+) -> serde_json::Map<String, serde_json::Value> {
+    let items = match heads {
+        Some(h) => doc.map_range_at(id, .., h),
+        None => doc.map_range(id, ..),
+    };
+    let mut map = serde_json::Map::new();
+    for item in items {
+        if skip.contains(&item.key.as_ref()) {
+            continue;
+        }
+        let value = child_to_json(doc, item.value.clone(), || item.id(), heads);
+        map.insert(item.key.into_owned(), value);
+    }
+    map
+}
+
+/// One element of a map or list as JSON; `id` is asked only for objects.
+fn child_to_json(
+    doc: &impl ReadDoc,
+    value: automerge::ValueRef<'_>,
+    id: impl FnOnce() -> ObjId,
+    heads: Option<&[automerge::ChangeHash]>,
+) -> serde_json::Value {
+    match value {
+        automerge::ValueRef::Object(ty) => value_to_json(doc, &Value::Object(ty), &id(), heads),
+        scalar => value_to_json(doc, &scalar.into_value(), &ObjId::Root, heads),
     }
 }
 
@@ -472,4 +490,178 @@ pub(crate) fn change_author_of(
 ) -> Option<Actor> {
     doc.get_author_for_actor(change.actor_id())
         .and_then(|a| Actor::from_author(&a))
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ObjId, ObjType, ROOT, ReadDoc, Value};
+    use proptest::prelude::*;
+
+    use super::{map_to_json, obj_to_json};
+
+    /// The rendering as it was written first (a lookup per key and per list index): the oracle
+    /// the one-pass rendering must match byte for byte, since signatures hash it.
+    fn lookup_json(
+        doc: &impl ReadDoc,
+        value: &Value<'_>,
+        id: &ObjId,
+        heads: Option<&[automerge::ChangeHash]>,
+    ) -> serde_json::Value {
+        use serde_json::Value as J;
+        match value {
+            Value::Scalar(_) => super::value_to_json(doc, value, id, heads),
+            Value::Object(ObjType::Text) => super::value_to_json(doc, value, id, heads),
+            Value::Object(ObjType::Map) | Value::Object(ObjType::Table) => {
+                let keys: Vec<String> = match heads {
+                    Some(h) => doc.keys_at(id, h).collect(),
+                    None => doc.keys(id).collect(),
+                };
+                let mut map = serde_json::Map::new();
+                for key in keys {
+                    let got = match heads {
+                        Some(h) => doc.get_at(id, key.as_str(), h),
+                        None => doc.get(id, key.as_str()),
+                    };
+                    if let Ok(Some((v, child))) = got {
+                        map.insert(key, lookup_json(doc, &v, &child, heads));
+                    }
+                }
+                J::Object(map)
+            }
+            Value::Object(ObjType::List) => {
+                let len = match heads {
+                    Some(h) => doc.length_at(id, h),
+                    None => doc.length(id),
+                };
+                let mut out = Vec::new();
+                for i in 0..len {
+                    let got = match heads {
+                        Some(h) => doc.get_at(id, i, h),
+                        None => doc.get(id, i),
+                    };
+                    if let Ok(Some((v, child))) = got {
+                        out.push(lookup_json(doc, &v, &child, heads));
+                    }
+                }
+                J::Array(out)
+            }
+        }
+    }
+
+    /// Edits of a small note-like document, on two actors that merge now and then (so maps
+    /// hold conflicts and lists interleave).
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Put(u8, i64),
+        PutStr(u8, String),
+        Delete(u8),
+        Push(u8),
+        Remove(u8),
+        Type(String),
+        Nested(u8, bool),
+        Commit,
+        Merge,
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            (0u8..6, any::<i64>()).prop_map(|(k, v)| Edit::Put(k, v)),
+            (0u8..6, "[a-z ]{0,6}").prop_map(|(k, v)| Edit::PutStr(k, v)),
+            (0u8..6).prop_map(Edit::Delete),
+            (0u8..3).prop_map(Edit::Push),
+            (0u8..4).prop_map(Edit::Remove),
+            "[a-zé ]{1,8}".prop_map(Edit::Type),
+            (0u8..6, any::<bool>()).prop_map(|(k, list)| Edit::Nested(k, list)),
+            Just(Edit::Commit),
+            Just(Edit::Merge),
+        ]
+    }
+
+    fn apply(doc: &mut AutoCommit, edit: &Edit) {
+        let key = |k: &u8| format!("k{k}");
+        let list = match doc.get(ROOT, "vitals").unwrap() {
+            Some((Value::Object(ObjType::List), id)) => id,
+            _ => doc.put_object(ROOT, "vitals", ObjType::List).unwrap(),
+        };
+        match edit {
+            Edit::Put(k, v) => doc.put(ROOT, key(k), *v).unwrap(),
+            Edit::PutStr(k, v) => doc.put(ROOT, key(k), v.as_str()).unwrap(),
+            Edit::Delete(k) => doc.delete(ROOT, key(k)).unwrap(),
+            Edit::Push(kind) => {
+                let at = doc.length(&list);
+                match kind {
+                    0 => doc.insert(&list, at, i64::from(*kind)).unwrap(),
+                    _ => {
+                        let m = doc.insert_object(&list, at, ObjType::Map).unwrap();
+                        doc.put(&m, "hr", 72).unwrap();
+                        doc.put(&m, "note", "ok").unwrap();
+                    }
+                }
+            }
+            Edit::Remove(i) => {
+                if usize::from(*i) < doc.length(&list) {
+                    doc.delete(&list, usize::from(*i)).unwrap();
+                }
+            }
+            Edit::Type(s) => {
+                let text = match doc.get(ROOT, "narrative").unwrap() {
+                    Some((Value::Object(ObjType::Text), id)) => id,
+                    _ => doc.put_object(ROOT, "narrative", ObjType::Text).unwrap(),
+                };
+                let at = doc.length(&text);
+                doc.splice_text(&text, at, 0, s).unwrap();
+            }
+            Edit::Nested(k, list) => {
+                let ty = if *list { ObjType::List } else { ObjType::Map };
+                let obj = doc.put_object(ROOT, key(k), ty).unwrap();
+                if *list {
+                    doc.insert(&obj, 0, "a").unwrap();
+                } else {
+                    doc.put(&obj, "x", 1).unwrap();
+                }
+            }
+            Edit::Commit | Edit::Merge => {}
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn one_pass_rendering_equals_lookups_at_every_heads(
+            edits in proptest::collection::vec((any::<bool>(), edit()), 1..60)
+        ) {
+            let mut a = AutoCommit::new();
+            let mut b = a.fork();
+            let mut heads = vec![a.get_heads()];
+            for (on_b, e) in &edits {
+                let doc = if *on_b { &mut b } else { &mut a };
+                match e {
+                    Edit::Commit => {
+                        doc.commit();
+                        heads.push(doc.get_heads());
+                    }
+                    Edit::Merge => {
+                        a.merge(&mut b).unwrap();
+                        b.merge(&mut a).unwrap();
+                        heads.push(a.get_heads());
+                    }
+                    e => apply(doc, e),
+                }
+            }
+            a.merge(&mut b).unwrap();
+            heads.push(a.get_heads());
+            let doc = a.document();
+            let root = Value::Object(ObjType::Map);
+            prop_assert_eq!(obj_to_json(doc, &ROOT, None), lookup_json(doc, &root, &ROOT, None));
+            for h in &heads {
+                let one_pass = obj_to_json(doc, &ROOT, Some(h));
+                prop_assert_eq!(&one_pass, &lookup_json(doc, &root, &ROOT, Some(h)));
+                // Skipping keys renders the rest exactly as before.
+                let mut without = one_pass.as_object().cloned().unwrap_or_default();
+                without.remove("k1");
+                without.remove("vitals");
+                prop_assert_eq!(without, map_to_json(doc, &ROOT, Some(h), &["k1", "vitals"]));
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::signing::{self, NoteLedger, SignatureEntry};
 use super::{
     Actor, DocKind, VISIT_NOTE_SCHEMA, commit, ensure_obj, get_i64, get_obj, get_string,
-    new_document, new_item_id, obj_to_json, put_root, put_text,
+    map_to_json, new_document, new_item_id, obj_to_json, put_root, put_text,
 };
 use crate::protocol::DocumentId;
 use crate::{Error, Result};
@@ -452,13 +452,7 @@ pub(crate) fn set_next_visit(doc: &mut AutoCommit, next: &str) -> Result<()> {
 /// as JSON with keys sorted (serde_json's map is ordered) and no insignificant whitespace. It is
 /// what the signature's hash covers.
 pub fn canonical_rendering(doc: &impl ReadDoc, heads: &[ChangeHash]) -> String {
-    let mut body = obj_to_json(doc, &ROOT, Some(heads));
-    if let serde_json::Value::Object(map) = &mut body {
-        for key in UNSIGNED_KEYS {
-            map.remove(*key);
-        }
-    }
-    body.to_string()
+    serde_json::Value::Object(map_to_json(doc, &ROOT, Some(heads), UNSIGNED_KEYS)).to_string()
 }
 
 pub(crate) fn add_addendum(
