@@ -238,17 +238,19 @@ pub(crate) fn store_new(
 /// bytes (strictly: nothing partial, nothing missing): the bytes are stored as they came, as
 /// its snapshot. [`load`] reads any sequence of automerge chunks, so a relay's snapshot plus
 /// the chunks after it is as good a snapshot as `save()`'s, and re-encoding the document
-/// would cost about as much as loading it.
+/// would cost about as much as loading it. `conflicts` are the document's, as
+/// `find_conflicts` found them before the transaction.
 pub(crate) fn store_new_as_received(
     tx: &Transaction<'_>,
     id: DocumentId,
     loaded: &mut LoadedDoc,
     bytes: &[u8],
     now_ms: i64,
+    conflicts: &[crate::model::conflicts::Conflict],
 ) -> Result<()> {
     insert_row(tx, id, bytes, now_ms, false)?;
     loaded.snapshot_bytes = bytes.len() as u64;
-    super::index::index_new(tx, id, loaded, now_ms)
+    super::index::index_new_with_conflicts(tx, id, loaded, now_ms, conflicts)
 }
 
 /// Persist changes merged into a loaded document from elsewhere (an import, a sync message):

@@ -11,6 +11,8 @@
 
 use automerge::{AutoCommit, LoadOptions, OnPartialLoad, TextEncoding};
 
+use crate::model::conflicts::Conflict;
+
 use super::sync_state::settle;
 use super::*;
 
@@ -49,12 +51,13 @@ fn parse_whole_document(bytes: &[u8]) -> std::result::Result<AutoCommit, String>
 }
 
 /// A fetched document after parsing: its place in the batch, id, bytes as received, and the
-/// loaded document (its signature ledger and cached facts built) or why it is invalid.
+/// loaded document (its signature ledger and cached facts built) with its conflicts, or why
+/// it is invalid.
 type Parsed = (
     usize,
     DocumentId,
     Vec<u8>,
-    std::result::Result<LoadedDoc, String>,
+    std::result::Result<(LoadedDoc, Vec<Conflict>), String>,
 );
 
 /// Threads that parse a batch at once, at most: the per-document work (the strict load and
@@ -62,7 +65,7 @@ type Parsed = (
 /// phone has several cores.
 const MAX_PARSE_THREADS: usize = 4;
 
-/// Parse and load every document of a batch, in order, on up to [`MAX_PARSE_THREADS`]
+/// Parse and load every document of a batch (and find its conflicts), in order, on up to [`MAX_PARSE_THREADS`]
 /// threads (one for a small batch or a single core).
 fn parse_batch(
     docs: Vec<(DocumentId, Vec<u8>)>,
@@ -72,7 +75,11 @@ fn parse_batch(
     let parse_one = |(i, (id, bytes)): (usize, (DocumentId, Vec<u8>))| -> Parsed {
         let loaded = parse_whole_document(&bytes).map(|mut doc| {
             doc.set_author(Some(author.clone()));
-            LoadedDoc::new(doc, false, Arc::clone(keys))
+            let loaded = LoadedDoc::new(doc, false, Arc::clone(keys));
+            // The conflict walk reads the whole document too: done here, in parallel, rather
+            // than inside the store's transaction.
+            let conflicts = model::find_conflicts(&loaded.doc);
+            (loaded, conflicts)
         });
         (i, id, bytes, loaded)
     };
@@ -134,8 +141,8 @@ impl Store {
             inner.write(Durability::ProcessCrash, |tx, cached| {
                 let mut out = Vec::with_capacity(parsed.len());
                 for (i, id, bytes, loaded) in parsed {
-                    let mut loaded = match loaded {
-                        Ok(loaded) => loaded,
+                    let (mut loaded, conflicts) = match loaded {
+                        Ok(parsed) => parsed,
                         Err(reason) => {
                             out.push((i, id, FetchedImport::Invalid(reason)));
                             continue;
@@ -148,7 +155,7 @@ impl Store {
                     if let Some(keys) = &stale_keys {
                         loaded.rebuild_ledger(keys.clone());
                     }
-                    documents::store_new_as_received(tx, id, &mut loaded, &bytes, now)?;
+                    documents::store_new_as_received(tx, id, &mut loaded, &bytes, now, &conflicts)?;
                     let heads = loaded.doc.get_heads();
                     // Not cached: a caseload is far larger than the cache, and each document
                     // loads from disk when it is first opened.
@@ -233,6 +240,13 @@ mod tests {
         let docs: Vec<(DocumentId, Vec<u8>)> = (0..37)
             .map(|n| {
                 let (id, mut doc) = chart(&format!("pat_{n}"), &format!("Patient {n}"));
+                if n % 4 == 1 {
+                    // Two offline edits of one field: a conflict the index must list.
+                    let mut other = doc.fork();
+                    doc.put(ROOT, "room", "12").expect("put");
+                    other.put(ROOT, "room", "14").expect("put");
+                    doc.merge(&mut other).expect("merge");
+                }
                 let bytes = doc.save();
                 let bytes = match n % 7 {
                     3 => bytes[..bytes.len() / 2].to_vec(),
@@ -244,7 +258,11 @@ mod tests {
             .collect();
         let alone: Vec<_> = docs
             .iter()
-            .map(|(id, bytes)| (*id, parse_whole_document(bytes).map(|mut d| d.get_heads())))
+            .map(|(id, bytes)| {
+                let alone = parse_whole_document(bytes)
+                    .map(|mut d| (d.get_heads(), model::find_conflicts(&d)));
+                (*id, alone)
+            })
             .collect();
         let mut parsed = parse_batch(docs.clone(), &author, &keys);
         assert_eq!(parsed.len(), docs.len());
@@ -253,9 +271,11 @@ mod tests {
         {
             assert_eq!((*i, &*id, &*bytes), (n, want_id, &docs[n].1));
             match (loaded, want) {
-                (Ok(loaded), Ok(heads)) => {
+                (Ok((loaded, conflicts)), Ok((heads, alone))) => {
                     assert_eq!(&loaded.doc.get_heads(), heads);
                     assert_eq!(loaded.cache.kind, Some(DocKind::Patient));
+                    assert_eq!(conflicts, alone);
+                    assert_eq!(conflicts.is_empty(), n % 4 != 1, "document {n}");
                 }
                 (Err(a), Err(b)) => assert_eq!(a, b),
                 _ => panic!("document {n}: outcome differs from parsing it alone"),

@@ -23,7 +23,7 @@ pub(crate) fn refresh(
     indexed: Option<&[ChangeHash]>,
     now_ms: i64,
 ) -> Result<()> {
-    write_rows(tx, id, loaded, Some(indexed), now_ms)
+    write_rows(tx, id, loaded, Some(indexed), now_ms, None)
 }
 
 /// Write the index rows of a document just inserted, in the same transaction: it has none
@@ -34,16 +34,30 @@ pub(crate) fn index_new(
     loaded: &mut LoadedDoc,
     now_ms: i64,
 ) -> Result<()> {
-    write_rows(tx, id, loaded, None, now_ms)
+    write_rows(tx, id, loaded, None, now_ms, None)
 }
 
-/// `indexed`: as [`refresh`]'s; `None`: a new document, without rows to replace.
+/// [`index_new`] with the document's conflicts already found (`find_conflicts` of this very
+/// document, run before the transaction: a fetched batch walks them on several threads).
+pub(crate) fn index_new_with_conflicts(
+    tx: &Transaction<'_>,
+    id: DocumentId,
+    loaded: &mut LoadedDoc,
+    now_ms: i64,
+    conflicts: &[Conflict],
+) -> Result<()> {
+    write_rows(tx, id, loaded, None, now_ms, Some(conflicts))
+}
+
+/// `indexed`: as [`refresh`]'s; `None`: a new document, without rows to replace, whose
+/// conflicts are `found` (walked here when `None`).
 fn write_rows(
     tx: &Transaction<'_>,
     id: DocumentId,
     loaded: &mut LoadedDoc,
     indexed: Option<Option<&[ChangeHash]>>,
     now_ms: i64,
+    found: Option<&[Conflict]>,
 ) -> Result<()> {
     let key = id.as_bytes();
     let signed_at = loaded
@@ -102,7 +116,10 @@ fn write_rows(
             }
         }
         Some(_) => refresh_all_conflicts(tx, id, doc)?,
-        None => insert_conflicts(tx, id, &find_conflicts(doc))?,
+        None => match found {
+            Some(conflicts) => insert_conflicts(tx, id, conflicts)?,
+            None => insert_conflicts(tx, id, &find_conflicts(doc))?,
+        },
     }
     Ok(())
 }
