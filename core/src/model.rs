@@ -493,6 +493,7 @@ pub(crate) fn change_author_of(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ObjId, ObjType, ROOT, ReadDoc, Value};
