@@ -576,6 +576,61 @@ fn the_budget_stops_a_pass_at_a_message_boundary_and_the_next_pass_finishes() {
 }
 
 #[test]
+fn a_note_never_offered_goes_whole_in_one_message_and_later_edits_announce_first() {
+    let d = device(Role::Clinician);
+    let notes: Vec<_> = (0..4)
+        .map(|i| new_note(&d.store, &format!("visit {i}")))
+        .collect();
+    let mut relay = FakeRelay::new("s");
+    // Planned as never offered: no receipt, sync state or failure, and no feed entry.
+    let plan = d.store.plan_sync("s", &[], true).unwrap();
+    assert_eq!(plan.docs.len(), notes.len());
+    assert!(plan.docs.iter().all(|p| p.relay_lacks && p.local_changes));
+
+    let first = run(&d.store, &mut relay);
+    assert_eq!(first.status, Some(PassStatus::Complete));
+    // One message up and one answer per note (plus the join and the relay's peer message):
+    // the usual exchange would take two each way.
+    assert_eq!((first.sent, first.received), (1 + 4, 1 + 4));
+    for note in &notes {
+        assert_eq!(relay.heads(*note).unwrap(), heads(&d.store, *note));
+        assert!(d.store.receipt(*note).unwrap().unwrap().covers_current);
+    }
+    assert_receipts_are_true(&d.store, &relay);
+
+    // Edited after the relay confirmed it: it holds a receipt, so no presumption.
+    d.store
+        .update_text(notes[0], NoteText::Plan, "weekly visits")
+        .unwrap();
+    let plan = d.store.plan_sync("s", &[], false).unwrap();
+    assert_eq!(plan.docs.len(), 1);
+    assert!(!plan.docs[0].relay_lacks);
+    assert_eq!(run(&d.store, &mut relay).status, Some(PassStatus::Complete));
+    assert_eq!(relay.heads(notes[0]).unwrap(), heads(&d.store, notes[0]));
+
+    // A note the relay refused once is not presumed while its failure stands.
+    relay.accept_new = false;
+    let refused = new_note(&d.store, "refused once");
+    assert_eq!(run(&d.store, &mut relay).status, Some(PassStatus::Complete));
+    assert_eq!(d.store.sync_failures().unwrap().len(), 1);
+    relay.accept_new = true;
+    d.store.retry_failed_document(refused).unwrap();
+    let plan = d.store.plan_sync("s", &[], false).unwrap();
+    let planned: Vec<_> = plan
+        .docs
+        .iter()
+        .filter(|p| p.document_id == refused)
+        .collect();
+    assert_eq!(planned.len(), 1);
+    assert!(
+        !planned[0].relay_lacks,
+        "a refused note announces its heads first"
+    );
+    assert_eq!(run(&d.store, &mut relay).status, Some(PassStatus::Complete));
+    assert!(d.store.receipt(refused).unwrap().unwrap().covers_current);
+}
+
+#[test]
 fn a_refused_document_is_listed_kept_and_retried_only_after_backoff() {
     let d = device(Role::Clinician);
     let mut relay = FakeRelay::new("s");
