@@ -65,8 +65,8 @@ type Parsed = (
 /// phone has several cores.
 const MAX_PARSE_THREADS: usize = 4;
 
-/// Parse and load every document of a batch (and find its conflicts), in order, on up to [`MAX_PARSE_THREADS`]
-/// threads (one for a small batch or a single core).
+/// Parse and load every document of a batch (and find its conflicts), in order, on up to
+/// [`MAX_PARSE_THREADS`] threads (one for a small batch or a single core).
 fn parse_batch(
     docs: Vec<(DocumentId, Vec<u8>)>,
     author: &automerge::Author<'static>,
