@@ -551,9 +551,9 @@ mod tests {
     }
 
     /// Edits of a small note-like document, on two actors that merge now and then (so maps
-    /// hold conflicts and lists interleave).
+    /// hold conflicts and lists interleave). Shared with the conflict walk's property test.
     #[derive(Debug, Clone)]
-    enum Edit {
+    pub(super) enum Edit {
         Put(u8, i64),
         PutStr(u8, String),
         Delete(u8),
@@ -561,11 +561,15 @@ mod tests {
         Remove(u8),
         Type(String),
         Nested(u8, bool),
+        /// Overwrite a list element (concurrent ones conflict).
+        SetAt(u8, i64),
+        /// Write inside a nested map (concurrent ones conflict below the root).
+        PutIn(u8, i64),
         Commit,
         Merge,
     }
 
-    fn edit() -> impl Strategy<Value = Edit> {
+    pub(super) fn edit() -> impl Strategy<Value = Edit> {
         prop_oneof![
             (0u8..6, any::<i64>()).prop_map(|(k, v)| Edit::Put(k, v)),
             (0u8..6, "[a-z ]{0,6}").prop_map(|(k, v)| Edit::PutStr(k, v)),
@@ -574,13 +578,19 @@ mod tests {
             (0u8..4).prop_map(Edit::Remove),
             "[a-zé ]{1,8}".prop_map(Edit::Type),
             (0u8..6, any::<bool>()).prop_map(|(k, list)| Edit::Nested(k, list)),
+            (0u8..4, any::<i64>()).prop_map(|(i, v)| Edit::SetAt(i, v)),
+            (0u8..6, 0i64..3).prop_map(|(k, v)| Edit::PutIn(k, v)),
             Just(Edit::Commit),
             Just(Edit::Merge),
         ]
     }
 
-    fn apply(doc: &mut AutoCommit, edit: &Edit) {
-        let key = |k: &u8| format!("k{k}");
+    pub(super) fn apply(doc: &mut AutoCommit, edit: &Edit) {
+        // Key 5 is one whose concurrent values the conflict walk ignores.
+        let key = |k: &u8| match k {
+            5 => "updatedBy".to_owned(),
+            k => format!("k{k}"),
+        };
         let list = match doc.get(ROOT, "vitals").unwrap() {
             Some((Value::Object(ObjType::List), id)) => id,
             _ => doc.put_object(ROOT, "vitals", ObjType::List).unwrap(),
@@ -620,6 +630,16 @@ mod tests {
                     doc.insert(&obj, 0, "a").unwrap();
                 } else {
                     doc.put(&obj, "x", 1).unwrap();
+                }
+            }
+            Edit::SetAt(i, v) => {
+                if usize::from(*i) < doc.length(&list) {
+                    doc.put(&list, usize::from(*i), *v).unwrap();
+                }
+            }
+            Edit::PutIn(k, v) => {
+                if let Some((Value::Object(ObjType::Map), obj)) = doc.get(ROOT, key(k)).unwrap() {
+                    doc.put(&obj, "x", *v).unwrap();
                 }
             }
             Edit::Commit | Edit::Merge => {}
