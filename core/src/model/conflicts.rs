@@ -337,6 +337,24 @@ fn distinct_values(doc: &AutoCommit, values: &[(Value<'_>, ObjId)]) -> Vec<Confl
     out
 }
 
+/// List the field at `path` as a conflict if its `values` are more than one distinct value.
+fn push_if_distinct(
+    doc: &AutoCommit,
+    values: &[(Value<'_>, ObjId)],
+    path: &[String],
+    out: &mut Vec<Conflict>,
+) {
+    if values.len() > 1 {
+        let listed = distinct_values(doc, values);
+        if listed.len() > 1 {
+            out.push(Conflict {
+                path: path.join("/"),
+                values: listed,
+            });
+        }
+    }
+}
+
 fn visit(
     doc: &AutoCommit,
     obj: &ObjId,
@@ -348,14 +366,8 @@ fn visit(
     let Ok(values) = doc.get_all(obj, prop) else {
         return;
     };
-    if values.len() > 1 && !ignored {
-        let listed = distinct_values(doc, &values);
-        if listed.len() > 1 {
-            out.push(Conflict {
-                path: path.join("/"),
-                values: listed,
-            });
-        }
+    if !ignored {
+        push_if_distinct(doc, &values, path, out);
     }
     // Descend into every concurrent object, not only the winner, so nothing nested is hidden.
     for (v, id) in values {
@@ -372,7 +384,8 @@ mod tests {
     use crate::model::patient::{add_care_plan_item, set_care_plan_status};
 
     /// The walk as it was written first (a `get_all` per map key and per list index): the
-    /// oracle the one-pass walk must match.
+    /// oracle the one-pass walk must match. It shares only how one field's values are judged
+    /// ([`push_if_distinct`]); the traversal, which is what changed, is its own.
     fn lookup_walk(
         doc: &AutoCommit,
         obj: &ObjId,
@@ -389,14 +402,8 @@ mod tests {
             path.push(prop_segment(&prop));
             let ignored = matches!(&prop, Prop::Map(k) if IGNORED_KEYS.contains(&k.as_str()));
             let values = doc.get_all(obj, prop).unwrap();
-            if values.len() > 1 && !ignored {
-                let listed = distinct_values(doc, &values);
-                if listed.len() > 1 {
-                    out.push(Conflict {
-                        path: path.join("/"),
-                        values: listed,
-                    });
-                }
+            if !ignored {
+                push_if_distinct(doc, &values, path, out);
             }
             for (v, id) in values {
                 if let Value::Object(ty) = v {
